@@ -1,0 +1,1 @@
+"""Lightning callbacks: thin glue that decides *when* the functions of :mod:`lightning_compress.core` run."""
