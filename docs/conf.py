@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(".."))
 
-from lightning_compress.__about__ import __version__  # noqa: E402
+from lightning_compress.__about__ import __version__
 
 project = "lightning-compress"
 author = "The lightning-compress developers"
