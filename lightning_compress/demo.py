@@ -1,7 +1,8 @@
-"""Small models and data modules for the embedded default (scikit-learn's digits).
+"""Small models and data modules for the embedded default (scikit-learn's digits) and for MNIST.
 
-Everything here runs on two CPU cores in seconds and needs no download: the digits data set
-(1,797 8x8 images) ships inside scikit-learn (``pip install "lightning-compress[demo]"``).
+Everything built on the digits runs on two CPU cores in seconds and needs no download: the data set
+(1,797 8x8 images) ships inside scikit-learn. :class:`MNISTDataModule` downloads MNIST through
+torchvision on first use. Both come with the ``demo`` extra: ``pip install "lightning-compress[demo]"``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from typing_extensions import override
 
-from lightning_compress.errors import check_number
+from lightning_compress.errors import check_number, config_error
 
-__all__ = ["MLP", "Classifier", "DigitsDataModule", "EpochShuffleSampler", "SmallCNN"]
+__all__ = ["MLP", "Classifier", "DigitsDataModule", "EpochShuffleSampler", "MNISTDataModule", "SmallCNN"]
+
+_DEMO_EXTRA_HINT = 'Install the demo extra: pip install "lightning-compress[demo]"'
 
 
 class MLP(nn.Module):
@@ -167,8 +170,7 @@ def _load_digits() -> tuple[Tensor, Tensor]:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - exercised by a test that hides scikit-learn
         raise ImportError(
-            "The digits data set comes from scikit-learn, which is not installed. Install the demo extra:"
-            ' pip install "lightning-compress[demo]"'
+            f"The digits data set comes from scikit-learn, which is not installed. {_DEMO_EXTRA_HINT}"
         ) from err
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
@@ -233,6 +235,135 @@ class DigitsDataModule(pl.LightningDataModule):
             raise RuntimeError("DigitsDataModule.setup() did not run")
         sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None  # type: ignore[arg-type]
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+
+    @override
+    def train_dataloader(self) -> DataLoader[Any]:
+        self.setup()
+        return self._loader(self.train_set, shuffle=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader[Any]:
+        self.setup()
+        return self._loader(self.val_set, shuffle=False)
+
+    @override
+    def test_dataloader(self) -> DataLoader[Any]:
+        self.setup()
+        return self._loader(self.test_set, shuffle=False)
+
+    @override
+    def predict_dataloader(self) -> DataLoader[Any]:
+        self.setup()
+        return self._loader(self.test_set, shuffle=False)
+
+
+_MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
+
+
+class _NormalizedImages(Dataset[tuple[Tensor, Tensor]]):
+    """``uint8`` images kept as they are in memory, scaled and normalized one sample at a time."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images = images
+        self.labels = labels.long()
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image = (self.images[index].float().div(255.0) - _MNIST_MEAN) / _MNIST_STD
+        return image.unsqueeze(0), self.labels[index]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _mnist(data_dir: str, train: bool, download: bool) -> Any:
+    try:
+        from torchvision.datasets import MNIST
+    except ImportError as err:
+        raise ImportError(
+            f"MNISTDataModule reads MNIST with torchvision, which is not installed. {_DEMO_EXTRA_HINT}"
+        ) from err
+    try:
+        return MNIST(data_dir, train=train, download=download)
+    except RuntimeError as err:
+        if download:
+            raise
+        raise config_error(
+            "data_dir",
+            "a folder holding MNIST (MNIST/raw/*-ubyte files)",
+            data_dir,
+            "Set `download=True` to fetch it.",
+        ) from err
+
+
+class MNISTDataModule(pl.LightningDataModule):
+    """torchvision's MNIST (60,000 training and 10,000 test images of 28x28 digits), downloaded on first use.
+
+    Images are ``float32`` tensors of shape ``(1, 28, 28)``, normalized with MNIST's mean and standard
+    deviation. The training images are split into training and validation sets with a seeded
+    permutation; the test set is MNIST's own. The images stay in memory as ``uint8`` (47 MB).
+    Use :class:`MLP` with ``in_features=784`` or :class:`SmallCNN` as the backbone.
+
+    Args:
+        data_dir: where torchvision keeps the data (``<data_dir>/MNIST/raw``).
+        batch_size: samples per batch.
+        val_fraction: fraction of the training images held out for validation (5,000 by default).
+        seed: seed of the split and of the per-epoch shuffling.
+        num_workers: DataLoader worker processes.
+        download: fetch the data when ``data_dir`` does not hold it yet (``prepare_data`` runs once
+            per node, so processes do not download at the same time).
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 128,
+        val_fraction: float = 5_000 / 60_000,
+        seed: int = 0,
+        num_workers: int = 0,
+        download: bool = True,
+    ) -> None:
+        super().__init__()
+        check_number("batch_size", batch_size, low=1, integer=True)
+        check_number("val_fraction", val_fraction, low=0.0, high=0.5, low_inclusive=False)
+        check_number("num_workers", num_workers, low=0, integer=True)
+        self.data_dir = data_dir
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.num_workers = num_workers
+        self.download = download
+        self.train_set: Dataset[Any] | None = None
+        self.val_set: Dataset[Any] | None = None
+        self.test_set: Dataset[Any] | None = None
+
+    @override
+    def prepare_data(self) -> None:
+        _mnist(self.data_dir, train=True, download=self.download)
+        _mnist(self.data_dir, train=False, download=self.download)
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train, test = _mnist(self.data_dir, True, False), _mnist(self.data_dir, False, False)
+        order = torch.randperm(len(train.targets), generator=torch.Generator().manual_seed(self.seed))
+        n_val = max(1, int(len(order) * self.val_fraction))
+        val_idx, train_idx = order[:n_val], order[n_val:]
+        self.train_set = _NormalizedImages(train.data[train_idx], train.targets[train_idx])
+        self.val_set = _NormalizedImages(train.data[val_idx], train.targets[val_idx])
+        self.test_set = _NormalizedImages(test.data, test.targets)
+
+    def _loader(self, dataset: Dataset[Any] | None, shuffle: bool) -> DataLoader[Any]:
+        if dataset is None:  # setup() always fills the three sets
+            raise RuntimeError("MNISTDataModule.setup() did not run")
+        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None  # type: ignore[arg-type]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     @override
     def train_dataloader(self) -> DataLoader[Any]:
