@@ -1,0 +1,331 @@
+"""QuantizeOnFitEnd: turn the trained model into an int8 model when ``trainer.fit`` ends."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_compress.core.convert import int8_layers, quantizable_targets, quantize_model, record_input_ranges
+from lightning_compress.core.qmodules import MODES
+from lightning_compress.core.report import compression_report
+from lightning_compress.core.selection import DEFAULT_QUANT_TYPES, Target, compression_root
+from lightning_compress.core.serialize import save_compressed
+from lightning_compress.errors import CompressionConfigError, check_choice, check_number, check_str_list, config_error
+
+__all__ = ["QuantizeOnFitEnd"]
+
+_STATE_VERSION = 1
+
+
+def _batch_input(batch: Any) -> Any:
+    """The model input of a batch: the batch itself (a tensor), its first entry, or its ``"x"``/``"input"``."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("x", "input", "inputs", "image", "images", "input_ids"):
+            if key in batch:
+                return batch[key]
+    raise TypeError(
+        f"Cannot find the model input in a batch of type {type(batch).__name__}: QuantizeOnFitEnd calls the model"
+        " on a tensor batch, on the first entry of a tuple/list batch, or on the 'x'/'input' entry of a dict."
+    )
+
+
+def _first_tensor(output: Any) -> Tensor | None:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (list, tuple)):
+        for item in output:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    if isinstance(output, dict):
+        for item in output.values():
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _owned_bytes(module: nn.Module) -> int:
+    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _first_loader(loaders: Any) -> Iterable[Any] | None:
+    if loaders is None:
+        return None
+    if isinstance(loaders, (list, tuple)):
+        return _first_loader(loaders[0]) if loaders else None
+    if isinstance(loaders, dict):
+        return _first_loader(next(iter(loaders.values()))) if loaders else None
+    return loaders
+
+
+class QuantizeOnFitEnd(Callback):
+    r"""Convert the selected layers to int8 when fit ends, report the agreement, and save the artifact.
+
+    In ``on_fit_end`` every selected ``Linear`` and ``Conv2d`` (subclasses, grouped and depthwise
+    convolutions included) of the LightningModule, or of the submodule its
+    ``compression_submodule`` names, is replaced by an int8 layer: weights stored as ``torch.int8``
+    with symmetric float32 scales (a pruned zero stays exactly zero). ``trainer.validate(model)``
+    and ``trainer.test(model)`` afterwards run the int8 model.
+
+    Args:
+        mode: ``"dynamic"`` (activations quantized per row at run time, int8 x int8 -> int32
+            products), ``"static"`` (the activation scale of each Linear is fixed from
+            ``calibration_batches`` training batches with a min/max observer, reduced over all
+            processes) or ``"weight_only"`` (int8 storage, float compute). Convolutions compute
+            with their dequantized weight in every mode.
+        per_channel: one weight scale per output channel; otherwise one per tensor.
+        calibration_batches: training batches on which the float and the int8 model are compared
+            (and, for ``"static"``, the activation ranges observed), per process.
+        include: module type names to convert.
+        exclude: ``fnmatch`` globs of module names that stay float (e.g. ``["classifier"]``).
+        save_path: if given, rank zero writes the compressed artifact there
+            (:func:`~lightning_compress.save_compressed` of the compressed module).
+        verbose: ``1`` prints the report on rank zero; ``0`` stays quiet.
+
+    After fit, :attr:`report` is a plain dict: ``layers_converted``, ``layers`` (name -> mode),
+    ``fallbacks``, ``skipped``, ``weight_bytes_before`` / ``weight_bytes_after`` /
+    ``weight_bytes_ratio`` (the converted layers), ``model_bytes_before`` / ``model_bytes_after``,
+    ``calibration_batches``, ``relative_error`` (:math:`\lVert y_{int8} - y\rVert_2 / \lVert y\rVert_2`
+    over the calibration batches of all processes) and ``top1_agreement``. Its numbers are logged to
+    every logger under ``quantize/``.
+
+    Example::
+
+        trainer = Trainer(max_epochs=30, callbacks=[QuantizeOnFitEnd(mode="dynamic", save_path="model.int8.pt")])
+        trainer.fit(model, datamodule=dm)   # ends with an int8 model
+        trainer.test(model, datamodule=dm)  # int8 accuracy
+    """
+
+    def __init__(
+        self,
+        mode: str = "dynamic",
+        *,
+        per_channel: bool = True,
+        calibration_batches: int = 32,
+        include: list[str] = list(DEFAULT_QUANT_TYPES),  # noqa: B006 - never mutated; a list for the CLI
+        exclude: list[str] = [],  # noqa: B006
+        save_path: str | None = None,
+        verbose: int = 1,
+    ) -> None:
+        check_choice("mode", mode, MODES)
+        if not isinstance(per_channel, bool):
+            raise config_error("per_channel", "a bool", per_channel)
+        check_number("calibration_batches", calibration_batches, low=1, integer=True)
+        self.include = check_str_list("include", include)
+        self.exclude = check_str_list("exclude", exclude)
+        if save_path is not None and (not isinstance(save_path, str) or not save_path):
+            raise config_error("save_path", "a non-empty path string or None", save_path)
+        check_number("verbose", verbose, low=0, integer=True)
+        self.mode = mode
+        self.per_channel = per_channel
+        self.calibration_batches = calibration_batches
+        self.save_path = save_path
+        self.verbose = verbose
+        self.report: dict[str, Any] = {}
+        self._skip = False
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            mode=self.mode, per_channel=self.per_channel, include=self.include, exclude=self.exclude
+        )
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        targets, _ = quantizable_targets(pl_module, self.include, self.exclude, allow_empty=True)
+        self._skip = False
+        if not targets:
+            if int8_layers(compression_root(pl_module)[1]):
+                self._skip = True
+                rank_zero_warn("QuantizeOnFitEnd: the model is already int8; this fit will not convert it again.")
+                return
+            quantizable_targets(pl_module, self.include, self.exclude)  # raises the selection error
+            raise config_error(
+                "include",
+                "a selection with at least one convertible layer",
+                self.include,
+                "The selected layers all stay float (see `quantizable_targets`).",
+            )
+        if self.mode == "static":
+            source = trainer.fit_loop._data_source
+            if not source.is_defined() or trainer.limit_train_batches == 0:
+                raise CompressionConfigError(
+                    "Expected argument `mode`='static' to come with training batches to calibrate on, but the"
+                    " trainer has no train dataloader (or `limit_train_batches=0`). Use mode='dynamic' or"
+                    " 'weight_only', or give `fit` a train dataloader."
+                )
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._skip:
+            return
+        prefix, root = compression_root(pl_module)
+        device = trainer.strategy.root_device
+        pl_module.to(device)  # the trainer moved it to the CPU in its teardown
+        targets, skipped = quantizable_targets(pl_module, self.include, self.exclude)
+        weight_before = sum(_owned_bytes(t.module) for t in targets)
+        model_before = compression_report(root).bytes
+
+        was_training = root.training
+        root.eval()
+        inputs = self._calibration_inputs(trainer)
+        ranges, float_outputs = self._float_pass(trainer, root, targets, inputs)
+        result = quantize_model(pl_module, targets, self.mode, self.per_channel, ranges)
+        agreement = self._agreement(trainer, root, inputs, float_outputs)
+        root.train(was_training)
+
+        layers = int8_layers(pl_module)
+        weight_after = sum(_owned_bytes(layers[name]) for name in result.converted)
+        self.report = {
+            "mode": self.mode,
+            "per_channel": self.per_channel,
+            "compressed_module": prefix or "(the LightningModule)",
+            "layers_converted": len(result.converted),
+            "layers": dict(result.converted),
+            "fallbacks": dict(result.fallbacks),
+            "skipped": dict(skipped),
+            "weight_bytes_before": weight_before,
+            "weight_bytes_after": weight_after,
+            "weight_bytes_ratio": weight_after / weight_before if weight_before else float("nan"),
+            "model_bytes_before": model_before,
+            "model_bytes_after": compression_report(root).bytes,
+            **agreement,
+            "save_path": self.save_path,
+        }
+        if self.save_path is not None:
+            if trainer.is_global_zero:
+                save_compressed(root, self.save_path)
+            trainer.strategy.barrier("QuantizeOnFitEnd.save")
+        self._log(trainer)
+        pl_module.cpu()
+
+    def _calibration_inputs(self, trainer: pl.Trainer) -> list[Any]:
+        loader = _first_loader(trainer.train_dataloader)
+        if loader is None:
+            if self.mode == "static":
+                rank_zero_warn(
+                    "QuantizeOnFitEnd: no training batches to calibrate on; every Linear falls back to dynamic."
+                )
+            return []
+        inputs: list[Any] = []
+        for batch in loader:
+            if len(inputs) >= self.calibration_batches:
+                break
+            batch = trainer.strategy.batch_to_device(batch)
+            inputs.append(_batch_input(batch))
+        return inputs
+
+    @torch.no_grad()
+    def _float_pass(
+        self, trainer: pl.Trainer, root: nn.Module, targets: Sequence[Target], inputs: list[Any]
+    ) -> tuple[dict[str, tuple[Tensor, Tensor]], list[Tensor | None]]:
+        modules = (
+            {t.name: t.module for t in targets if isinstance(t.module, nn.Linear)} if self.mode == "static" else {}
+        )
+        outputs: list[Tensor | None] = []
+        with record_input_ranges(modules) as observers:
+            for x in inputs:
+                out = _first_tensor(root(x))
+                outputs.append(None if out is None else out.detach().float().cpu())
+        if not modules:
+            return {}, outputs
+        names = list(modules)
+        device = trainer.strategy.root_device
+        stats = torch.tensor(
+            [[observers[n].min_val.item(), observers[n].max_val.item(), float(observers[n].count > 0)] for n in names],
+            device=device,
+        )
+        gathered = trainer.strategy.all_gather(stats)
+        if gathered.dim() == 3:  # [world, layers, 3]: the widest range seen by any process
+            stats = torch.stack([gathered[..., 0].amin(0), gathered[..., 1].amax(0), gathered[..., 2].amax(0)], -1)
+        stats = stats.cpu()
+        return {n: (stats[i, 0], stats[i, 1]) for i, n in enumerate(names) if stats[i, 2] > 0}, outputs
+
+    @torch.no_grad()
+    def _agreement(
+        self, trainer: pl.Trainer, root: nn.Module, inputs: list[Any], float_outputs: list[Tensor | None]
+    ) -> dict[str, Any]:
+        sums = torch.zeros(5, dtype=torch.float64)  # squared error, squared norm, top-1 agreeing, rows, batches
+        for x, ref in zip(inputs, float_outputs, strict=True):
+            out = _first_tensor(root(x))
+            if out is None or ref is None:
+                continue
+            out = out.detach().float().cpu()
+            sums[0] += float((out - ref).pow(2).sum())
+            sums[1] += float(ref.pow(2).sum())
+            if ref.dim() >= 2 and ref.shape[-1] > 1:
+                sums[2] += float((out.argmax(-1) == ref.argmax(-1)).sum())
+                sums[3] += ref.argmax(-1).numel()
+            sums[4] += 1
+        gathered = trainer.strategy.all_gather(sums.to(trainer.strategy.root_device))
+        total = (gathered.sum(0) if gathered.dim() == 2 else gathered).cpu()
+        rel = math.sqrt(total[0] / total[1]) if total[1] > 0 else None
+        top1 = float(total[2] / total[3]) if total[3] > 0 else None
+        return {"calibration_batches": int(total[4]), "relative_error": rel, "top1_agreement": top1}
+
+    def _log(self, trainer: pl.Trainer) -> None:
+        r = self.report
+        metrics = {
+            f"quantize/{k}": float(r[k])
+            for k in (
+                "layers_converted",
+                "weight_bytes_before",
+                "weight_bytes_after",
+                "weight_bytes_ratio",
+                "model_bytes_before",
+                "model_bytes_after",
+                "relative_error",
+                "top1_agreement",
+            )
+            if r.get(k) is not None
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if self.verbose:
+            rank_zero_info(self._summary())
+
+    def _summary(self) -> str:
+        r = self.report
+        lines = [
+            f"QuantizeOnFitEnd ({r['mode']}, {'per channel' if r['per_channel'] else 'per tensor'}):"
+            f" {r['layers_converted']} layers converted to int8 in {r['compressed_module']}",
+            f"  weight bytes: {r['weight_bytes_before']:,} -> {r['weight_bytes_after']:,}"
+            f" ({r['weight_bytes_ratio']:.3f}x); model bytes: {r['model_bytes_before']:,} ->"
+            f" {r['model_bytes_after']:,}",
+        ]
+        if r["relative_error"] is not None:
+            top1 = "n/a" if r["top1_agreement"] is None else f"{r['top1_agreement']:.2%}"
+            lines.append(
+                f"  float vs int8 on {r['calibration_batches']} calibration batches: relative output error"
+                f" {r['relative_error']:.4f}, top-1 agreement {top1}"
+            )
+        for name, why in {**r["fallbacks"], **r["skipped"]}.items():
+            lines.append(f"  {name}: {why}")
+        if r["save_path"]:
+            lines.append(f"  artifact written to {r['save_path']}")
+        return "\n".join(lines)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": _STATE_VERSION, "report": dict(self.report)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.report = dict(state_dict.get("report", {}))

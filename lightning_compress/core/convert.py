@@ -1,0 +1,221 @@
+"""Turn the selected float layers of a model into int8 layers, in place.
+
+The steps are plain functions so that a callback, a script or a test can run them in any order:
+:func:`quantizable_targets` picks the layers (through :func:`~lightning_compress.core.selection.select_targets`),
+:func:`record_input_ranges` observes their inputs on calibration batches (for ``mode="static"``),
+:func:`quantize_model` swaps them for :class:`~lightning_compress.core.qmodules.Int8Linear` /
+:class:`~lightning_compress.core.qmodules.Int8Conv2d`, and :func:`int8_layers` lists what a model holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.core.qmodules import MODES, Int8Conv2d, Int8Linear, _Int8Base
+from lightning_compress.core.qtransformer import adapt_parents
+from lightning_compress.core.quant import MinMaxObserver, scale_from_range
+from lightning_compress.core.selection import DEFAULT_QUANT_TYPES, Target, select_targets
+from lightning_compress.errors import CompressionConfigError, check_choice
+
+__all__ = [
+    "ConversionResult",
+    "int8_layers",
+    "quantizable_targets",
+    "quantize_model",
+    "record_input_ranges",
+]
+
+
+def _linear_forward_is_own(module: nn.Module) -> bool:
+    return type(module).forward is nn.Linear.forward
+
+
+def _conv_forward_is_own(module: nn.Module) -> bool:
+    cls: Any = type(module)
+    return cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
+
+
+def quantizable_targets(
+    model: nn.Module,
+    include: Sequence[str] = DEFAULT_QUANT_TYPES,
+    exclude: Sequence[str] = (),
+    *,
+    allow_empty: bool = False,
+) -> tuple[list[Target], dict[str, str]]:
+    """The selected layers that can become int8, and those left float with the reason.
+
+    ``nn.Linear`` and ``nn.Conv2d`` (grouped and depthwise included) and their subclasses are
+    converted. A subclass that overrides ``forward`` is left float, since its int8 version would
+    lose what the override does.
+
+    Args:
+        model: the model; its ``compression_submodule`` attribute is honoured.
+        include: module type names (a subclass counts).
+        exclude: ``fnmatch`` globs of module names left float.
+        allow_empty: return empty lists instead of raising when nothing is selected.
+
+    Returns:
+        ``(targets, skipped)``: the layers to convert, and ``{name: reason}`` for selected layers
+        that stay float.
+
+    Raises:
+        CompressionConfigError: when nothing is selected, or ``include`` selects a type that has no
+            int8 version (e.g. ``Conv1d``).
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+        >>> targets, skipped = quantizable_targets(model)
+        >>> [t.name for t in targets], skipped
+        (['0'], {'2': 'LazyLinear is not initialized yet'})
+    """
+    targets: list[Target] = []
+    skipped: dict[str, str] = {}
+    for target in select_targets(model, include, exclude, allow_empty=allow_empty):
+        module = target.module
+        kind = type(module).__name__
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            skipped[target.name] = f"{kind} is not initialized yet"
+        elif isinstance(module, nn.Linear):
+            if _linear_forward_is_own(module):
+                targets.append(target)
+            else:
+                skipped[target.name] = f"{kind} overrides Linear.forward"
+        elif isinstance(module, nn.Conv2d):
+            if _conv_forward_is_own(module):
+                targets.append(target)
+            else:
+                skipped[target.name] = f"{kind} overrides Conv2d.forward"
+        elif isinstance(module, _Int8Base):
+            skipped[target.name] = "already int8"
+        else:
+            raise CompressionConfigError(
+                f"Expected argument `include` to select only layers with an int8 version (Linear, Conv2d and"
+                f" their subclasses), but it selected `{target.name}` of type {kind}. Drop {kind!r} from"
+                " `include` or add the layer's name to `exclude`."
+            )
+    return targets, skipped
+
+
+@contextmanager
+def record_input_ranges(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, MinMaxObserver]]:
+    """Observe the min/max of each module's input while the ``with`` block runs the model.
+
+    Forward pre-hooks are attached for the block only. A module that is never called (for example
+    ``MultiheadAttention.out_proj``, whose weight the attention reads directly) keeps an observer
+    with ``count == 0``.
+
+    Example:
+        >>> layer = nn.Linear(2, 2)
+        >>> with record_input_ranges({"fc": layer}) as obs:
+        ...     _ = layer(torch.tensor([[-1.0, 3.0]]))
+        >>> obs["fc"].min_val.item(), obs["fc"].max_val.item(), obs["fc"].count
+        (-1.0, 3.0, 1)
+    """
+    observers = {name: MinMaxObserver() for name in modules}
+    handles = []
+
+    def hook(name: str) -> Any:
+        def observe(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], Tensor):
+                observers[name].update(args[0])
+
+        return observe
+
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(hook(name)))
+    try:
+        yield observers
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class ConversionResult:
+    """What :func:`quantize_model` did: ``{name: mode}`` of the converted layers, and those that fell back."""
+
+    converted: dict[str, str] = field(default_factory=dict)
+    fallbacks: dict[str, str] = field(default_factory=dict)
+    adapted: list[str] = field(default_factory=list)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    targets: Sequence[Target],
+    mode: str = "dynamic",
+    per_channel: bool = True,
+    input_ranges: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+) -> ConversionResult:
+    """Replace each target layer of ``model`` by its int8 version, in place.
+
+    Args:
+        model: the model that holds the targets (names are full names in it).
+        targets: layers from :func:`quantizable_targets`.
+        mode: ``"dynamic"``, ``"static"`` or ``"weight_only"``.
+        per_channel: one weight scale per output channel; otherwise one per tensor.
+        input_ranges: for ``"static"``, ``{name: (min, max)}`` of each Linear's input; a Linear with
+            no range, or a range that is all zero, is converted ``"dynamic"`` instead (listed in
+            ``fallbacks``).
+
+    Returns:
+        A :class:`ConversionResult`. Transformer modules that hold int8 layers are adapted with
+        :func:`~lightning_compress.core.qtransformer.adapt_parents`.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> targets, _ = quantizable_targets(model)
+        >>> quantize_model(model, targets).converted
+        {'0': 'dynamic', '2': 'dynamic'}
+        >>> model[0].weight.dtype
+        torch.int8
+    """
+    check_choice("mode", mode, MODES)
+    result = ConversionResult()
+    ranges = input_ranges or {}
+    for target in targets:
+        module = target.module
+        layer_mode = mode
+        scale: Tensor | None = None
+        if isinstance(module, nn.Linear) and mode == "static":
+            if target.name in ranges:
+                scale = scale_from_range(*ranges[target.name])
+            if scale is None or not bool(scale > 0):
+                layer_mode = "dynamic"
+                reason = "input never observed" if target.name not in ranges else "input was all zeros"
+                result.fallbacks[target.name] = f"dynamic ({reason} during calibration)"
+        new: nn.Module
+        if isinstance(module, nn.Linear):
+            new = Int8Linear.from_float(module, layer_mode, per_channel, scale)
+        elif isinstance(module, nn.Conv2d):
+            new = Int8Conv2d.from_float(module, layer_mode, per_channel)
+        else:
+            raise TypeError(f"`{target.name}` is a {type(module).__name__}, which has no int8 version.")
+        new.train(module.training)
+        _set_submodule(model, target.name, new)
+        result.converted[target.name] = layer_mode
+    result.adapted = adapt_parents(model)
+    return result
+
+
+def int8_layers(model: nn.Module) -> dict[str, Int8Linear | Int8Conv2d]:
+    """The int8 layers of ``model`` by name.
+
+    Example:
+        >>> model = nn.Sequential(Int8Linear(4, 2), nn.ReLU())
+        >>> list(int8_layers(model))
+        ['0']
+    """
+    return {name: m for name, m in model.named_modules() if isinstance(m, (Int8Linear, Int8Conv2d))}

@@ -1,0 +1,176 @@
+"""Let PyTorch's transformer modules run with int8 layers inside them.
+
+``nn.MultiheadAttention`` never calls its ``out_proj`` module: it hands ``out_proj.weight`` to
+``F.multi_head_attention_forward``, and its eval fast path and that of
+``nn.TransformerEncoderLayer`` (``torch._transformer_encoder_layer_fwd``) read the ``weight`` of
+``out_proj``, ``linear1`` and ``linear2`` directly. An int8 buffer there would crash or compute
+nonsense. :func:`adapt_parents` therefore gives such parents a small subclass (same state, same
+``state_dict`` keys) that takes PyTorch's own slow path and hands attention the dequantized
+``out_proj`` weight, and turns off ``nn.TransformerEncoder``'s nested-tensor fast path. The other
+int8 layers (``linear1``, ``linear2``) are then called as modules and compute in int8.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from typing_extensions import override
+
+from lightning_compress.core.qmodules import Int8Linear
+
+__all__ = ["Int8MultiheadAttention", "Int8TransformerEncoderLayer", "adapt_parents"]
+
+
+class Int8MultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose ``out_proj`` is an :class:`Int8Linear`.
+
+    Always takes PyTorch's reference (slow) path, with the ``out_proj`` weight dequantized for the
+    call. Its ``in_proj_weight`` is a plain parameter of the attention module (not a ``Linear``), so
+    it stays in floating point.
+    """
+
+    @override
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        if query.is_nested or key.is_nested or value.is_nested:
+            raise ValueError("An int8 MultiheadAttention does not take nested tensors.")
+        out_proj = self.out_proj
+        out_weight = out_proj.dequantize_weight(query.dtype) if isinstance(out_proj, Int8Linear) else out_proj.weight
+        out_bias = out_proj.bias
+        is_batched = query.dim() == 3
+        key_padding_mask = F._canonical_mask(
+            mask=key_padding_mask,
+            mask_name="key_padding_mask",
+            other_type=F._none_or_dtype(attn_mask),
+            other_name="attn_mask",
+            target_type=query.dtype,
+        )
+        attn_mask = F._canonical_mask(
+            mask=attn_mask,
+            mask_name="attn_mask",
+            other_type=None,
+            other_name="",
+            target_type=query.dtype,
+            check_other=False,
+        )
+        if self.batch_first and is_batched:
+            if key is value:
+                if query is key:
+                    query = key = value = query.transpose(1, 0)
+                else:
+                    query, key = (x.transpose(1, 0) for x in (query, key))
+                    value = key
+            else:
+                query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+        separate = not self._qkv_same_embed_dim
+        attn_output, attn_weights = F.multi_head_attention_forward(
+            query,
+            key,
+            value,
+            self.embed_dim,
+            self.num_heads,
+            self.in_proj_weight,
+            self.in_proj_bias,
+            self.bias_k,
+            self.bias_v,
+            self.add_zero_attn,
+            self.dropout,
+            out_weight,
+            out_bias,
+            training=self.training,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            use_separate_proj_weight=separate,
+            q_proj_weight=self.q_proj_weight if separate else None,
+            k_proj_weight=self.k_proj_weight if separate else None,
+            v_proj_weight=self.v_proj_weight if separate else None,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )
+        if self.batch_first and is_batched:
+            return attn_output.transpose(1, 0), attn_weights
+        return attn_output, attn_weights
+
+
+class Int8TransformerEncoderLayer(nn.TransformerEncoderLayer):
+    """``nn.TransformerEncoderLayer`` that always takes the reference path, so int8 layers are called as modules."""
+
+    @override
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        src_key_padding_mask = F._canonical_mask(
+            mask=src_key_padding_mask,
+            mask_name="src_key_padding_mask",
+            other_type=F._none_or_dtype(src_mask),
+            other_name="src_mask",
+            target_type=src.dtype,
+        )
+        src_mask = F._canonical_mask(
+            mask=src_mask,
+            mask_name="src_mask",
+            other_type=None,
+            other_name="",
+            target_type=src.dtype,
+            check_other=False,
+        )
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+            x = x + self._ff_block(self.norm2(x))
+        else:
+            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+            x = self.norm2(x + self._ff_block(x))
+        return x
+
+
+def _has_int8(*modules: nn.Module | None) -> bool:
+    return any(isinstance(m, Int8Linear) for m in modules)
+
+
+@torch.no_grad()
+def adapt_parents(model: nn.Module) -> list[str]:
+    """Make the transformer modules of ``model`` that hold int8 layers take a path that works with them.
+
+    Swaps the class of an ``nn.MultiheadAttention`` with an int8 ``out_proj`` to
+    :class:`Int8MultiheadAttention`, of an ``nn.TransformerEncoderLayer`` with an int8
+    ``linear1``/``linear2``/``out_proj`` to :class:`Int8TransformerEncoderLayer` (state and keys are
+    unchanged), and turns off the nested-tensor path of an ``nn.TransformerEncoder`` above them.
+
+    Returns:
+        The names of the modules that were changed.
+    """
+    changed: list[str] = []
+    for name, module in model.named_modules():
+        if type(module) is nn.MultiheadAttention and _has_int8(module.out_proj):
+            module.__class__ = Int8MultiheadAttention
+            changed.append(name)
+        elif type(module) is nn.TransformerEncoderLayer and _has_int8(
+            module.linear1, module.linear2, module.self_attn.out_proj
+        ):
+            module.__class__ = Int8TransformerEncoderLayer
+            changed.append(name)
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, nn.TransformerEncoder)
+            and getattr(module, "use_nested_tensor", False)
+            and any(isinstance(m, Int8TransformerEncoderLayer) for m in module.layers)
+        ):
+            module.use_nested_tensor = False
+            changed.append(name)
+    return changed

@@ -1,0 +1,163 @@
+r"""Symmetric int8 quantization: scales, quantize / dequantize, and a min/max observer.
+
+Every quantizer here is *symmetric*: a real value :math:`x` is stored as
+:math:`q = \operatorname{clamp}(\operatorname{round}(x / s), -127, 127)` and read back as
+:math:`\hat x = s\,q`, with :math:`s = \max|x| / 127` over the group that shares the scale (an
+output channel, a row of activations, or a whole tensor). There is no zero point, so an exact
+zero (a pruned weight) is stored as the integer 0 and read back as exactly 0.0, and
+:math:`-127 \le q \le 127` keeps the grid symmetric (``-128`` is never produced).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "QMAX",
+    "MinMaxObserver",
+    "dequantize",
+    "quantize",
+    "quantize_rows",
+    "scale_from_range",
+    "weight_scales",
+]
+
+QMAX = 127
+"""Largest magnitude of a quantized value; the grid is ``-127..127``."""
+
+
+def _safe(scale: Tensor) -> Tensor:
+    """The scale with zeros replaced by one, so dividing by it never makes NaN (``0 / 1 == 0``)."""
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def weight_scales(weight: Tensor, per_channel: bool = True) -> Tensor:
+    """Scales of a weight: ``max|w| / 127`` per output channel (dim 0), or one for the whole tensor.
+
+    Args:
+        weight: a float weight, ``[out, ...]``.
+        per_channel: one scale per output channel; otherwise a single scale.
+
+    Returns:
+        A float32 tensor of shape ``[out]`` (per channel) or ``[1]``. A channel that is all zeros
+        gets the scale 0 (it dequantizes to exact zeros).
+
+    Example:
+        >>> weight_scales(torch.tensor([[1.27, -2.54], [0.0, 0.0]]))
+        tensor([0.0200, 0.0000])
+    """
+    w = weight.detach().to(torch.float32)
+    if per_channel:
+        amax = w.abs().reshape(w.shape[0], -1).amax(dim=1) if w.numel() else w.new_zeros(w.shape[0])
+    else:
+        amax = w.abs().amax().reshape(1) if w.numel() else w.new_zeros(1)
+    return amax / QMAX
+
+
+def _broadcast(scale: Tensor, like: Tensor, axis: int) -> Tensor:
+    if scale.numel() == 1:
+        return scale.reshape([1] * like.dim())
+    shape = [1] * like.dim()
+    shape[axis] = -1
+    return scale.reshape(shape)
+
+
+def quantize(x: Tensor, scale: Tensor, axis: int = 0) -> Tensor:
+    """``clamp(round(x / scale), -127, 127)`` as ``torch.int8``.
+
+    Args:
+        x: a float tensor.
+        scale: one scale (``[1]`` or a scalar) or one per slice of ``x`` along ``axis``.
+        axis: the dimension that ``scale`` runs along when it has more than one entry.
+
+    Returns:
+        An int8 tensor shaped like ``x``; a zero of ``x`` is a zero here.
+
+    Example:
+        >>> quantize(torch.tensor([[0.5, -1.0, 0.0]]), torch.tensor([1.0 / 127]))
+        tensor([[  64, -127,    0]], dtype=torch.int8)
+    """
+    s = _broadcast(_safe(scale.to(torch.float32)), x, axis)
+    return torch.round(x.to(torch.float32) / s).clamp_(-QMAX, QMAX).to(torch.int8)
+
+
+def dequantize(q: Tensor, scale: Tensor, axis: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``scale * q`` in ``dtype`` (the product is formed in float32, then cast).
+
+    Example:
+        >>> dequantize(torch.tensor([[64, -127, 0]], dtype=torch.int8), torch.tensor([0.5]))
+        tensor([[ 32.0000, -63.5000,   0.0000]])
+    """
+    out = q.to(torch.float32) * _broadcast(scale.to(torch.float32), q, axis)
+    return out.to(dtype)
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Quantize a 2-D activation row by row (the per-token scheme of dynamic quantization).
+
+    Args:
+        x: ``[M, K]`` floats.
+
+    Returns:
+        ``(q, scale)``: ``q`` is ``[M, K]`` int8 (contiguous, row-major) and ``scale`` is ``[M, 1]``
+        float32 with ``x ~= scale * q``; an all-zero row has scale 0.
+
+    Example:
+        >>> q, s = quantize_rows(torch.tensor([[1.0, -0.5], [0.0, 0.0]]))
+        >>> q.tolist(), s.flatten().tolist()
+        ([[127, -64], [0, 0]], [0.007874015718698502, 0.0])
+    """
+    x32 = x.to(torch.float32)
+    scale = x32.abs().amax(dim=1, keepdim=True) / QMAX
+    q = torch.round(x32 / _safe(scale)).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def scale_from_range(low: Tensor | float, high: Tensor | float) -> Tensor:
+    """The symmetric scale that covers ``[low, high]``: ``max(|low|, |high|) / 127`` (float32, 0-d).
+
+    Example:
+        >>> scale_from_range(-0.5, 2.54)
+        tensor(0.0200)
+    """
+    lo = torch.as_tensor(low, dtype=torch.float32)
+    hi = torch.as_tensor(high, dtype=torch.float32)
+    return torch.maximum(lo.abs(), hi.abs()).reshape(()) / QMAX
+
+
+class MinMaxObserver:
+    """Running minimum and maximum of every tensor it sees (for static activation scales).
+
+    The range always contains zero, so the symmetric scale it gives is well defined. Under data
+    parallelism, reduce :attr:`min_val` with a minimum and :attr:`max_val` with a maximum across
+    processes (``torch.distributed.all_reduce`` or an all-gather), then read :meth:`scale`: every
+    rank then holds the same scale.
+
+    Example:
+        >>> obs = MinMaxObserver()
+        >>> obs.update(torch.tensor([0.5, 2.54]))
+        >>> obs.update(torch.tensor([-1.0]))
+        >>> obs.min_val.item(), round(obs.max_val.item(), 2), obs.scale()
+        (-1.0, 2.54, tensor(0.0200))
+    """
+
+    def __init__(self) -> None:
+        self.min_val = torch.zeros(())
+        self.max_val = torch.zeros(())
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        """Widen the range to cover ``x`` (NaN and inf entries are ignored)."""
+        x = x.detach()
+        finite = x[torch.isfinite(x)] if not bool(torch.isfinite(x).all()) else x
+        if finite.numel():
+            lo, hi = torch.aminmax(finite.to(torch.float32))
+            self.min_val = torch.minimum(self.min_val.to(lo.device), lo)
+            self.max_val = torch.maximum(self.max_val.to(hi.device), hi)
+        self.count += 1
+
+    def scale(self) -> Tensor:
+        """The symmetric scale covering the range seen so far (float32, 0-d, on the CPU)."""
+        return scale_from_range(self.min_val.cpu(), self.max_val.cpu())
