@@ -1,0 +1,368 @@
+"""Knowledge distillation as a LightningModule: train a small student from a frozen teacher.
+
+See :mod:`lightning_compress.core.distill` for the losses.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+import torchmetrics
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor, nn
+from torch.nn import functional as F
+from typing_extensions import Self, override
+
+from lightning_compress._distillation_helpers import (
+    FeaturePair,
+    load_teacher_weights,
+    probe_batch,
+    read_teacher_checkpoint,
+    resolve_feature_pairs,
+)
+from lightning_compress.core.distill import HintProjection, capture_outputs, distillation_loss, hint_loss
+from lightning_compress.errors import CompressionConfigError, check_number, config_error
+
+__all__ = ["DistillationModule"]
+
+
+def _given_by_cli() -> bool:
+    """Whether LightningCLI is instantiating this module (it then saves the config as hyperparameters)."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # pragma: no cover - older or newer Lightning without the hook
+        return False
+    return _given_hyperparameters.get() is not None
+
+
+class DistillationModule(pl.LightningModule):
+    r"""Train ``student`` to match a frozen ``teacher`` (Hinton et al. 2015), optionally with hints (FitNets).
+
+    The student minimizes :math:`\alpha T^2 \mathrm{KL}(\mathrm{softmax}(z_t/T) \| \mathrm{softmax}(z_s/T))
+    + (1-\alpha)\,\mathrm{CE}(z_s, y)`, plus ``feature_weight`` times the mean squared error between
+    each pair of ``feature_pairs`` (the student's output through a learnable
+    :class:`~lightning_compress.core.distill.HintProjection`).
+
+    The teacher is frozen: its parameters do not require gradients, are in no optimizer, it stays in
+    eval mode (also after Lightning calls ``.train()``), runs under :func:`torch.no_grad`, is never
+    wrapped by DDP, and is **not** part of ``state_dict()``: checkpoints hold the student (and the
+    feature projections) only, and the teacher is rebuilt from the constructor arguments (and
+    ``teacher_checkpoint``) when a run resumes. It still moves with the module (``.to()``,
+    ``.half()``...). Compression callbacks act on the student only (``compression_submodule``).
+
+    Args:
+        student: the network to train. ``module.student``.
+        teacher: the trained network to learn from, with outputs of the same shape. ``module.teacher``.
+        temperature: softening temperature :math:`T > 0`.
+        alpha: weight of the soft (KD) term, in ``[0, 1]``; ``1 - alpha`` weighs the cross-entropy.
+        teacher_checkpoint: file with the teacher's weights: a Lightning checkpoint (its
+            ``state_dict``, with a prefix such as ``model.`` or ``backbone.`` removed automatically)
+            or a plain state dict. Loaded in the constructor with ``torch.load(weights_only=True)``.
+        num_classes: number of classes, for the accuracy metrics; read from the teacher's output at
+            setup when not given.
+        lr: learning rate of the default AdamW optimizer (the CLI's ``--optimizer`` replaces it).
+        weight_decay: weight decay of the default AdamW optimizer.
+        feature_pairs: hints, as ``{"student.<submodule>": "teacher.<submodule>"}`` (the
+            ``student.``/``teacher.`` prefixes are optional). Each submodule's output (or the first
+            element of a returned tuple) is captured with a forward hook during the step.
+        feature_weight: weight of the summed hint losses.
+
+    Raises:
+        CompressionConfigError: on invalid arguments, feature names that do not exist (with close
+            matches), an unreadable or mismatching ``teacher_checkpoint``; at setup, when the teacher
+            and student outputs differ in shape.
+
+    Example:
+        >>> from lightning_compress.demo import MLP
+        >>> module = DistillationModule(MLP(hidden=[32]), MLP(), temperature=4.0, alpha=0.9)
+        >>> sorted({key.split(".")[0] for key in module.state_dict()})
+        ['student']
+    """
+
+    compression_submodule = "student"
+    """The submodule that compression callbacks (pruning, regularization, quantization) act on."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        *,
+        temperature: float = 4.0,
+        alpha: float = 0.9,
+        teacher_checkpoint: str | None = None,
+        num_classes: int | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        feature_pairs: dict[str, str] | None = None,
+        feature_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("student", student), ("teacher", teacher)):
+            if not isinstance(value, nn.Module):
+                raise config_error(name, "an nn.Module", type(value).__name__)
+        if student is teacher or _shared_parameters(student, teacher):
+            raise config_error(
+                "teacher",
+                "a module that shares no parameters with the student",
+                type(teacher).__name__,
+                "Freezing the teacher would freeze the student too; pass a copy (copy.deepcopy(model)).",
+            )
+        check_number("temperature", temperature, low=0.0, low_inclusive=False)
+        check_number("alpha", alpha, low=0.0, high=1.0)
+        check_number("lr", lr, low=0.0, low_inclusive=False)
+        check_number("weight_decay", weight_decay, low=0.0)
+        check_number("feature_weight", feature_weight, low=0.0)
+        if num_classes is not None:
+            check_number("num_classes", num_classes, low=1, integer=True)
+        if teacher_checkpoint is not None and not isinstance(teacher_checkpoint, (str, os.PathLike)):
+            raise config_error("teacher_checkpoint", "a path or None", teacher_checkpoint)
+        # Under LightningCLI the hyperparameters are the config (class paths), which rebuilds both models.
+        self.save_hyperparameters(ignore=[] if _given_by_cli() else ["student", "teacher"])
+
+        self.student = student
+        self.teacher = teacher
+        if teacher_checkpoint is not None:
+            load_teacher_weights(teacher, read_teacher_checkpoint(teacher_checkpoint), str(teacher_checkpoint))
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.feature_weight = float(feature_weight)
+        self.feature_pairs: list[FeaturePair] = resolve_feature_pairs(feature_pairs, student, teacher)
+        self.feature_projections = nn.ModuleDict({p.key: HintProjection() for p in self.feature_pairs})
+        self.num_classes = num_classes
+        if num_classes is not None:
+            self._build_metrics(num_classes)
+        self._teacher_val_acc: float | None = None
+
+    # ------------------------------------------------------------------ the teacher, held outside the module tree
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen teacher (not a registered submodule, so not in ``state_dict`` or ``parameters``)."""
+        teacher: nn.Module = self.__dict__["_frozen_teacher"]
+        return teacher
+
+    @teacher.setter
+    def teacher(self, teacher: nn.Module) -> None:
+        teacher.requires_grad_(False)
+        teacher.eval()
+        object.__setattr__(self, "_frozen_teacher", teacher)  # bypasses nn.Module registration
+        self._teacher_val_acc = None
+
+    @override
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "teacher":  # nn.Module.__setattr__ would register it as a submodule
+            object.__setattr__(self, name, value)  # runs the property setter
+        else:
+            super().__setattr__(name, value)
+
+    @override
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Self:
+        # .to(), .cuda(), .half(), .double()... move and cast the teacher with the student.
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        if recurse and "_frozen_teacher" in self.__dict__:
+            self.teacher._apply(fn)  # type: ignore[no-untyped-call]
+        return self
+
+    @override
+    def train(self, mode: bool = True) -> Self:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @override
+    def extra_repr(self) -> str:
+        n = sum(p.numel() for p in self.teacher.parameters())
+        return f"(teacher): {type(self.teacher).__name__} (frozen, {n:,} parameters, not in state_dict)"
+
+    def _teacher_forward(self, x: Any) -> Any:
+        teacher = self.teacher
+        if teacher.training:  # someone called teacher.train() directly
+            teacher.eval()
+        with torch.no_grad():
+            return teacher(x)
+
+    # ------------------------------------------------------------------ batches and metrics
+
+    def unpack_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
+        """Split a batch into the models' input and the labels.
+
+        Override it for other batch layouts, e.g. ``return batch["image"], batch["label"]``. The
+        input is passed to both models as is; labels may be ``None`` (unlabelled data) when
+        ``alpha == 1``.
+
+        Args:
+            batch: what the dataloader yields; by default an ``(x, y)`` pair.
+
+        Returns:
+            ``(x, y)``.
+        """
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
+            return batch[0], batch[1]
+        raise TypeError(
+            f"Expected a batch `(x, y)`, but got {type(batch).__name__}"
+            f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}. Override"
+            " `DistillationModule.unpack_batch` to read other batch layouts."
+        )
+
+    def _build_metrics(self, num_classes: int) -> None:
+        def accuracy() -> torchmetrics.Metric:
+            return torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+
+        self.num_classes = num_classes
+        self.val_acc, self.test_acc = accuracy(), accuracy()
+        self.val_teacher_acc, self.test_teacher_acc = accuracy(), accuracy()
+
+    # ------------------------------------------------------------------ setup: shapes, classes, projections
+
+    @override
+    def setup(self, stage: str) -> None:
+        if stage == "predict":
+            return
+        batch = self.example_input_array
+        with torch.random.fork_rng(devices=[]):  # drawing a batch must not change the random state
+            if batch is None:
+                x, y = self.unpack_batch(probe_batch(self.trainer, stage))
+            else:
+                x, y = batch, None
+            self._check_shapes(x, y, stage)
+
+    def _check_shapes(self, x: Any, y: Tensor | None, stage: str) -> None:
+        device = next(itertools.chain(self.student.parameters(), self.student.buffers()), torch.empty(0)).device
+        x = move_data_to_device(x, device)
+        modes = {m: m.training for m in self.student.modules()}
+        self.student.eval()
+        try:
+            with torch.no_grad(), capture_outputs(self._feature_modules("teacher")) as t_feats:
+                teacher_out = self._teacher_forward(x)
+            with torch.no_grad(), capture_outputs(self._feature_modules("student")) as s_feats:
+                student_out = self.student(x)
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+        for role, out in (("teacher", teacher_out), ("student", student_out)):
+            if not isinstance(out, Tensor) or out.dim() < 2:
+                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise CompressionConfigError(
+                    f"Expected the {role} to return logits of shape (N, num_classes, ...), but got {shape}."
+                )
+        if teacher_out.shape != student_out.shape:
+            raise CompressionConfigError(
+                f"Expected the teacher and the student to return outputs of the same shape, but got teacher"
+                f" {tuple(teacher_out.shape)} and student {tuple(student_out.shape)} on the same batch."
+                " Give both the same number of classes."
+            )
+        classes = teacher_out.shape[1]
+        if self.num_classes is None:
+            self._build_metrics(classes)
+            self.to(device)
+        elif self.num_classes != classes:
+            raise config_error("num_classes", f"the teacher's number of outputs ({classes})", self.num_classes)
+        if stage == "fit" and y is None and self.alpha != 1 and self.example_input_array is None:
+            raise config_error("alpha", "1.0 when batches carry no labels", self.alpha)
+        for pair in self.feature_pairs:
+            self._projection(pair.key).configure(s_feats[pair.student].shape, t_feats[pair.teacher].shape)
+        self.feature_projections.to(device)
+
+    def _projection(self, key: str) -> HintProjection:
+        projection = self.feature_projections[key]
+        assert isinstance(projection, HintProjection)  # built in __init__
+        return projection
+
+    def _feature_modules(self, role: str) -> dict[str, nn.Module]:
+        root = self.student if role == "student" else self.teacher
+        names = [p.student if role == "student" else p.teacher for p in self.feature_pairs]
+        return {name: root.get_submodule(name) for name in names}
+
+    @override
+    def on_fit_start(self) -> None:
+        # Every rank distils from the same teacher, even when each built its own (e.g. random) copy.
+        if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            with torch.no_grad():
+                for tensor in itertools.chain(self.teacher.parameters(), self.teacher.buffers()):
+                    dist.broadcast(tensor.data, src=0)
+
+    # ------------------------------------------------------------------ steps
+
+    @override
+    def forward(self, x: Any) -> Any:
+        """The student's output."""
+        return self.student(x)
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = self.unpack_batch(batch)
+        with capture_outputs(self._feature_modules("teacher")) as t_feats:
+            teacher_logits = self._teacher_forward(x)
+        with capture_outputs(self._feature_modules("student")) as s_feats:
+            student_logits = self.student(x)
+        terms = distillation_loss(student_logits, teacher_logits, y, temperature=self.temperature, alpha=self.alpha)
+        loss = terms.loss
+        self.log("distill/kd_loss", terms.kd)
+        if terms.ce is not None:
+            self.log("distill/ce_loss", terms.ce)
+        if self.feature_pairs:
+            hint = torch.stack(
+                [hint_loss(self._projection(p.key)(s_feats[p.student]), t_feats[p.teacher]) for p in self.feature_pairs]
+            ).sum()
+            self.log("distill/feature_loss", hint)
+            loss = loss + self.feature_weight * hint
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = self.unpack_batch(batch)
+        logits = self(x)
+        if y is None:
+            return
+        self.log("val/loss", F.cross_entropy(logits, y))
+        self.val_acc(logits, y)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+        if self._teacher_val_acc is None and not self.trainer.sanity_checking:
+            self.val_teacher_acc.update(self._teacher_forward(x), y)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        if self._teacher_val_acc is None and self.val_teacher_acc.update_called:
+            self._teacher_val_acc = float(self.val_teacher_acc.compute())  # synced across processes
+            self.val_teacher_acc.reset()
+        if self._teacher_val_acc is not None:
+            self.log("val/teacher_acc", self._teacher_val_acc, sync_dist=False)
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = self.unpack_batch(batch)
+        logits = self(x)
+        if y is None:
+            return
+        self.log("test/loss", F.cross_entropy(logits, y))
+        self.test_acc(logits, y)
+        self.log("test/acc", self.test_acc)
+        self.test_teacher_acc(self._teacher_forward(x), y)
+        self.log("test/teacher_acc", self.test_teacher_acc)
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = self.unpack_batch(batch)[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).argmax(1)
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW over the student and the feature projections (the teacher is never optimized)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+def _shared_parameters(a: nn.Module, b: nn.Module) -> bool:
+    ids = {id(p) for p in a.parameters()}
+    return any(id(p) in ids for p in b.parameters())
