@@ -1,0 +1,121 @@
+"""Keeps pruned weights exactly zero through training, with no forward hooks and no renaming.
+
+The weights stay ordinary parameters under their own names. Exactness comes from three places:
+
+* at each mask update the weights *and* the optimizer state (momentum, Adam moments, ...) are
+  multiplied by the mask, so nothing remembers a pruned weight;
+* before every optimizer step the gradients of the masked weights are multiplied by the mask, so
+  momentum and adaptive moments stay zero there and gradient clipping sees only live weights;
+* right after every optimizer step (``Optimizer.register_step_post_hook``) the weights are
+  multiplied by the mask again, so weight decay, noise or any optimizer cannot regrow them.
+
+Each of the two per-step operations is a single ``torch._foreach_mul_`` over the masked weights.
+Pure torch; the callback decides when these run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from lightning_compress.core.masks import apply_masks_, mask_optimizer_state_
+
+
+class _MaskKeeper:
+    """Owns the device-side multipliers of one set of masks and the optimizer hooks that enforce them.
+
+    Args:
+        params: ``parameter name -> parameter`` of every selected weight.
+        optimizers: the optimizers that update them (hooks are registered on each).
+    """
+
+    def __init__(self, params: Mapping[str, Tensor], optimizers: Sequence[Optimizer]) -> None:
+        self.params = dict(params)
+        self.optimizers = list(optimizers)
+        self.masks: dict[str, Tensor] = {}  # CPU bool, True = kept
+        self._multipliers: dict[str, Tensor] = {}  # on the parameter's device and dtype
+        # per optimizer (by id): the masked parameters it owns and their multipliers, as lists
+        self._per_optimizer: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+        self._handles: list[RemovableHandle] = [
+            opt.register_step_post_hook(self._after_step) for opt in self.optimizers
+        ]
+
+    @torch.no_grad()
+    def set_masks(self, masks: Mapping[str, Tensor]) -> None:
+        """Install ``masks`` (bool, any device): zero the weights and the optimizer state they prune."""
+        self.masks = {name: masks[name].detach().to("cpu", torch.bool).contiguous() for name in self.params}
+        self._multipliers = {}
+        for name, param in self.params.items():
+            mask = self.masks[name]
+            if bool(mask.all()):
+                continue  # nothing pruned here: no work per step
+            self._multipliers[name] = mask.to(device=param.device, dtype=param.dtype)
+        names = list(self._multipliers)
+        apply_masks_([self.params[n] for n in names], [self._multipliers[n] for n in names])
+        self.mask_optimizer_state()
+        self._per_optimizer = {}
+        for optimizer in self.optimizers:
+            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            mine = [n for n in names if id(self.params[n]) in owned]
+            self._per_optimizer[id(optimizer)] = ([self.params[n] for n in mine], [self._multipliers[n] for n in mine])
+
+    def mask_optimizer_state(self) -> None:
+        """Zero the optimizer state of pruned entries (after an optimizer state was restored, too)."""
+        by_param = {self.params[name]: mult for name, mult in self._multipliers.items()}
+        for optimizer in self.optimizers:
+            mask_optimizer_state_(optimizer, by_param)
+
+    @torch.no_grad()
+    def mask_gradients(self, optimizer: Optimizer) -> None:
+        """Zero the gradients of pruned entries of the weights ``optimizer`` is about to update."""
+        entry = self._per_optimizer.get(id(optimizer))
+        if entry is None or not entry[0]:
+            return
+        params, multipliers = entry
+        grads = [p.grad for p in params]
+        if all(g is not None for g in grads):
+            torch._foreach_mul_(grads, multipliers)  # type: ignore[arg-type]
+            return
+        pairs = [(p.grad, m) for p, m in zip(params, multipliers, strict=True) if p.grad is not None]
+        if pairs:
+            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+
+    def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        entry = self._per_optimizer.get(id(optimizer))
+        if entry is not None and entry[0]:
+            apply_masks_(*entry)
+
+    def reapply(self) -> None:
+        """Multiply every masked weight by its mask again."""
+        names = list(self._multipliers)
+        apply_masks_([self.params[n] for n in names], [self._multipliers[n] for n in names])
+
+    @torch.no_grad()
+    def zeros_fraction(self) -> float:
+        """Fraction of the selected weights that are exactly zero, counted on the real tensors."""
+        return _zeros_fraction(self.params.values())
+
+    def close(self) -> None:
+        """Remove the optimizer hooks and drop every reference to the model and the optimizers."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._per_optimizer = {}
+        self._multipliers = {}
+        self.params = {}
+        self.optimizers = []
+
+
+@torch.no_grad()
+def _zeros_fraction(tensors: Iterable[Tensor]) -> float:
+    tensors = list(tensors)
+    total = sum(t.numel() for t in tensors)
+    if not total:
+        return 0.0
+    nonzero = torch.stack([torch.count_nonzero(t.detach()).to("cpu") for t in tensors]).sum()
+    return 1.0 - int(nonzero) / total

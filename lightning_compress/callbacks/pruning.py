@@ -1,0 +1,448 @@
+"""``PruningCallback``: gradual pruning (Zhu & Gupta 2017) in any Lightning ``Trainer``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_compress.callbacks._mask_keeper import _MaskKeeper
+from lightning_compress.core.masks import METHODS, SCOPES, compute_masks, parse_nm
+from lightning_compress.core.report import compression_report
+from lightning_compress.core.schedules import (
+    SCHEDULES,
+    PruningWindow,
+    default_end_epoch,
+    default_end_step,
+    sparsity_at,
+    steps_per_epoch,
+)
+from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, compression_root, select_targets
+from lightning_compress.errors import (
+    CompressionConfigError,
+    check_choice,
+    check_number,
+    check_str_list,
+    config_error,
+)
+
+__all__ = ["PruningCallback"]
+
+_STATE_VERSION = 1
+DEFAULT_UPDATE_EVERY_N_STEPS = 10
+"""Optimizer steps between two mask updates when ``update_every_n_steps`` is not given."""
+
+
+class PruningCallback(Callback):
+    r"""Prune weights gradually to ``target_sparsity`` while the model trains.
+
+    The sparsity follows a schedule counted in optimizer steps (so ``accumulate_grad_batches`` is
+    respected) from the start of ``start_epoch`` to the end of ``end_epoch``; the default ``cubic``
+    schedule is Zhu & Gupta (2017), :math:`s_t = s_f + (s_i - s_f)(1 - (t - t_0)/(n\Delta t))^3`.
+    Every ``update_every_n_steps`` steps, and at the end of the window, the masks are recomputed
+    from the current weights; before ``start_epoch`` nothing is pruned.
+
+    Pruned weights are exactly zero after every optimizer step until the end of fit, without forward
+    hooks or renamed parameters: the model's ``state_dict`` keys are unchanged and a checkpoint
+    loads into a plain model with ``strict=True``. The optimizer state of pruned weights is zeroed
+    and their gradients masked, so momentum or Adam moments cannot regrow them.
+
+    Args:
+        target_sparsity: fraction of the selected weights to zero, in ``[0, 1)``.
+        method: ``"magnitude"`` (smallest ``|w|``), ``"channel"`` (whole output channels by L2 norm,
+            grouped and depthwise convolutions included) or an N:M pattern such as ``"2:4"`` (at most
+            N nonzeros in every M consecutive weights along the input; ``target_sparsity`` must then
+            be ``1 - N/M``, and the schedule climbs a staircase 4:4, 3:4, 2:4).
+        scope: ``"global"`` (one threshold over all selected weights) or ``"layer"`` (each layer to
+            the target). N:M patterns hold per group, so scope does not apply to them.
+        schedule: ``"cubic"``, ``"linear"`` or ``"constant"`` (one shot at the start of ``start_epoch``).
+        initial_sparsity: sparsity at the start of the window (``<= target_sparsity``).
+        start_epoch: first epoch (from 0) of pruning.
+        end_epoch: the target is reached at the end of this epoch. ``None``: the window covers half
+            of the epochs from ``start_epoch`` to ``max_epochs`` (at least one), leaving the rest to
+            fine-tune at full sparsity; in a run bounded by ``max_steps`` instead, half of the
+            remaining steps.
+        update_every_n_steps: optimizer steps between two mask updates (default 10).
+        include: module type names whose ``weight`` is pruned (subclasses count).
+        exclude: ``fnmatch`` globs of module names left dense, e.g. ``["classifier.*"]``.
+        verbose: 0 silent; 1 prints the per-layer table at the end of fit; 2 also a line per update.
+
+    Example:
+        >>> from lightning_compress import PruningCallback
+        >>> callback = PruningCallback(0.9, method="magnitude", exclude=["backbone.net.5"])
+        >>> callback.target_sparsity, callback.masks
+        (0.9, mappingproxy({}))
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float,
+        *,
+        method: str = "magnitude",
+        scope: str = "global",
+        schedule: str = "cubic",
+        initial_sparsity: float = 0.0,
+        start_epoch: int = 0,
+        end_epoch: int | None = None,
+        update_every_n_steps: int = DEFAULT_UPDATE_EVERY_N_STEPS,
+        include: Sequence[str] = DEFAULT_PRUNE_TYPES,
+        exclude: Sequence[str] = (),
+        verbose: int = 1,
+    ) -> None:
+        super().__init__()
+        check_number("target_sparsity", target_sparsity, low=0.0, high=1.0, high_inclusive=False)
+        if not isinstance(method, str) or (method not in ("magnitude", "channel") and parse_nm(method) is None):
+            raise config_error("method", f"one of {_choices(METHODS)} such as '2:4'", method)
+        nm = parse_nm(method)
+        if nm is not None:
+            n, m = nm
+            if not 0 < n < m:
+                raise config_error("method", "an N:M pattern with 0 < N < M such as '2:4'", method)
+            if not math.isclose(target_sparsity, 1 - n / m, abs_tol=1e-6):
+                raise config_error(
+                    "target_sparsity",
+                    f"{1 - n / m:g} for method {method!r}",
+                    target_sparsity,
+                    f"An N:M pattern keeps {n} of every {m} weights, so it can only mean a sparsity of 1 - N/M.",
+                )
+        check_choice("scope", scope, SCOPES)
+        check_choice("schedule", schedule, SCHEDULES)
+        check_number("initial_sparsity", initial_sparsity, low=0.0, high=1.0, high_inclusive=False)
+        if initial_sparsity > target_sparsity:
+            raise config_error("initial_sparsity", f"at most target_sparsity={target_sparsity:g}", initial_sparsity)
+        check_number("start_epoch", start_epoch, low=0, integer=True)
+        if end_epoch is not None:
+            check_number("end_epoch", end_epoch, low=0, integer=True)
+            if end_epoch < start_epoch:
+                raise config_error("end_epoch", f"None or an epoch >= start_epoch={start_epoch}", end_epoch)
+        check_number("update_every_n_steps", update_every_n_steps, low=1, integer=True)
+        check_number("verbose", verbose, low=0, high=2, integer=True)
+        self.target_sparsity = float(target_sparsity)
+        self.method = method
+        self.scope = scope
+        self.schedule = schedule
+        self.initial_sparsity = float(initial_sparsity)
+        self.start_epoch = start_epoch
+        self.end_epoch = end_epoch
+        self.update_every_n_steps = update_every_n_steps
+        self.include = check_str_list("include", include)
+        self.exclude = check_str_list("exclude", exclude)
+        self.verbose = verbose
+        self._reset()
+
+    def _reset(self) -> None:
+        self._keeper: _MaskKeeper | None = None
+        self._masks: dict[str, Tensor] = {}  # CPU bool, the result of the last update
+        self._window: PruningWindow | None = None
+        self._last_update: int | None = None  # global step of the last mask update
+        self._applied: float | None = None  # scheduled sparsity of the current masks
+        self._achieved: float | None = None  # zeros among the selected weights, last measured
+        self._loaded: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ public views
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            target_sparsity=self.target_sparsity,
+            method=self.method,
+            scope=self.scope,
+            include=self.include,
+            exclude=self.exclude,
+        )
+
+    @property
+    def masks(self) -> Mapping[str, Tensor]:
+        """The current masks, read-only: ``parameter name -> CPU bool tensor`` (``True`` = kept).
+
+        Empty before pruning starts. They stay available after fit.
+        """
+        return MappingProxyType(self._masks)
+
+    @property
+    def sparsity(self) -> float | None:
+        """Achieved sparsity: the fraction of the selected weights that are exactly zero.
+
+        Counted on the real weights at the last mask update, at each epoch end and at the end of
+        fit; ``None`` before the first measurement.
+        """
+        return self._achieved
+
+    @property
+    def scheduled_sparsity(self) -> float | None:
+        """The schedule's sparsity at the last mask update (``None`` before pruning starts)."""
+        return self._applied
+
+    @property
+    def window(self) -> PruningWindow | None:
+        """Where pruning happens on the optimizer-step axis (known once training starts)."""
+        return self._window
+
+    # ------------------------------------------------------------------ checks before training
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self._keeper is not None:
+            self._keeper.close()
+        self._reset()
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+        if max_epochs != -1:
+            if self.start_epoch >= max_epochs:
+                raise config_error(
+                    "start_epoch", f"an epoch before max_epochs={max_epochs} (epochs count from 0)", self.start_epoch
+                )
+            if self.end_epoch is not None and self.end_epoch >= max_epochs:
+                raise config_error(
+                    "end_epoch",
+                    f"None or an epoch before max_epochs={max_epochs} (epochs count from 0)",
+                    self.end_epoch,
+                    "The target would never be reached.",
+                )
+        elif trainer.max_steps == -1 and self.end_epoch is None:
+            raise config_error(
+                "end_epoch",
+                "an epoch when the Trainer has neither max_epochs nor max_steps",
+                self.end_epoch,
+                "Without them the end of training, and so the default end of pruning, is unknown.",
+            )
+        self._check_no_overlap(trainer, pl_module)
+
+    def _select(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        params: dict[str, Tensor] = {}
+        seen: set[int] = set()
+        for target in select_targets(pl_module, self.include, self.exclude):
+            weight = target.weight
+            if id(weight) not in seen:  # a tied weight is pruned once, under its first name
+                seen.add(id(weight))
+                params[target.param_name] = weight
+        return params
+
+    def _check_no_overlap(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        mine = set(self._select(pl_module))
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if other is self or not isinstance(other, PruningCallback):
+                continue
+            shared = sorted(mine & set(other._select(pl_module)))
+            if shared:
+                raise CompressionConfigError(
+                    f"Expected the PruningCallbacks of a Trainer to select disjoint weights, but two of them both"
+                    f" select {shared[:5]}{' ...' if len(shared) > 5 else ''}. Use `include`/`exclude` to split them."
+                )
+
+    # ------------------------------------------------------------------ fit lifecycle
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._keeper = _MaskKeeper(self._select(pl_module), trainer.optimizers)
+        if self._loaded is not None:
+            masks = self._loaded["masks"]
+            expected = {name: tuple(p.shape) for name, p in self._keeper.params.items()}
+            got = {name: tuple(m.shape) for name, m in masks.items()}
+            if masks and got != expected:
+                raise CompressionConfigError(
+                    "Expected the PruningCallback state in the checkpoint to hold masks for the weights this"
+                    f" callback selects {expected}, but it holds masks for {got}. Resume with the same model,"
+                    " `include` and `exclude`."
+                )
+            if masks:
+                self._keeper.set_masks(masks)
+                self._masks = self._keeper.masks
+            self._last_update = self._loaded["last_update"]
+            self._applied = self._loaded["scheduled_sparsity"]
+            self._loaded = None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._window = self._place_window(trainer)
+        if self._keeper is not None and self._masks:
+            self._keeper.mask_optimizer_state()  # the optimizer state was restored after on_fit_start
+
+    def _place_window(self, trainer: pl.Trainer) -> PruningWindow:
+        batches = trainer.num_training_batches
+        max_steps = trainer.max_steps
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+        if batches == float("inf"):  # an iterable data set of unknown length: only steps can place the window
+            if max_steps == -1 or self.start_epoch != 0 or self.end_epoch is not None:
+                raise CompressionConfigError(
+                    "Expected `start_epoch=0`, `end_epoch=None` and a Trainer with `max_steps` when the training"
+                    " data has no length, but got"
+                    f" start_epoch={self.start_epoch}, end_epoch={self.end_epoch}, max_steps={max_steps}."
+                    " Epoch boundaries are unknown in advance, so the window is placed in steps."
+                )
+            return PruningWindow(0, default_end_step(0, max_steps), self.update_every_n_steps)
+        per_epoch = steps_per_epoch(int(batches), trainer.accumulate_grad_batches)
+        start = self.start_epoch * per_epoch
+        epoch_bound = max_epochs * per_epoch if max_epochs != -1 else math.inf
+        if self.end_epoch is not None:
+            end = (self.end_epoch + 1) * per_epoch
+        elif max_steps != -1 and max_steps < epoch_bound:
+            if start >= max_steps:
+                raise config_error(
+                    "start_epoch",
+                    f"an epoch that starts before max_steps={max_steps} ({per_epoch} optimizer steps per epoch)",
+                    self.start_epoch,
+                )
+            end = default_end_step(start, max_steps)
+        else:
+            end = (default_end_epoch(self.start_epoch, max_epochs) + 1) * per_epoch
+        if max_steps != -1 and end > max_steps:
+            raise config_error(
+                "end_epoch",
+                f"an epoch that ends by max_steps={max_steps} ({per_epoch} optimizer steps per epoch)",
+                self.end_epoch,
+                f"Pruning would reach its target after {end} steps, which this run never takes.",
+            )
+        return PruningWindow(start, end, self.update_every_n_steps)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._maybe_update(trainer, pl_module, after_step=False)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._maybe_update(trainer, pl_module, after_step=True)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        if self._keeper is not None:
+            self._keeper.mask_gradients(getattr(optimizer, "_optimizer", optimizer))
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._keeper is None or self._window is None or not self._window.started(trainer.global_step):
+            return
+        self._achieved = self._keeper.zeros_fraction()
+        pl_module.log("pruning/sparsity", self._achieved, on_step=False, on_epoch=True)
+        pl_module.log("pruning/target", self._applied or 0.0, on_step=False, on_epoch=True)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._keeper is not None:
+            self._achieved = self._keeper.zeros_fraction()
+        if self.verbose >= 1:
+            prefix, root = compression_root(pl_module)
+            selected = len(self._keeper.params) if self._keeper is not None else 0
+            where = f" of `{prefix}`" if prefix else ""
+            rank_zero_info(
+                f"PruningCallback: {self._achieved or 0.0:.2%} of the weights of {selected} selected layers"
+                f"{where} are zero (target {self.target_sparsity:.2%}, method {self.method!r}).\n"
+                f"{compression_report(root).table()}"
+            )
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._release()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        """Drop the optimizer hooks and every reference to the model; the CPU masks stay readable."""
+        if self._keeper is not None:
+            self._keeper.close()
+            self._keeper = None
+        self._loaded = None
+
+    # ------------------------------------------------------------------ mask updates
+
+    def _maybe_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, after_step: bool) -> None:
+        """Recompute the masks if the schedule asks for it now.
+
+        An update at step ``t`` runs between optimizer steps ``t`` and ``t + 1``: right after step ``t``
+        (end of the batch), so the target is in place for the validation and checkpoints at the end of
+        ``end_epoch``, except at the start of the window, which runs before the first batch of
+        ``start_epoch`` so that nothing is pruned before it.
+        """
+        window, step = self._window, trainer.global_step
+        if window is None or self._keeper is None or step == self._last_update:
+            return
+        if after_step and step <= window.start:
+            return
+        # A run resumed past the start of the window without pruning state prunes at once.
+        due = window.is_update(step) or (window.started(step) and self._applied is None)
+        if not due:
+            return
+        self._last_update = step
+        target = sparsity_at(window.progress(step), self.target_sparsity, self.initial_sparsity, self.schedule)
+        if self._applied is not None and target == self._applied:
+            return  # same sparsity, and pruned weights stay pruned: the masks would not change
+        self._update(trainer, pl_module, target)
+
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float) -> None:
+        keeper = self._keeper
+        assert keeper is not None  # checked by _maybe_update
+        masks: dict[str, Tensor] | None = None
+        if trainer.is_global_zero or trainer.world_size == 1:
+            weights = {name: p.detach() for name, p in keeper.params.items()}
+            masks = compute_masks(weights, target, self.method, self.scope, previous=self._masks or None)
+        if trainer.world_size > 1:
+            # Rank 0 decides; every rank installs exactly the same masks.
+            cpu = {k: v.cpu() for k, v in masks.items()} if masks is not None else None
+            masks = trainer.strategy.broadcast(cpu, src=0)
+        assert masks is not None
+        keeper.set_masks(masks)
+        self._masks = keeper.masks
+        self._applied = target
+        self._achieved = keeper.zeros_fraction()
+        pl_module.log("pruning/sparsity", self._achieved, on_step=True, on_epoch=False)
+        pl_module.log("pruning/target", target, on_step=True, on_epoch=False)
+        if self.verbose >= 2:
+            rank_zero_info(
+                f"PruningCallback: step {trainer.global_step}, scheduled sparsity {target:.2%},"
+                f" achieved {self._achieved:.2%}"
+            )
+
+    # ------------------------------------------------------------------ checkpointing
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "last_update": self._last_update,
+            "scheduled_sparsity": self._applied,
+            "achieved_sparsity": self._achieved,
+            "masks": {name: mask.clone() for name, mask in self._masks.items()},
+            "method": self.method,
+            "target_sparsity": self.target_sparsity,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        version = state_dict.get("version")
+        if version != _STATE_VERSION:
+            raise CompressionConfigError(
+                f"Expected a PruningCallback state of version {_STATE_VERSION}, but got version {version!r}."
+            )
+        masks = state_dict["masks"]
+        self._loaded = {
+            "masks": {name: torch.as_tensor(m, dtype=torch.bool).cpu() for name, m in masks.items()},
+            "last_update": state_dict["last_update"],
+            "scheduled_sparsity": state_dict["scheduled_sparsity"],
+        }
+        self._masks = dict(self._loaded["masks"])
+        self._achieved = state_dict.get("achieved_sparsity")
+
+
+def _choices(names: Sequence[str]) -> str:
+    quoted = [repr(n) for n in names]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1]
