@@ -181,8 +181,8 @@ def _load_digits() -> tuple[Tensor, Tensor]:
 class DigitsDataModule(pl.LightningDataModule):
     """scikit-learn's 8x8 digits (1,797 images, 10 classes) with a seeded train/val/test split.
 
-    Images are ``float32`` tensors of shape ``(1, 8, 8)`` scaled to ``[0, 1]``; the split does not
-    depend on the global random state.
+    Images are ``float32`` tensors of shape ``(channels, 8, 8)`` scaled to ``[0, 1]``; the split does
+    not depend on the global random state.
 
     Args:
         batch_size: samples per batch.
@@ -190,6 +190,8 @@ class DigitsDataModule(pl.LightningDataModule):
         test_fraction: fraction of the images held out for testing.
         seed: seed of the split and of the per-epoch shuffling.
         num_workers: DataLoader worker processes (0 is fastest for this tiny set).
+        channels: the grey image repeated over this many channels (3 for RGB backbones such as
+            torchvision's ``resnet18``).
     """
 
     def __init__(
@@ -199,16 +201,19 @@ class DigitsDataModule(pl.LightningDataModule):
         test_fraction: float = 0.15,
         seed: int = 0,
         num_workers: int = 0,
+        channels: int = 1,
     ) -> None:
         super().__init__()
         check_number("batch_size", batch_size, low=1, integer=True)
         check_number("val_fraction", val_fraction, low=0.0, high=0.5, low_inclusive=False)
         check_number("test_fraction", test_fraction, low=0.0, high=0.5, low_inclusive=False)
+        check_number("channels", channels, low=1, integer=True)
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.seed = seed
         self.num_workers = num_workers
+        self.channels = channels
         self.train_set: Dataset[Any] | None = None
         self.val_set: Dataset[Any] | None = None
         self.test_set: Dataset[Any] | None = None
@@ -222,6 +227,7 @@ class DigitsDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         x, y = _load_digits()
+        x = x.expand(-1, self.channels, -1, -1).contiguous()
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
         n_val = int(len(y) * self.val_fraction)
         n_test = int(len(y) * self.test_fraction)
