@@ -1,0 +1,279 @@
+"""CPU latency of int8 models against float32, side by side in one run.
+
+Linear: a 4-layer MLP of width 4096 (ReLU between) at batch 1, 16, 64 and 256:
+float32, ours (``QuantizeOnFitEnd`` dynamic and static modes, i.e. ``quantize_model``),
+``torch.ao.quantization.quantize_dynamic`` (the deprecated peer) and torchao's
+``Int8DynamicActivationInt8WeightConfig`` when torchao is importable.
+
+Conv: a stack of 3x3 convolutions and torchvision's resnet18, float32 against our Int8Conv2d
+(dequantized weight + F.conv2d) and against the alternative we rejected (unfold + torch._int_mm).
+
+The variants are timed in interleaved rounds (float, ours, peer, float, ours, peer, ...) and each
+figure is the median over the rounds, so that load on a shared machine hits them alike.
+
+    python benchmarks/int8_latency.py            # full run, writes benchmarks/results/int8_latency.{md,json}
+    python benchmarks/int8_latency.py --smoke    # tiny sizes, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from lightning_compress.core.convert import quantizable_targets, quantize_model
+from lightning_compress.core.qmodules import Int8Conv2d
+from lightning_compress.core.quant import quantize_rows
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def mlp(width: int, depth: int = 4) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers.append(nn.Linear(width, width))
+        if i < depth - 1:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers).eval()
+
+
+def ours(model: nn.Module, mode: str, calib: Tensor | None = None) -> nn.Module:
+    model = copy.deepcopy(model)
+    targets, _ = quantizable_targets(model)
+    ranges = None
+    if mode == "static":
+        assert calib is not None
+        from lightning_compress.core.convert import record_input_ranges
+
+        with torch.no_grad(), record_input_ranges({t.name: t.module for t in targets}) as obs:
+            model(calib)
+        ranges = {n: (o.min_val, o.max_val) for n, o in obs.items()}
+    quantize_model(model, targets, mode=mode, input_ranges=ranges)
+    return model
+
+
+def ao_dynamic(model: nn.Module) -> nn.Module | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from torch.ao.quantization import quantize_dynamic
+        except ImportError:
+            return None
+        return quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+
+
+def torchao_dynamic(model: nn.Module) -> tuple[nn.Module | None, str]:
+    try:
+        import torchao
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except Exception as err:  # not installed, or built for another torch
+        return None, f"not importable ({type(err).__name__})"
+    m = copy.deepcopy(model)
+    try:
+        quantize_(m, Int8DynamicActivationInt8WeightConfig())
+    except Exception as err:
+        return None, f"torchao {torchao.__version__}: quantize_ failed ({type(err).__name__}: {err})"
+    return m, f"torchao {torchao.__version__}"
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner: int) -> dict[str, float]:
+    """Median seconds per call of each fn, timed in interleaved rounds."""
+    for fn in fns.values():  # warm-up
+        fn()
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / inner)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def bench_linear(width: int, batches: list[int], rounds: int) -> tuple[list[dict[str, object]], str]:
+    torch.manual_seed(0)
+    base = mlp(width)
+    calib = torch.randn(64, width)
+    variants: dict[str, nn.Module] = {"float32": base, "ours_dynamic": ours(base, "dynamic")}
+    variants["ours_static"] = ours(base, "static", calib)
+    ao = ao_dynamic(base)
+    if ao is not None:
+        variants["ao_quantize_dynamic"] = ao
+    tao, tao_note = torchao_dynamic(base)
+    if tao is not None:
+        variants["torchao_int8_dynamic"] = tao
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, width)
+        with torch.no_grad():
+            ref = base(x)
+            errors = {k: float((m(x) - ref).norm() / ref.norm()) for k, m in variants.items()}
+            inner = max(1, int(64 / max(batch, 1) ** 0.5)) if width >= 1024 else 20
+            fns = {k: (lambda m=m, x=x: m(x)) for k, m in variants.items()}
+            times = interleaved(fns, rounds, inner)
+        row: dict[str, object] = {"batch": batch, "float32_ms": times["float32"] * 1e3}
+        for k in variants:
+            if k != "float32":
+                row[f"{k}_ratio"] = times[k] / times["float32"]
+                row[f"{k}_rel_err"] = errors[k]
+        rows.append(row)
+        print(
+            f"  batch {batch:4d}: float32 {times['float32'] * 1e3:8.2f} ms | "
+            + " | ".join(f"{k} {times[k] / times['float32']:.3f}x" for k in variants if k != "float32"),
+            flush=True,
+        )
+    return rows, tao_note
+
+
+def unfold_int8_conv(x: Tensor, conv: Int8Conv2d) -> Tensor:
+    """The rejected alternative: im2col + per-row int8 activations + torch._int_mm (groups == 1 only)."""
+    n, _, h, w = x.shape
+    kh, kw = conv.kernel_size
+    cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # type: ignore[arg-type]
+    ho = (h + 2 * conv.padding[0] - conv.dilation[0] * (kh - 1) - 1) // conv.stride[0] + 1  # type: ignore[index]
+    wo = (w + 2 * conv.padding[1] - conv.dilation[1] * (kw - 1) - 1) // conv.stride[1] + 1  # type: ignore[index]
+    rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    q, s = quantize_rows(rows)
+    acc = torch._int_mm(q, conv.weight.reshape(conv.out_channels, -1).t())
+    out = acc.float().mul_(s).mul_(conv.weight_scale)
+    if conv.bias is not None:
+        out.add_(conv.bias)
+    return out.reshape(n, ho * wo, -1).transpose(1, 2).reshape(n, -1, ho, wo)
+
+
+def bench_conv(smoke: bool, rounds: int) -> list[dict[str, object]]:
+    torch.manual_seed(0)
+    rows: list[dict[str, object]] = []
+    shapes = [(8, 16, 16, 16)] if smoke else [(1, 64, 56, 56), (8, 64, 56, 56), (8, 128, 28, 28), (8, 256, 14, 14)]
+    for n, c, h, w in shapes:
+        conv = nn.Conv2d(c, c, 3, padding=1).eval()
+        q = Int8Conv2d.from_float(conv)
+        x = torch.randn(n, c, h, w)
+        with torch.no_grad():
+            ref = conv(x)
+            err_deq = float((q(x) - ref).norm() / ref.norm())
+            err_unf = float((unfold_int8_conv(x, q) - ref).norm() / ref.norm())
+            times = interleaved(
+                {
+                    "float32": lambda conv=conv, x=x: conv(x),
+                    "dequant": lambda q=q, x=x: q(x),
+                    "unfold": lambda q=q, x=x: unfold_int8_conv(x, q),
+                },
+                rounds,
+                3,
+            )
+        rows.append(
+            {
+                "layer": f"Conv2d({c},{c},3) on {n}x{c}x{h}x{w}",
+                "float32_ms": times["float32"] * 1e3,
+                "ours_dequant_ratio": times["dequant"] / times["float32"],
+                "unfold_int_mm_ratio": times["unfold"] / times["float32"],
+                "ours_dequant_rel_err": err_deq,
+                "unfold_int_mm_rel_err": err_unf,
+            }
+        )
+        print(
+            f"  {rows[-1]['layer']}: float32 {times['float32'] * 1e3:.2f} ms | dequant"
+            f" {rows[-1]['ours_dequant_ratio']:.3f}x | unfold+_int_mm {rows[-1]['unfold_int_mm_ratio']:.3f}x",
+            flush=True,
+        )
+    try:
+        import torchvision
+    except ImportError:
+        return rows
+    size, batch = (32, 2) if smoke else (224, 8)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    qnet = ours(net, "dynamic")
+    x = torch.randn(batch, 3, size, size)
+    with torch.no_grad():
+        ref = net(x)
+        err = float((qnet(x) - ref).norm() / ref.norm())
+        times = interleaved({"float32": lambda: net(x), "ours": lambda: qnet(x)}, rounds, 1)
+    rows.append(
+        {
+            "layer": f"resnet18 on {batch}x3x{size}x{size}",
+            "float32_ms": times["float32"] * 1e3,
+            "ours_dequant_ratio": times["ours"] / times["float32"],
+            "unfold_int_mm_ratio": None,
+            "ours_dequant_rel_err": err,
+            "unfold_int_mm_rel_err": None,
+        }
+    )
+    print(
+        f"  {rows[-1]['layer']}: float32 {times['float32'] * 1e3:.2f} ms | ours {rows[-1]['ours_dequant_ratio']:.3f}x"
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes; checks that the script runs")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds per variant")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md and .json results")
+    args = parser.parse_args()
+    width = 128 if args.smoke else 4096
+    batches = [1, 4] if args.smoke else [1, 16, 64, 256]
+    rounds = args.rounds or (3 if args.smoke else 15)
+    threads = torch.get_num_threads()
+    print(
+        f"int8 CPU latency, torch {torch.__version__}, {threads} threads, {platform.processor() or platform.machine()}"
+    )
+    print(f"Linear: 4-layer MLP of width {width}; ratio = variant median / float32 median over {rounds} rounds")
+    linear_rows, tao_note = bench_linear(width, batches, rounds)
+    print("Conv:")
+    conv_rows = bench_conv(args.smoke, rounds)
+    result = {
+        "command": "python benchmarks/int8_latency.py" + (" --smoke" if args.smoke else ""),
+        "torch": torch.__version__,
+        "threads": threads,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "width": width,
+        "rounds": rounds,
+        "torchao": tao_note,
+        "linear": linear_rows,
+        "conv": conv_rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "int8_latency_smoke" if args.smoke else "int8_latency"
+    tmp = args.out / f".{stem}.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, args.out / f"{stem}.json")
+    cols = [k for k in linear_rows[0] if k.endswith("_ratio")]
+    md = [
+        f"# int8 CPU latency ({result['command']})",
+        "",
+        f"torch {torch.__version__}, {threads} threads, CPU capability {result['cpu_capability']};"
+        f" medians of {rounds} interleaved rounds; torchao: {tao_note}.",
+        "",
+        f"## 4-layer MLP, width {width} (latency ratio to float32; lower is faster)",
+        "",
+        "| batch | float32 ms | " + " | ".join(cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    for r in linear_rows:
+        md.append(f"| {r['batch']} | {r['float32_ms']:.2f} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+    md += ["", "## Convolutions (ours: dequantized weight + F.conv2d; rejected: unfold + _int_mm)", ""]
+    md += ["| layer | float32 ms | ours dequant | unfold + _int_mm |", "|---|---|---|---|"]
+    for r in conv_rows:
+        unf = "n/a" if r["unfold_int_mm_ratio"] is None else f"{r['unfold_int_mm_ratio']:.3f}"
+        md.append(f"| {r['layer']} | {r['float32_ms']:.2f} | {r['ours_dequant_ratio']:.3f} | {unf} |")
+    tmp = args.out / f".{stem}.md.tmp"
+    tmp.write_text("\n".join(md) + "\n")
+    os.replace(tmp, args.out / f"{stem}.md")
+    print(f"wrote {args.out / stem}.md and .json")
+
+
+if __name__ == "__main__":
+    main()
