@@ -82,7 +82,7 @@ def test_nothing_selected_fails_before_training(tmp_path):
 def test_a_type_without_int8_version_fails_before_training(tmp_path):
     backbone = nn.Sequential(nn.Flatten(1, 2), nn.Conv1d(8, 4, 3), nn.Flatten(), nn.Linear(24, 10))
     trainer = _trainer(tmp_path, [QuantizeOnFitEnd(include=["Conv1d", "Linear"])])
-    with pytest.raises(CompressionConfigError, match="with an int8 version .*Conv1d"):
+    with pytest.raises(CompressionConfigError, match=r"with an int8 version .*Conv1d"):
         trainer.fit(Classifier(backbone), _loader())
     assert trainer.global_step == 0
 
@@ -105,7 +105,8 @@ def test_static_without_training_batches_fails_before_training(tmp_path):
 def test_state_key_and_state_dict():
     cb = QuantizeOnFitEnd("static", per_channel=False, exclude=["net.5"])
     assert cb.state_key == (
-        "QuantizeOnFitEnd{'mode': 'static', 'per_channel': False, 'include': ['Linear', 'Conv2d'], 'exclude': ['net.5']}"
+        "QuantizeOnFitEnd{'mode': 'static', 'per_channel': False, 'include': ['Linear', 'Conv2d'],"
+        " 'exclude': ['net.5']}"
     )
     cb.report = {"layers_converted": 2}
     state = cb.state_dict()
