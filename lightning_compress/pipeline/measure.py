@@ -1,0 +1,166 @@
+"""What the comparison measures: accuracy, parameters, bytes, artifact size and CPU latency.
+
+Every number is read from the real model or the real file: parameters and bytes from the tensors the
+model holds (:func:`~lightning_compress.compression_report`), the artifact size from the file on
+disk, the latency from timed forward passes on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.core.report import CompressionReport, compression_report
+
+__all__ = ["Measurement", "atomic_torch_save", "batch_input", "measure", "measure_latencies"]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The numbers of one model in the comparison.
+
+    Attributes:
+        accuracy: the evaluation metric (``test/acc`` by default), a fraction in ``[0, 1]``.
+        params: parameters, counting quantized weights (entries, not bytes).
+        nonzero_params: those of ``params`` that are not exactly zero.
+        weight_bytes: bytes the layers hold in memory (weights, biases, int8 scales).
+        artifact_bytes: size of the model's file on disk.
+        latency_ms: median CPU time of one forward pass over one batch, in milliseconds.
+        report: the per-layer :class:`~lightning_compress.CompressionReport`.
+    """
+
+    accuracy: float
+    params: int
+    nonzero_params: int
+    weight_bytes: int
+    artifact_bytes: int
+    latency_ms: float
+    report: CompressionReport
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view, with the per-layer report under ``"layers"``."""
+        return {
+            "accuracy": self.accuracy,
+            "params": self.params,
+            "nonzero_params": self.nonzero_params,
+            "sparsity": self.report.sparsity,
+            "weight_bytes": self.weight_bytes,
+            "model_bytes": self.report.bytes,
+            "artifact_bytes": self.artifact_bytes,
+            "latency_ms": self.latency_ms,
+            "layers": self.report.to_dict()["layers"],
+        }
+
+
+def measure(module: nn.Module, accuracy: float, artifact: str | os.PathLike[str], latency_ms: float) -> Measurement:
+    """Gather the numbers of ``module`` whose artifact was written to ``artifact``.
+
+    Example:
+        >>> import tempfile, os
+        >>> model = nn.Linear(4, 2)
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.pt")
+        >>> atomic_torch_save(model.state_dict(), path)
+        >>> m = measure(model, accuracy=0.5, artifact=path, latency_ms=0.1)
+        >>> m.params, m.nonzero_params == m.params, m.artifact_bytes == os.path.getsize(path)
+        (10, True, True)
+    """
+    report = compression_report(module)
+    return Measurement(
+        accuracy=float(accuracy),
+        params=report.params,
+        nonzero_params=report.nonzero_params,
+        weight_bytes=report.weight_bytes,
+        artifact_bytes=os.path.getsize(artifact),
+        latency_ms=float(latency_ms),
+        report=report,
+    )
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def batch_input(batch: Any) -> Tensor | None:
+    """The model input of a batch: the batch itself if it is a tensor, else its first element.
+
+    Example:
+        >>> batch_input((torch.zeros(2, 3), torch.ones(2))).shape
+        torch.Size([2, 3])
+        >>> batch_input({"x": 1}) is None
+        True
+    """
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    return None
+
+
+@torch.inference_mode()
+def measure_latencies(
+    modules: Sequence[nn.Module],
+    inputs: Tensor,
+    *,
+    repeats: int = 50,
+    warmup: int = 5,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[float]:
+    """Median milliseconds of one forward pass of each module on ``inputs``, on the CPU.
+
+    The modules are timed in turns (one call each, ``repeats`` rounds) so that a change of machine
+    load during the measurement affects all of them alike. Each module runs in eval mode; its
+    training flag is restored afterwards.
+
+    Args:
+        modules: the models to time, already on the CPU.
+        inputs: one batch of model input.
+        repeats: timed calls per module.
+        warmup: untimed calls per module first.
+        clock: the timer (seconds).
+
+    Returns:
+        One median latency in milliseconds per module, in order.
+
+    Example:
+        >>> a, b = nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+        >>> times = measure_latencies([a, b], torch.randn(4, 8), repeats=3, warmup=1)
+        >>> len(times), all(t > 0 for t in times)
+        (2, True)
+    """
+    inputs = inputs.cpu()
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        for _ in range(warmup):
+            for m in modules:
+                m(inputs)
+        samples: list[list[float]] = [[] for _ in modules]
+        for _ in range(repeats):
+            for m, times in zip(modules, samples, strict=True):
+                start = clock()
+                m(inputs)
+                times.append((clock() - start) * 1000.0)
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
+    return [statistics.median(times) for times in samples]

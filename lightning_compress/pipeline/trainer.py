@@ -1,0 +1,304 @@
+"""``CompressTrainer.compress``: train dense, compress, validate both, and report the difference."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_compress.__about__ import __version__
+from lightning_compress._warnings import quiet_known_warnings
+from lightning_compress.core.selection import compression_root
+from lightning_compress.errors import CompressionConfigError, check_choice, check_number, config_error
+from lightning_compress.pipeline.figure import MATPLOTLIB_HINT, matplotlib_available, write_figure
+from lightning_compress.pipeline.measure import batch_input, measure, measure_latencies
+from lightning_compress.pipeline.result import ComparisonResult, atomic_write_text
+
+__all__ = ["DEFAULT_CALLBACKS", "DEFAULT_COMPRESS_EPOCHS", "CompressTrainer", "default_callbacks"]
+
+DEFAULT_CALLBACKS: tuple[dict[str, Any], ...] = (
+    {"class_path": "lightning_compress.PruningCallback", "init_args": {"target_sparsity": 0.9}},
+    {"class_path": "lightning_compress.SparseRegularizer", "init_args": {"strength": 1e-5}},
+    {"class_path": "lightning_compress.QuantizeOnFitEnd", "init_args": {"mode": "dynamic"}},
+)
+"""The callbacks of the main job when none are configured: gradual magnitude pruning to 90 %, an L1
+penalty that moves small weights toward zero while they are pruned, and int8 conversion at the end."""
+
+DEFAULT_COMPRESS_EPOCHS = 30
+"""Epochs of the compression fit in the command line's ``compress`` when ``--trainer.max_epochs`` is unset."""
+
+# Arguments that belong to one fit only: the dense phase gets its own.
+_PHASE_ARGUMENTS = frozenset(
+    {"callbacks", "logger", "enable_checkpointing", "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time"}
+)
+_COMPRESSION_CALLBACKS = (
+    "lightning_compress.callbacks.pruning.PruningCallback",
+    "lightning_compress.callbacks.regularizer.SparseRegularizer",
+    "lightning_compress.callbacks.quantize.QuantizeOnFitEnd",
+)
+
+
+def _import(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def default_callbacks() -> list[Callback]:
+    """New instances of :data:`DEFAULT_CALLBACKS`.
+
+    Example:
+        >>> [type(c).__name__ for c in default_callbacks()]
+        ['PruningCallback', 'SparseRegularizer', 'QuantizeOnFitEnd']
+    """
+    return [_import(c["class_path"])(**c["init_args"]) for c in DEFAULT_CALLBACKS]
+
+
+def _class_path(obj: object) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class CompressTrainer(pl.Trainer):
+    """A :class:`~lightning.pytorch.trainer.trainer.Trainer` with one more verb: :meth:`compress`.
+
+    It takes exactly the arguments of ``Trainer`` (and is one: ``fit``, ``validate``, ``test`` and
+    ``predict`` work as usual). The ``lightning-compress`` command line uses it for all subcommands.
+
+    Example::
+
+        trainer = CompressTrainer(max_epochs=30, callbacks=default_callbacks())
+        result = trainer.compress(Classifier(), DigitsDataModule(), dense_epochs=30)
+        print(result.table())
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._sibling_kwargs = {k: v for k, v in kwargs.items() if k not in _PHASE_ARGUMENTS}
+        for key in ("strategy", "profiler", "plugins"):  # live objects belong to this trainer alone
+            if key in self._sibling_kwargs and not isinstance(self._sibling_kwargs[key], (str, type(None))):
+                del self._sibling_kwargs[key]
+
+    def _sibling(self, **overrides: Any) -> pl.Trainer:
+        """A plain Trainer on the same hardware, precision and batch limits, without logger or callbacks."""
+        kwargs = {**self._sibling_kwargs, "logger": False, "enable_checkpointing": False, "callbacks": []}
+        return pl.Trainer(**{**kwargs, **overrides})
+
+    def compress(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+        *,
+        dense_epochs: int = 30,
+        run_dir: str | None = None,
+        stage: Literal["test", "validate"] = "test",
+        metric: str | None = None,
+        latency_repeats: int = 50,
+        figure: bool = True,
+    ) -> ComparisonResult:
+        """Train the model dense, compress it with this trainer's callbacks, then compare the two.
+
+        1. A plain trainer (same hardware, precision and batch limits; no callbacks, no logger) fits
+           the model for ``dense_epochs`` epochs (``0``: the model comes trained) and evaluates it.
+        2. This trainer fits it again with its callbacks, which compress it (with the command line's
+           defaults: pruning to 90 % with an L1 penalty, then int8), and evaluates it.
+        3. Both are measured: accuracy, nonzero parameters, weight bytes, artifact size on disk and
+           CPU latency per batch. The run folder gets ``original.pt`` and ``compressed.pt``
+           (:func:`~lightning_compress.save_compressed` of the compressed submodule, checked to
+           reload into the same outputs), ``report.json``, ``report.txt`` and ``report.png``.
+
+        Args:
+            model: the LightningModule; its ``compression_submodule`` (if any) is what is measured.
+            datamodule: the data.
+            dense_epochs: epochs of dense training before compression.
+            run_dir: folder for the artifacts and the report; the logger's folder by default
+                (``lightning_logs/version_N``), or ``default_root_dir`` without a logger.
+            stage: ``"test"`` or ``"validate"``: which loop measures the accuracy.
+            metric: the logged metric to compare; ``test/acc`` (or ``val/acc``) by default.
+            latency_repeats: timed forward passes per model (the median is reported).
+            figure: draw ``report.png`` (needs matplotlib; without it a message says how to get it).
+
+        Returns:
+            The :class:`~lightning_compress.pipeline.ComparisonResult`; ``str(result)`` is the table.
+        """
+        check_number("dense_epochs", dense_epochs, low=0, integer=True)
+        check_choice("stage", stage, ("test", "validate"))
+        metric = metric if metric is not None else ("test/acc" if stage == "test" else "val/acc")
+        if not isinstance(metric, str) or not metric:
+            raise config_error("metric", "the name of a logged metric such as 'test/acc'", metric)
+        check_number("latency_repeats", latency_repeats, low=1, integer=True)
+        if self.world_size > 1:
+            raise config_error(
+                "trainer.devices",
+                "a single device (compress compares two models in one process)",
+                self.num_devices * self.num_nodes,
+                "Use `fit` to train on several devices, then `compress --dense_epochs 0` from the checkpoint.",
+            )
+        from lightning_compress.demo import DigitsDataModule
+
+        with quiet_known_warnings(in_memory_data=isinstance(datamodule, DigitsDataModule)):
+            return self._compress(model, datamodule, dense_epochs, run_dir, stage, metric, latency_repeats, figure)
+
+    def _compress(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None,
+        dense_epochs: int,
+        run_dir: str | None,
+        stage: str,
+        metric: str,
+        latency_repeats: int,
+        figure: bool,
+    ) -> ComparisonResult:
+        callbacks: list[Callback] = self.callbacks  # type: ignore[attr-defined]
+        compressing = [c for c in callbacks if _class_path(c) in _COMPRESSION_CALLBACKS]
+        if not compressing:
+            rank_zero_warn(
+                "CompressTrainer.compress: the trainer has none of PruningCallback, SparseRegularizer or"
+                " QuantizeOnFitEnd among its callbacks, so unless a callback of your own compresses the model"
+                " the two models compared will be alike."
+            )
+        # Written to after the compression fit, so that the logger finds its folder empty when it starts.
+        folder = Path(run_dir if run_dir is not None else (self.log_dir or self.default_root_dir))
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
+
+        # Before any training: the metric exists and a batch is at hand (one evaluation batch).
+        probe = self._sibling(
+            **{
+                ("limit_test_batches" if stage == "test" else "limit_val_batches"): 1,
+                "enable_progress_bar": False,
+                "enable_model_summary": False,
+            }
+        )
+        _evaluate(probe, stage, model, datamodule, metric)
+        inputs = _first_input(probe, stage)
+
+        dense = self._sibling(max_epochs=max(dense_epochs, 1))
+        if dense_epochs:
+            rank_zero_info(f"lightning-compress: [1/3] training the dense model for {dense_epochs} epochs")
+            dense.fit(model, datamodule=datamodule)
+        original_accuracy = _evaluate(dense, stage, model, datamodule, metric)
+        _, root = compression_root(model)
+        original = copy.deepcopy(root).cpu()
+        seconds["dense"] = time.perf_counter() - start
+
+        names = ", ".join(type(c).__name__ for c in compressing) or "its callbacks"
+        rank_zero_info(f"lightning-compress: [2/3] compressing with {names} for {self.max_epochs} epochs")
+        start = time.perf_counter()
+        self.fit(model, datamodule=datamodule)
+        compressed_accuracy = _evaluate(self, stage, model, datamodule, metric)
+        _, root = compression_root(model)
+        compressed = root.cpu()
+        seconds["compress"] = time.perf_counter() - start
+
+        rank_zero_info("lightning-compress: [3/3] measuring both models")
+        start = time.perf_counter()
+        from lightning_compress.core.serialize import load_compressed, save_compressed
+
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {"original": str(folder / "original.pt"), "compressed": str(folder / "compressed.pt")}
+        save_compressed(original, files["original"])
+        save_compressed(compressed, files["compressed"])
+        restored = load_compressed(files["compressed"], copy.deepcopy(original))
+        roundtrip_error = _max_output_difference(compressed, restored, inputs)
+        latencies = measure_latencies([original, compressed], inputs, repeats=latency_repeats)
+        seconds["measure"] = time.perf_counter() - start
+        settings = {
+            "dense_epochs": dense_epochs,
+            "compress_epochs": self.max_epochs,
+            "stage": stage,
+            "callbacks": [_class_path(c) for c in callbacks if not _class_path(c).startswith("lightning.")],
+            "batch_size": int(inputs.shape[0]),
+            "latency_repeats": latency_repeats,
+            "torch_threads": torch.get_num_threads(),
+            "artifact_roundtrip_max_abs_diff": roundtrip_error,
+            "seconds": {k: round(v, 2) for k, v in seconds.items()},
+            "versions": {
+                "lightning_compress": __version__,
+                "torch": torch.__version__,
+                "lightning": lightning.__version__,
+                "python": platform.python_version(),
+            },
+            "machine": platform.machine(),
+        }
+        files.update(report_json=str(folder / "report.json"), report_txt=str(folder / "report.txt"))
+        if figure and matplotlib_available():
+            files["figure"] = str(folder / "report.png")
+        result = ComparisonResult(
+            metric=metric,
+            original=measure(original, original_accuracy, files["original"], latencies[0]),
+            compressed=measure(compressed, compressed_accuracy, files["compressed"], latencies[1]),
+            settings=settings,
+            files=files,
+        )
+        result.write_json(files["report_json"])
+        atomic_write_text(files["report_txt"], result.table() + "\n")
+        if "figure" in files:
+            write_figure(result, files["figure"])
+        elif figure:
+            rank_zero_info(f"lightning-compress: no report.png: {MATPLOTLIB_HINT}")
+        if roundtrip_error:
+            rank_zero_warn(
+                f"The artifact {files['compressed']} reloads with outputs that differ from the compressed model's"
+                f" by up to {roundtrip_error:.3g}."
+            )
+        rank_zero_info(f"\n{result.table()}\n\nRun folder: {os.fspath(folder)}")
+        return result
+
+
+def _evaluate(
+    trainer: pl.Trainer, stage: str, model: pl.LightningModule, datamodule: pl.LightningDataModule | None, metric: str
+) -> float:
+    loop = trainer.test if stage == "test" else trainer.validate
+    results = loop(model, datamodule=datamodule, verbose=False)
+    for metrics in results:
+        if metric in metrics:
+            return float(metrics[metric])
+    logged = sorted({k for metrics in results for k in metrics})
+    raise config_error(
+        "metric",
+        f"one of the metrics that {type(model).__name__} logs in `{stage}` ({', '.join(map(repr, logged)) or 'none'})",
+        metric,
+    )
+
+
+def _first_input(trainer: pl.Trainer, stage: str) -> torch.Tensor:
+    loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+    if loader is None:
+        raise CompressionConfigError(
+            f"Expected the model or data module to provide a {stage} dataloader, but got none."
+        )
+    inputs = batch_input(next(iter(loader)))
+    if inputs is None:
+        raise CompressionConfigError(
+            "Expected the batches to be a tensor or a tuple whose first element is the model input, to time the"
+            " models on, but got another structure."
+        )
+    return inputs.cpu()
+
+
+@torch.inference_mode()
+def _max_output_difference(a: torch.nn.Module, b: torch.nn.Module, inputs: torch.Tensor) -> float | None:
+    """Largest absolute difference of the two models' outputs on ``inputs``; ``None`` for non-tensor outputs."""
+    modes = a.training, b.training
+    a.eval()
+    b.eval()
+    try:
+        out_a, out_b = a(inputs), b(inputs)
+    finally:
+        a.train(modes[0])
+        b.train(modes[1])
+    if not isinstance(out_a, torch.Tensor) or not isinstance(out_b, torch.Tensor):
+        return None
+    return float((out_a.float() - out_b.float()).abs().max()) if out_a.numel() else 0.0
