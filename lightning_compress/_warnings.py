@@ -7,12 +7,13 @@ warning not listed here. Each entry says why it is harmless.
 
 from __future__ import annotations
 
+import importlib
 import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["HARMLESS_WARNINGS", "IN_MEMORY_DATA_WARNINGS", "quiet_known_warnings"]
+__all__ = ["HARMLESS_MODULE_WARNINGS", "HARMLESS_WARNINGS", "IN_MEMORY_DATA_WARNINGS", "quiet_known_warnings"]
 
 HARMLESS_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     # Lightning's pytree helper calls an API that newer torch releases deprecate; printed on every fit.
@@ -29,15 +30,16 @@ HARMLESS_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
         + ".*",
         UserWarning,
     ),
-    # jsonargparse deprecating an argument that Lightning's own SaveConfigCallback passes.
-    (
-        r"\s*skip_none parameter was deprecated in v4\.49\.0 and will be removed in v5\.0\.0\."
-        r" Instead use skip_unset\.",
-        DeprecationWarning,
-    ),
-    (r"\s*By default only one JsonargparseDeprecationWarning per type is shown\..*", DeprecationWarning),
+    # Lightning 2.x still calls jsonargparse APIs that jsonargparse 4.49+ deprecates (handled below, by module).
 )
 """``(message regex, category)`` pairs silenced in every run of the command line and the pipeline."""
+
+HARMLESS_MODULE_WARNINGS: tuple[tuple[str, str], ...] = (
+    # jsonargparse deprecations raised by LightningCLI's own calls (``skip_none``, ``add_instantiator``,
+    # ``instantiate_classes``): attributed to lightning.pytorch.cli, nothing a user's config can change.
+    ("jsonargparse._deprecated.JsonargparseDeprecationWarning", r"lightning\.pytorch\.cli"),
+)
+"""``(category path, module regex)``: every warning of that category that is attributed to that module."""
 
 IN_MEMORY_DATA_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     # The demo data sets are tensors in memory: worker processes would only add start-up time.
@@ -56,4 +58,17 @@ def quiet_known_warnings(in_memory_data: bool = False) -> Iterator[None]:
         entries = HARMLESS_WARNINGS + (IN_MEMORY_DATA_WARNINGS if in_memory_data else ())
         for message, category in entries:
             warnings.filterwarnings("ignore", message=message, category=category)
+        for category_path, module in HARMLESS_MODULE_WARNINGS:
+            found = _category(category_path)
+            if found is not None:
+                warnings.filterwarnings("ignore", category=found, module=module)
         yield
+
+
+def _category(path: str) -> type[Warning] | None:
+    module, _, name = path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):  # another jsonargparse version: nothing of that kind to silence
+        return None
+    return found if isinstance(found, type) and issubclass(found, Warning) else None
