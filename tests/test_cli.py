@@ -235,6 +235,7 @@ def test_a_bug_is_not_hidden(tmp_path, monkeypatch):
                 "fit",
                 "--model=cli_test_models.Broken",
                 *QUIET,
+                *FIT,
                 "--trainer.max_epochs=1",
                 f"--trainer.default_root_dir={tmp_path}",
             ]
