@@ -330,8 +330,8 @@ class PruningCallback(Callback):
         if self._keeper is None or self._window is None or not self._window.started(trainer.global_step):
             return
         self._achieved = self._keeper.zeros_fraction()
-        pl_module.log("pruning/sparsity", self._achieved, on_step=False, on_epoch=True)
-        pl_module.log("pruning/target", self._applied or 0.0, on_step=False, on_epoch=True)
+        pl_module.log("pruning/sparsity", self._achieved, on_step=False, on_epoch=True, sync_dist=True)
+        pl_module.log("pruning/target", self._applied or 0.0, on_step=False, on_epoch=True, sync_dist=True)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
