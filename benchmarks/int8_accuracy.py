@@ -1,0 +1,139 @@
+"""Test accuracy of float32 against int8 on the digits MLP and CNN, 3 seeds, side by side in one run.
+
+Each seed trains the float model (``Classifier`` over ``DigitsDataModule``), tests it, then converts
+a copy with each mode exactly as ``QuantizeOnFitEnd`` does at fit end (``quantizable_targets``,
+min/max observers on ``calibration_batches`` training batches for ``static``, ``quantize_model``)
+and tests the int8 model with the same ``trainer.test``. The figure is the drop in points.
+
+    python benchmarks/int8_accuracy.py           # 3 seeds x 30 epochs; writes results/int8_accuracy.{md,json}
+    python benchmarks/int8_accuracy.py --smoke   # 1 seed, 1 epoch
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from lightning_compress.core.convert import quantizable_targets, quantize_model, record_input_ranges
+from lightning_compress.demo import MLP, Classifier, DigitsDataModule, SmallCNN
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("dynamic", "static", "weight_only")
+
+
+def trainer(epochs: int) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+
+
+@torch.no_grad()
+def to_int8(model: Classifier, dm: DigitsDataModule, mode: str, calibration_batches: int) -> Classifier:
+    model = copy.deepcopy(model).eval()
+    targets, _ = quantizable_targets(model)
+    ranges = None
+    if mode == "static":
+        linears = {t.name: t.module for t in targets if isinstance(t.module, nn.Linear)}
+        with record_input_ranges(linears) as observers:
+            for i, (x, _) in enumerate(dm.train_dataloader()):
+                if i == calibration_batches:
+                    break
+                model(x)
+        ranges = {n: (o.min_val, o.max_val) for n, o in observers.items()}
+    quantize_model(model, targets, mode=mode, input_ranges=ranges)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--calibration-batches", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    seeds = 1 if args.smoke else args.seeds
+    epochs = 1 if args.smoke else args.epochs
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    rows = []
+    for name, make in (("digits-mlp", MLP), ("digits-cnn", SmallCNN)):
+        for seed in range(seeds):
+            pl.seed_everything(seed, verbose=False)
+            dm = DigitsDataModule(batch_size=64, seed=seed)
+            model = Classifier(make())
+            t = trainer(epochs)
+            t.fit(model, datamodule=dm)
+            row: dict[str, object] = {"model": name, "seed": seed}
+            row["float32"] = t.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
+            for mode in MODES:
+                q = to_int8(model, dm, mode, args.calibration_batches)
+                acc = trainer(epochs).test(q, datamodule=dm, verbose=False)[0]["test/acc"]
+                row[mode] = acc
+                row[f"{mode}_drop_pt"] = 100 * (row["float32"] - acc)  # type: ignore[operator]
+            rows.append(row)
+            print(
+                f"{name} seed {seed}: float32 {100 * row['float32']:.2f}% | "  # type: ignore[operator]
+                + " | ".join(f"{m} {100 * row[m]:.2f}% (drop {row[f'{m}_drop_pt']:+.2f} pt)" for m in MODES),  # type: ignore[operator]
+                flush=True,
+            )
+    summary = {}
+    for name in ("digits-mlp", "digits-cnn"):
+        sel = [r for r in rows if r["model"] == name]
+        summary[name] = {
+            m: {
+                "mean_drop_pt": statistics.mean(r[f"{m}_drop_pt"] for r in sel),  # type: ignore[misc]
+                "max_drop_pt": max(r[f"{m}_drop_pt"] for r in sel),  # type: ignore[type-var]
+            }
+            for m in MODES
+        }
+    command = "python benchmarks/int8_accuracy.py" + (" --smoke" if args.smoke else "")
+    result = {"command": command, "torch": torch.__version__, "epochs": epochs, "rows": rows, "summary": summary}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "int8_accuracy_smoke" if args.smoke else "int8_accuracy"
+    md = [
+        f"# Test accuracy, float32 vs int8 ({command})",
+        "",
+        f"torch {torch.__version__}; {epochs} epochs, digits test set (269 images: one image is 0.37 pt).",
+        "Goal: drop <= 0.5 pt.",
+        "",
+        "| model | seed | float32 | " + " | ".join(f"{m} (drop pt)" for m in MODES) + " |",
+        "|---|---|---|" + "---|" * len(MODES),
+    ]
+    for r in rows:
+        cells = [f"{100 * r[m]:.2f} ({r[f'{m}_drop_pt']:+.2f})" for m in MODES]  # type: ignore[operator]
+        md.append(f"| {r['model']} | {r['seed']} | {100 * r['float32']:.2f} | " + " | ".join(cells) + " |")  # type: ignore[operator]
+    md += [
+        "",
+        "| model | " + " | ".join(f"{m} mean / max drop pt" for m in MODES) + " |",
+        "|---|" + "---|" * len(MODES),
+    ]
+    for name, s in summary.items():
+        md.append(
+            f"| {name} | "
+            + " | ".join(f"{s[m]['mean_drop_pt']:+.2f} / {s[m]['max_drop_pt']:+.2f}" for m in MODES)
+            + " |"
+        )
+    for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", "\n".join(md) + "\n")):
+        tmp = args.out / f".{stem}{suffix}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, args.out / f"{stem}{suffix}")
+    print(f"wrote {args.out / stem}.md and .json")
+
+
+if __name__ == "__main__":
+    main()

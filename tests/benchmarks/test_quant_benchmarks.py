@@ -1,0 +1,55 @@
+"""The int8 benchmarks run end to end at tiny sizes (``--smoke``), so they never rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _run(script: str, out: Path) -> dict:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    stem = script.removesuffix(".py") + "_smoke"
+    assert (out / f"{stem}.md").read_text().startswith("# ")
+    return json.loads((out / f"{stem}.json").read_text())
+
+
+@pytest.mark.slow
+def test_int8_latency_smoke(tmp_path):
+    result = _run("int8_latency.py", tmp_path)
+    assert [r["batch"] for r in result["linear"]] == [1, 4]
+    for row in result["linear"]:
+        assert row["ours_dynamic_ratio"] > 0 and row["ours_dynamic_rel_err"] < 0.05
+        assert row["ours_static_rel_err"] < 0.1
+    assert all(r["ours_dequant_rel_err"] < 0.05 for r in result["conv"])
+
+
+@pytest.mark.slow
+def test_int8_size_smoke(tmp_path):
+    (row,) = _run("int8_size.py", tmp_path)["rows"]
+    assert 0.2 < row["int8_ratio"] < 0.3
+    assert row["int8_sparse90_ratio"] < row["int8_ratio"]
+
+
+@pytest.mark.slow
+def test_int8_accuracy_smoke(tmp_path):
+    result = _run("int8_accuracy.py", tmp_path)
+    assert {r["model"] for r in result["rows"]} == {"digits-mlp", "digits-cnn"}
+    assert all(0 <= r["dynamic"] <= 1 for r in result["rows"])
+
+
+@pytest.mark.slow
+def test_gpu_int8_check_smoke(tmp_path):
+    result = _run("gpu_int8_check.py", tmp_path)
+    assert result["failures"] == 0 and result["layers"] and result["models"]
