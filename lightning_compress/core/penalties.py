@@ -113,7 +113,7 @@ def sparse_penalty(
 
     Args:
         module: the model. A ``compression_submodule`` attribute on it narrows the selection to that
-            submodule, as for every callback.
+            submodule, as for every callback. A weight shared by several selected modules counts once.
         penalty: ``"l1"`` (sum of :math:`|w|`) or ``"group_lasso"`` (sum over output channels of
             their L2 norms).
         include: module type names whose ``weight`` is penalized (biases and norms are not).
@@ -137,8 +137,8 @@ def sparse_penalty(
         tensor(6., grad_fn=<SumBackward0>)
     """
     check_choice("penalty", penalty, PENALTIES)
-    targets = select_targets(module, include, exclude)
-    return penalty_of([t.weight for t in targets], penalty)
+    weights = {id(t.weight): t.weight for t in select_targets(module, include, exclude)}  # a tied weight once
+    return penalty_of(list(weights.values()), penalty)
 
 
 def penalty_gradient(weight: Tensor, penalty: str = "l1") -> Tensor:

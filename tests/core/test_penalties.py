@@ -162,3 +162,10 @@ def test_strength_ramp():
     assert strength_at(0.5, 2.25, start_epoch=2, warmup_epochs=1) == pytest.approx(0.125)
     assert strength_at(0.5, 4.0, start_epoch=2, warmup_epochs=2) == 0.5
     assert strength_at(0.5, 4.5, start_epoch=2, warmup_epochs=2) == 0.5
+
+
+def test_a_weight_shared_by_two_layers_counts_once():
+    first, second = nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False)
+    second.weight = first.weight
+    tied = nn.Sequential(first, second)
+    assert sparse_penalty(tied).item() == pytest.approx(_l1_reference(first.weight.detach()), rel=1e-6)

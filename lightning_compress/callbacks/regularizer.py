@@ -1,0 +1,313 @@
+r"""SparseRegularizer: train on ``loss + strength * penalty`` without touching ``training_step``.
+
+A callback cannot change the loss a ``training_step`` returns, but it can change the gradient the
+optimizer sees. ``on_before_optimizer_step`` runs once per optimizer step, after the backward pass of
+every accumulated micro-batch, after AMP has unscaled the gradients and before gradient clipping;
+adding :math:`\lambda \nabla\Omega(w)` to ``.grad`` there gives the optimizer exactly the gradient of
+``loss + strength * sparse_penalty(...)``. With ``proximal=True`` the penalty is not differentiated;
+instead, after each optimizer step, the weights go through the proximal operator of
+:math:`\text{lr} \cdot \lambda\,\Omega` (soft-thresholding or group shrinkage) and land on exact zeros.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from lightning_compress.core.penalties import PENALTIES, penalty_of, proximal_step_, strength_at
+from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, Target, select_targets
+from lightning_compress.errors import check_choice, check_number, check_str_list, config_error
+
+__all__ = ["SparseRegularizer"]
+
+_STATE_VERSION = 1
+_PENALTY_METRIC = "sparse_reg/penalty"
+_WEIGHTED_METRIC = "sparse_reg/weighted"
+
+
+class SparseRegularizer(Callback):
+    r"""Add ``strength * sparse_penalty(model, penalty, include, exclude)`` to the training objective.
+
+    The optimizer sees the gradient of ``loss + strength * penalty`` (as if ``training_step`` added
+    the penalty to its loss), also with ``accumulate_grad_batches``, mixed precision and DDP; or, with
+    ``proximal=True``, a proximal step after each optimizer step that sets small weights (``l1``) or
+    whole output channels (``group_lasso``) to exact zeros.
+
+    Logs ``sparse_reg/penalty`` (:math:`\Omega`) and ``sparse_reg/weighted`` (:math:`\lambda\Omega`, with the
+    ramped :math:`\lambda`) per optimizer step and per epoch through ``pl_module.log``.
+
+    Args:
+        strength: :math:`\lambda \ge 0`, the weight of the penalty. ``0`` only logs the penalty.
+        penalty: ``"l1"`` (sum of :math:`|w|`; unstructured) or ``"group_lasso"`` (sum over output
+            channels of their L2 norms; structured, pairs with ``PruningCallback(method="channel")``).
+        proximal: apply the proximal operator with threshold ``lr * strength`` (each parameter group's
+            current learning rate) after every optimizer step instead of adding a subgradient.
+            Reaches exact zeros; exact proximal gradient descent for plain SGD.
+        include: module type names whose ``weight`` is penalized (biases and norms are not).
+        exclude: ``fnmatch`` globs of module names left out.
+        start_epoch: first epoch with a nonzero penalty.
+        warmup_epochs: epochs over which :math:`\lambda` rises linearly from ``0`` to ``strength``,
+            step by step, from the start of ``start_epoch``; ``0`` for none.
+        verbose: ``1`` prints the final penalty and the fraction of exact zeros at fit end (rank 0).
+
+    Raises:
+        CompressionConfigError: for a negative ``strength``, an unknown ``penalty``, bad ramp arguments,
+            ``include``/``exclude`` that select nothing (at setup) or ``proximal=True`` with an optimizer
+            whose parameter groups have no ``lr`` (at fit start), always before training.
+
+    Example:
+        >>> SparseRegularizer(1e-4, penalty="group_lasso", exclude=["classifier"]).penalty
+        'group_lasso'
+    """
+
+    def __init__(
+        self,
+        strength: float = 1e-4,
+        *,
+        penalty: str = "l1",
+        proximal: bool = False,
+        include: list[str] = list(DEFAULT_PRUNE_TYPES),  # noqa: B006 - never mutated; a plain list for the CLI
+        exclude: list[str] = [],  # noqa: B006
+        start_epoch: int = 0,
+        warmup_epochs: float = 0,
+        verbose: int = 1,
+    ) -> None:
+        super().__init__()
+        check_number("strength", strength, low=0.0)
+        check_choice("penalty", penalty, PENALTIES)
+        if not isinstance(proximal, bool):
+            raise config_error("proximal", "a bool", proximal)
+        check_number("start_epoch", start_epoch, low=0, integer=True)
+        check_number("warmup_epochs", warmup_epochs, low=0.0)
+        check_choice("verbose", verbose, (0, 1))
+        self.strength = float(strength)
+        self.penalty = penalty
+        self.proximal = proximal
+        self.include = check_str_list("include", include)
+        self.exclude = check_str_list("exclude", exclude)
+        self.start_epoch = start_epoch
+        self.warmup_epochs = float(warmup_epochs)
+        self.verbose = verbose
+        self._reset()
+
+    def _reset(self) -> None:
+        self._targets: list[Target] = []
+        self._handles: list[RemovableHandle] = []
+        self._current_strength = 0.0
+        self._steps = 0  # optimizer steps on which the penalty acted
+        self._backwards = 0  # backward passes since the last optimizer step (automatic optimization)
+        self._epochs_done = 0.0
+        self._prox_pending: set[int] = set()  # ids of optimizers whose next step gets the proximal step
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(penalty=self.penalty, include=self.include, exclude=self.exclude)
+
+    @property
+    def current_strength(self) -> float:
+        r"""The :math:`\lambda` applied at the latest optimizer step (after ``start_epoch`` and the ramp)."""
+        return self._current_strength
+
+    # ------------------------------------------------------------------ setup and checks
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._release()
+        self._reset()  # a second fit starts clean; a resumed one is restored by load_state_dict next
+        if trainer.world_size > 1:
+            # The penalty is computed from the (identical) parameters on every rank, so the epoch value needs
+            # no sync; Lightning's advice to sync it would only add a barrier and an all-reduce per step.
+            for name in (_PENALTY_METRIC, _WEIGHTED_METRIC):
+                warnings.filterwarnings(
+                    "ignore",
+                    message=re.escape(f"It is recommended to use `self.log({name!r}, ..., sync_dist=True)`") + ".*",
+                    category=PossibleUserWarning,
+                )
+        if any(True for _ in pl_module.parameters()):  # layers made in configure_model are checked at fit start
+            select_targets(pl_module, self.include, self.exclude)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        unique: dict[int, Target] = {}
+        for target in select_targets(pl_module, self.include, self.exclude):
+            unique.setdefault(id(target.weight), target)  # a tied weight once, under its first name
+        self._targets = list(unique.values())
+        weight_ids = {id(t.weight) for t in self._targets}
+        trained = False
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                if not any(id(p) in weight_ids and p.requires_grad for p in group["params"]):
+                    continue
+                trained = True
+                if self.proximal and "lr" not in group:
+                    raise config_error(
+                        "proximal",
+                        "False for an optimizer without a learning rate",
+                        self.proximal,
+                        f"{type(optimizer).__name__} has a parameter group without `lr`, and the proximal step"
+                        " needs one (its threshold is lr * strength). Use `proximal=False`, which adds the"
+                        " penalty's gradient instead and works with any optimizer.",
+                    )
+        if not trained:
+            rank_zero_warn(
+                "SparseRegularizer: none of the selected weights is trained by an optimizer (frozen, or not in"
+                " any parameter group); it will only log the penalty."
+            )
+        if self.proximal:
+            self._handles = [opt.register_step_post_hook(self._proximal_hook) for opt in trainer.optimizers]
+
+    def _release(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._targets = []
+        self._prox_pending.clear()
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.verbose and self._targets:
+            weights = [t.weight.detach() for t in self._targets]
+            total = sum(w.numel() for w in weights)
+            zeros = sum(int((w == 0).sum()) for w in weights)
+            value = float(penalty_of(weights, self.penalty))
+            rank_zero_info(
+                f"SparseRegularizer({self.penalty}{', proximal' if self.proximal else ''}): penalty {value:.6g},"
+                f" {zeros:,} of {total:,} selected weights ({zeros / max(total, 1):.2%}) are exactly zero."
+            )
+        self._release()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    # ------------------------------------------------------------------ training
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        batches = trainer.num_training_batches
+        fraction = (batch_idx + 1) / batches if batches not in (0, float("inf")) else 1.0
+        self._epochs_done = trainer.current_epoch + fraction
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._backwards += 1
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        # Automatic optimization: Lightning divides the loss by `accumulate_grad_batches` (N); a hand-added
+        # penalty is in each of the k micro-batch losses since the last step, so its gradient adds up to k/N
+        # of one: exactly one but in a short last window of an epoch. k == 0: training_step returned None
+        # and nothing is added, as by hand. Manual optimization: once per step, as if added to the loss
+        # that is backpropagated before each step.
+        automatic = pl_module.automatic_optimization
+        scale = self._backwards / trainer.accumulate_grad_batches if automatic else 1.0
+        self._backwards = 0
+        self._prox_pending.discard(id(optimizer))
+        if scale == 0 or not self._targets:
+            return
+        lam = strength_at(self.strength, self._epochs_done, self.start_epoch, self.warmup_epochs)
+        self._current_strength = lam
+        weights = [t.weight for t in self._targets]
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        trained = [w for w in weights if id(w) in in_optimizer and w.requires_grad and w.is_floating_point()]
+        if self.proximal or lam == 0 or not trained:
+            with torch.no_grad():
+                value = penalty_of(weights, self.penalty)
+            if self.proximal and lam > 0 and trained:
+                self._prox_pending.add(id(optimizer))
+        else:
+            # optimizer.step runs this hook under no_grad; the gradient is autograd's, of the public function.
+            with torch.enable_grad():
+                value = penalty_of(weights, self.penalty)
+                grads = torch.autograd.grad(value * (lam * scale), trained)
+            _add_to_grads(trained, grads)
+        if lam > 0:
+            self._steps += 1
+        value = value.detach()
+        pl_module.log(_PENALTY_METRIC, value, on_step=True, on_epoch=True, batch_size=1)
+        pl_module.log(_WEIGHTED_METRIC, value * lam, on_step=True, on_epoch=True, batch_size=1)
+
+    def _proximal_hook(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """After a real optimizer step (AMP skips the step, and this hook, on non-finite gradients)."""
+        if id(optimizer) not in self._prox_pending:
+            return
+        self._prox_pending.discard(id(optimizer))
+        weight_ids = {id(t.weight) for t in self._targets}
+        for group in optimizer.param_groups:
+            params = [p for p in group["params"] if id(p) in weight_ids and p.requires_grad]
+            if not params:
+                continue
+            if "lr" not in group:  # a group added after fit start without a learning rate
+                raise config_error("proximal", "False for an optimizer without a learning rate", self.proximal)
+            threshold = group["lr"] * self._current_strength
+            for param in params:
+                proximal_step_(param.detach(), self.penalty, threshold)
+
+    # ------------------------------------------------------------------ checkpointing
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "strength": self.strength,
+            "penalty": self.penalty,
+            "proximal": self.proximal,
+            "start_epoch": self.start_epoch,
+            "warmup_epochs": self.warmup_epochs,
+            "current_strength": self._current_strength,
+            "epochs_done": self._epochs_done,
+            "steps": self._steps,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        version = state_dict.get("version")
+        if version != _STATE_VERSION:
+            rank_zero_warn(
+                f"SparseRegularizer: ignoring a checkpoint state of version {version!r} (this release reads"
+                f" version {_STATE_VERSION}); the penalty schedule restarts from the trainer's epoch."
+            )
+            return
+        changed = [
+            f"{name}={getattr(self, name)!r} (checkpoint: {state_dict[name]!r})"
+            for name in ("strength", "penalty", "proximal", "start_epoch", "warmup_epochs")
+            if state_dict[name] != getattr(self, name)
+        ]
+        if changed:
+            rank_zero_warn(f"SparseRegularizer: resuming with different arguments: {', '.join(changed)}.")
+        self._current_strength = float(state_dict["current_strength"])
+        self._epochs_done = float(state_dict["epochs_done"])
+        self._steps = int(state_dict["steps"])
+
+
+def _add_to_grads(params: list[Tensor], grads: tuple[Tensor, ...]) -> None:
+    """``p.grad += g``; a parameter the loss did not reach (``grad is None``) gets ``g`` alone, as by hand."""
+    for param, grad in zip(params, grads, strict=True):
+        if param.grad is None:
+            param.grad = grad
+        elif param.grad.is_sparse:
+            param.grad = param.grad + grad
+        else:
+            param.grad.add_(grad)

@@ -1,0 +1,211 @@
+"""SparseRegularizer optimizes exactly ``loss + strength * sparse_penalty(...)``.
+
+Each test trains two copies of one model from the same initial weights on the same batches: one
+with the callback, one whose ``training_step`` adds ``strength * sparse_penalty(self, ...)`` to its
+loss by hand; the parameters must agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_compress import SparseRegularizer, sparse_penalty
+
+STRENGTH = 0.01
+
+
+class Net(pl.LightningModule):
+    """Two trained layers, a frozen one in the path, and a layer the loss never reaches."""
+
+    def __init__(self, optimizer: str = "sgd", penalty: str = "l1", hand_strength: float | None = None) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+        self.frozen = nn.Linear(16, 16)
+        self.frozen.requires_grad_(False)
+        self.unused = nn.Linear(4, 4)  # trainable, but no data gradient: grad is None before the penalty
+        self.head = nn.Linear(16, 3)
+        self.optimizer_name = optimizer
+        self.penalty = penalty
+        self.hand_strength = hand_strength
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.head(torch.relu(self.frozen(self.body(x)))), y)
+        if self.hand_strength is not None:
+            loss = loss + self.hand_strength * sparse_penalty(self, self.penalty)
+        return loss
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def _loader() -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    # 10 batches: with accumulate_grad_batches=4 the last window of each epoch holds only 2.
+    data = TensorDataset(torch.randn(80, 6, generator=g), torch.randint(0, 3, (80,), generator=g))
+    return DataLoader(data, batch_size=8)
+
+
+def _fit(model: pl.LightningModule, callbacks: list, tmp_path, **trainer_kwargs) -> pl.LightningModule:
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **trainer_kwargs,
+    )
+    trainer.fit(model, _loader())
+    return model
+
+
+def _max_diff(a: nn.Module, b: nn.Module) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+SETTINGS = {
+    "plain": {},
+    "accumulate4": {"accumulate_grad_batches": 4},
+    "bf16-mixed": {"precision": "bf16-mixed"},
+    "clip": {"gradient_clip_val": 0.05},
+}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("penalty", ["l1", "group_lasso"])
+def test_callback_equals_penalty_added_by_hand(tmp_path, penalty, optimizer, setting):
+    kwargs = SETTINGS[setting]
+    with_callback = Net(optimizer, penalty)
+    by_hand = copy.deepcopy(with_callback)
+    by_hand.hand_strength = STRENGTH
+    unregularized = copy.deepcopy(with_callback)
+    initial = copy.deepcopy(with_callback)
+
+    _fit(with_callback, [SparseRegularizer(STRENGTH, penalty=penalty, verbose=0)], tmp_path, **kwargs)
+    _fit(by_hand, [], tmp_path, **kwargs)
+    _fit(unregularized, [], tmp_path, **kwargs)
+
+    # Bit-identical without accumulation (data + penalty gradient, added in either order, is the same
+    # float); with it the hand version sums k rounded quarters of the penalty gradient.
+    atol = 1e-7 if "accumulate_grad_batches" in kwargs else 0.0
+    for (name, p), q in zip(with_callback.named_parameters(), by_hand.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=atol, msg=name)
+    # The penalty mattered, so the comparison above could fail.
+    assert _max_diff(with_callback, unregularized) > 1e-3
+    # The frozen layer is untouched; the layer the loss never reaches moved under the penalty alone.
+    torch.testing.assert_close(with_callback.frozen.weight, initial.frozen.weight, rtol=0, atol=0)
+    assert (with_callback.unused.weight - initial.unused.weight).abs().max() > 1e-3
+    torch.testing.assert_close(with_callback.unused.bias, initial.unused.bias, rtol=0, atol=0)
+
+
+def test_adding_the_penalty_once_per_window_regardless_of_its_length_would_differ(tmp_path):
+    """The short last window (2 of 4 micro-batches) gets 2/4 of the penalty gradient, as by hand.
+
+    Control: a run whose windows are all full (8 batches) agrees with the same callback, so the
+    difference seen with 10 batches is the short window's, and the callback scales it correctly.
+    """
+    kwargs = {"accumulate_grad_batches": 4, "max_epochs": 1}
+    with_callback = Net("sgd")
+    by_hand = copy.deepcopy(with_callback)
+    by_hand.hand_strength = STRENGTH
+    one_step_strength = copy.deepcopy(with_callback)
+    trainer_kwargs = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+    }
+    for model, callbacks in ((with_callback, [SparseRegularizer(STRENGTH, verbose=0)]), (by_hand, [])):
+        pl.Trainer(callbacks=callbacks, **kwargs, **trainer_kwargs).fit(model, _loader())
+    torch.testing.assert_close(
+        list(with_callback.parameters()), list(by_hand.parameters()), rtol=0, atol=1e-7, check_dtype=True
+    )
+
+    # What a naive "add strength * grad once per step" would do: the last step gets twice as much.
+    class Naive(SparseRegularizer):
+        def on_after_backward(self, trainer, pl_module):
+            self._backwards = trainer.accumulate_grad_batches
+
+    pl.Trainer(callbacks=[Naive(STRENGTH, verbose=0)], **kwargs, **trainer_kwargs).fit(one_step_strength, _loader())
+    assert _max_diff(one_step_strength, by_hand) > 1e-5
+
+
+class SkippingNet(Net):
+    def training_step(self, batch, batch_idx):
+        if batch_idx % 2:
+            return None  # Lightning skips backward and the optimizer step does nothing
+        return super().training_step(batch, batch_idx)
+
+
+def test_skipped_training_steps_add_no_penalty(tmp_path):
+    with_callback = SkippingNet("sgd")
+    by_hand = copy.deepcopy(with_callback)
+    by_hand.hand_strength = STRENGTH
+    _fit(with_callback, [SparseRegularizer(STRENGTH, verbose=0)], tmp_path)
+    _fit(by_hand, [], tmp_path)
+    assert _max_diff(with_callback, by_hand) == 0
+
+
+class ManualNet(Net):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(loss)
+        optimizer.step()
+
+
+def test_manual_optimization_equals_penalty_added_by_hand(tmp_path):
+    with_callback = ManualNet("adam", "group_lasso")
+    by_hand = copy.deepcopy(with_callback)
+    by_hand.hand_strength = STRENGTH
+    _fit(with_callback, [SparseRegularizer(STRENGTH, penalty="group_lasso", verbose=0)], tmp_path)
+    _fit(by_hand, [], tmp_path)
+    assert _max_diff(with_callback, by_hand) == 0
+
+
+class TiedNet(Net):
+    """``head2`` shares its weight with ``head``: the shared weight is penalized once."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.head2 = nn.Linear(16, 3, bias=False)
+        self.head2.weight = self.head.weight
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + 0.1 * self.head2(batch[0].new_ones(1, 16)).sum()
+
+
+def test_a_tied_weight_is_penalized_once(tmp_path):
+    model = TiedNet("sgd")
+    once = sparse_penalty(model).item()
+    model.head2 = nn.Linear(16, 3, bias=False)  # untie: the same layers, the head weight counted twice
+    assert sparse_penalty(model).item() > once
+    with_callback = TiedNet("sgd")
+    by_hand = copy.deepcopy(with_callback)
+    by_hand.hand_strength = STRENGTH
+    _fit(with_callback, [SparseRegularizer(STRENGTH, verbose=0)], tmp_path)
+    _fit(by_hand, [], tmp_path)
+    assert with_callback.head2.weight is with_callback.head.weight
+    # Three gradient terms reach the tied weight, summed in another order by hand: rounding only.
+    # (Penalizing it twice would move it by about strength * lr * steps = 2e-2.)
+    assert _max_diff(with_callback, by_hand) < 1e-6
