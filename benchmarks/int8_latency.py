@@ -222,11 +222,15 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; checks that the script runs")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds per variant")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md and .json results")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     width = 128 if args.smoke else 4096
     batches = [1, 4] if args.smoke else [1, 16, 64, 256]
     rounds = args.rounds or (3 if args.smoke else 15)
     threads = torch.get_num_threads()
+    load_before = os.getloadavg()[0]
     print(
         f"int8 CPU latency, torch {torch.__version__}, {threads} threads, {platform.processor() or platform.machine()}"
     )
@@ -234,8 +238,12 @@ def main() -> None:
     linear_rows, tao_note = bench_linear(width, batches, rounds)
     print("Conv:")
     conv_rows = bench_conv(args.smoke, rounds)
+    load = (load_before, os.getloadavg()[0])
     result = {
-        "command": "python benchmarks/int8_latency.py" + (" --smoke" if args.smoke else ""),
+        "command": "python benchmarks/int8_latency.py"
+        + (" --smoke" if args.smoke else "")
+        + (f" --threads {args.threads}" if args.threads else ""),
+        "load_average_1min_before_after": load,
         "torch": torch.__version__,
         "threads": threads,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -247,6 +255,8 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "int8_latency_smoke" if args.smoke else "int8_latency"
+    if args.threads:
+        stem += f"_{args.threads}thread"
     tmp = args.out / f".{stem}.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, args.out / f"{stem}.json")
@@ -255,7 +265,8 @@ def main() -> None:
         f"# int8 CPU latency ({result['command']})",
         "",
         f"torch {torch.__version__}, {threads} threads, CPU capability {result['cpu_capability']};"
-        f" medians of {rounds} interleaved rounds; torchao: {tao_note}.",
+        f" medians of {rounds} interleaved rounds; torchao: {tao_note}; 1-minute load average"
+        f" {load[0]:.1f} before, {load[1]:.1f} after (other processes shared the cores).",
         "",
         f"## 4-layer MLP, width {width} (latency ratio to float32; lower is faster)",
         "",

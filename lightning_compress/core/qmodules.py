@@ -221,9 +221,13 @@ class Int8Linear(_Int8Base):
         acc = int8_mm(xq, self.weight)
         if acc is None:
             return self._float_forward(x)
-        out = acc.to(torch.float32).mul_(x_scale).mul_(self.weight_scale)
-        if self.bias is not None:
-            out.add_(self.bias.to(torch.float32))
+        # Two passes over the [M, N] result: int32 -> float32 times the row scales, then
+        # bias + out * weight_scale.
+        out = torch.mul(acc, x_scale)
+        if self.bias is None:
+            out.mul_(self.weight_scale)
+        else:
+            out = torch.addcmul(self.bias.to(torch.float32), out, self.weight_scale)
         return out.to(x.dtype).reshape(*lead, self.out_features)
 
     def _float_forward(self, x: Tensor) -> Tensor:

@@ -65,18 +65,21 @@ def test_dequantize_casts_to_the_requested_dtype():
 
 
 def test_quantize_rows_matches_a_per_row_reference():
-    x = torch.randn(7, 20, dtype=torch.float64)
+    x = torch.randn(7, 20)
     x[3] = 0.0
     q, s = quantize_rows(x)
     assert q.dtype == torch.int8 and q.is_contiguous() and s.shape == (7, 1) and s.dtype == torch.float32
     for i in range(7):
-        amax = x[i].abs().max().item()
-        assert s[i].item() == pytest.approx(amax / 127, rel=1e-6)
+        amax = x[i].abs().max()
+        assert s[i].item() == pytest.approx(amax.item() / 127, rel=1e-6)
         if amax == 0:
             assert q[i].abs().sum() == 0
         else:
-            expected = [max(-127, min(127, round(v / (amax / 127)))) for v in x[i].tolist()]
+            inv = 127 / amax  # float32, as the kernel computes it
+            expected = [max(-127, min(127, round(v))) for v in (x[i] * inv).tolist()]
             assert q[i].tolist() == expected
+    assert quantize_rows(x.bfloat16())[0].dtype == torch.int8
+    torch.testing.assert_close(quantize_rows(x.double())[0], q)
 
 
 def test_scale_from_range_is_symmetric():
