@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -16,24 +15,12 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_compress.callbacks._mask_keeper import _MaskKeeper
-from lightning_compress.core.masks import METHODS, SCOPES, compute_masks, parse_nm
+from lightning_compress.callbacks._pruning_args import _check_arguments, _check_epochs, _place_window
+from lightning_compress.core.masks import compute_masks
 from lightning_compress.core.report import compression_report
-from lightning_compress.core.schedules import (
-    SCHEDULES,
-    PruningWindow,
-    default_end_epoch,
-    default_end_step,
-    sparsity_at,
-    steps_per_epoch,
-)
+from lightning_compress.core.schedules import PruningWindow, sparsity_at
 from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, compression_root, select_targets
-from lightning_compress.errors import (
-    CompressionConfigError,
-    check_choice,
-    check_number,
-    check_str_list,
-    config_error,
-)
+from lightning_compress.errors import CompressionConfigError, check_number, check_str_list
 
 __all__ = ["PruningCallback"]
 
@@ -99,32 +86,9 @@ class PruningCallback(Callback):
         verbose: int = 1,
     ) -> None:
         super().__init__()
-        check_number("target_sparsity", target_sparsity, low=0.0, high=1.0, high_inclusive=False)
-        if not isinstance(method, str) or (method not in ("magnitude", "channel") and parse_nm(method) is None):
-            raise config_error("method", f"one of {_choices(METHODS)} such as '2:4'", method)
-        nm = parse_nm(method)
-        if nm is not None:
-            n, m = nm
-            if not 0 < n < m:
-                raise config_error("method", "an N:M pattern with 0 < N < M such as '2:4'", method)
-            if not math.isclose(target_sparsity, 1 - n / m, abs_tol=1e-6):
-                raise config_error(
-                    "target_sparsity",
-                    f"{1 - n / m:g} for method {method!r}",
-                    target_sparsity,
-                    f"An N:M pattern keeps {n} of every {m} weights, so it can only mean a sparsity of 1 - N/M.",
-                )
-        check_choice("scope", scope, SCOPES)
-        check_choice("schedule", schedule, SCHEDULES)
-        check_number("initial_sparsity", initial_sparsity, low=0.0, high=1.0, high_inclusive=False)
-        if initial_sparsity > target_sparsity:
-            raise config_error("initial_sparsity", f"at most target_sparsity={target_sparsity:g}", initial_sparsity)
-        check_number("start_epoch", start_epoch, low=0, integer=True)
-        if end_epoch is not None:
-            check_number("end_epoch", end_epoch, low=0, integer=True)
-            if end_epoch < start_epoch:
-                raise config_error("end_epoch", f"None or an epoch >= start_epoch={start_epoch}", end_epoch)
-        check_number("update_every_n_steps", update_every_n_steps, low=1, integer=True)
+        _check_arguments(
+            target_sparsity, method, scope, schedule, initial_sparsity, start_epoch, end_epoch, update_every_n_steps
+        )
         check_number("verbose", verbose, low=0, high=2, integer=True)
         self.target_sparsity = float(target_sparsity)
         self.method = method
@@ -137,6 +101,7 @@ class PruningCallback(Callback):
         self.include = check_str_list("include", include)
         self.exclude = check_str_list("exclude", exclude)
         self.verbose = verbose
+        self._state_key: tuple[tuple[Any, ...] | None, str] = (None, "")
         self._reset()
 
     def _reset(self) -> None:
@@ -153,13 +118,18 @@ class PruningCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            target_sparsity=self.target_sparsity,
-            method=self.method,
-            scope=self.scope,
-            include=self.include,
-            exclude=self.exclude,
-        )
+        # Lightning reads the key around every hook call, so it is built once per distinct identity.
+        identity = (self.target_sparsity, self.method, self.scope, tuple(self.include), tuple(self.exclude))
+        if identity != self._state_key[0]:
+            key = self._generate_state_key(
+                target_sparsity=self.target_sparsity,
+                method=self.method,
+                scope=self.scope,
+                include=self.include,
+                exclude=self.exclude,
+            )
+            self._state_key = (identity, key)
+        return self._state_key[1]
 
     @property
     def masks(self) -> Mapping[str, Tensor]:
@@ -198,25 +168,7 @@ class PruningCallback(Callback):
             self._keeper.close()
         self._reset()
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
-        if max_epochs != -1:
-            if self.start_epoch >= max_epochs:
-                raise config_error(
-                    "start_epoch", f"an epoch before max_epochs={max_epochs} (epochs count from 0)", self.start_epoch
-                )
-            if self.end_epoch is not None and self.end_epoch >= max_epochs:
-                raise config_error(
-                    "end_epoch",
-                    f"None or an epoch before max_epochs={max_epochs} (epochs count from 0)",
-                    self.end_epoch,
-                    "The target would never be reached.",
-                )
-        elif trainer.max_steps == -1 and self.end_epoch is None:
-            raise config_error(
-                "end_epoch",
-                "an epoch when the Trainer has neither max_epochs nor max_steps",
-                self.end_epoch,
-                "Without them the end of training, and so the default end of pruning, is unknown.",
-            )
+        _check_epochs(self.start_epoch, self.end_epoch, max_epochs, trainer.max_steps)
         self._check_no_overlap(trainer, pl_module)
 
     def _select(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
@@ -265,46 +217,17 @@ class PruningCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._window = self._place_window(trainer)
+        self._window = _place_window(
+            self.start_epoch,
+            self.end_epoch,
+            self.update_every_n_steps,
+            batches=trainer.num_training_batches,
+            accumulate_grad_batches=trainer.accumulate_grad_batches,
+            max_epochs=trainer.max_epochs if trainer.max_epochs is not None else -1,
+            max_steps=trainer.max_steps,
+        )
         if self._keeper is not None and self._masks:
             self._keeper.mask_optimizer_state()  # the optimizer state was restored after on_fit_start
-
-    def _place_window(self, trainer: pl.Trainer) -> PruningWindow:
-        batches = trainer.num_training_batches
-        max_steps = trainer.max_steps
-        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
-        if batches == float("inf"):  # an iterable data set of unknown length: only steps can place the window
-            if max_steps == -1 or self.start_epoch != 0 or self.end_epoch is not None:
-                raise CompressionConfigError(
-                    "Expected `start_epoch=0`, `end_epoch=None` and a Trainer with `max_steps` when the training"
-                    " data has no length, but got"
-                    f" start_epoch={self.start_epoch}, end_epoch={self.end_epoch}, max_steps={max_steps}."
-                    " Epoch boundaries are unknown in advance, so the window is placed in steps."
-                )
-            return PruningWindow(0, default_end_step(0, max_steps), self.update_every_n_steps)
-        per_epoch = steps_per_epoch(int(batches), trainer.accumulate_grad_batches)
-        start = self.start_epoch * per_epoch
-        epoch_bound = max_epochs * per_epoch if max_epochs != -1 else math.inf
-        if self.end_epoch is not None:
-            end = (self.end_epoch + 1) * per_epoch
-        elif max_steps != -1 and max_steps < epoch_bound:
-            if start >= max_steps:
-                raise config_error(
-                    "start_epoch",
-                    f"an epoch that starts before max_steps={max_steps} ({per_epoch} optimizer steps per epoch)",
-                    self.start_epoch,
-                )
-            end = default_end_step(start, max_steps)
-        else:
-            end = (default_end_epoch(self.start_epoch, max_epochs) + 1) * per_epoch
-        if max_steps != -1 and end > max_steps:
-            raise config_error(
-                "end_epoch",
-                f"an epoch that ends by max_steps={max_steps} ({per_epoch} optimizer steps per epoch)",
-                self.end_epoch,
-                f"Pruning would reach its target after {end} steps, which this run never takes.",
-            )
-        return PruningWindow(start, end, self.update_every_n_steps)
 
     @override
     def on_train_batch_start(
@@ -337,7 +260,7 @@ class PruningCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._keeper is not None:
             self._achieved = self._keeper.zeros_fraction()
-        if self.verbose >= 1:
+        if self.verbose >= 1 and trainer.is_global_zero:
             prefix, root = compression_root(pl_module)
             selected = len(self._keeper.params) if self._keeper is not None else 0
             where = f" of `{prefix}`" if prefix else ""
@@ -441,8 +364,3 @@ class PruningCallback(Callback):
         }
         self._masks = dict(self._loaded["masks"])
         self._achieved = state_dict.get("achieved_sparsity")
-
-
-def _choices(names: Sequence[str]) -> str:
-    quoted = [repr(n) for n in names]
-    return ", ".join(quoted[:-1]) + " or " + quoted[-1]

@@ -18,6 +18,11 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+try:  # numpy ships with every torch wheel; fall back to torch.kthvalue if it is missing
+    import numpy as _np
+except ImportError:  # pragma: no cover
+    _np = None  # type: ignore[assignment]
+
 __all__ = [
     "METHODS",
     "SCOPES",
@@ -59,6 +64,15 @@ def _count(sparsity: float, total: int) -> int:
     return min(max(math.floor(sparsity * total + 0.5), 0), total)
 
 
+def _kth_smallest(scores: Tensor, k: int) -> Tensor:
+    """The ``k``-th smallest value (1-based) of a 1-D float tensor, as a 0-d tensor on its device."""
+    if scores.device.type == "cpu" and _np is not None:
+        # numpy's introselect is about ten times faster than torch.kthvalue on the CPU
+        value = _np.partition(scores.numpy(), k - 1)[k - 1]
+        return torch.tensor(float(value), dtype=scores.dtype)
+    return torch.kthvalue(scores, k).values
+
+
 def _smallest(scores: Tensor, k: int) -> Tensor:
     """Bool mask of the ``k`` smallest entries of a 1-D tensor; ties go to the lower index."""
     n = scores.numel()
@@ -66,11 +80,15 @@ def _smallest(scores: Tensor, k: int) -> Tensor:
         return torch.zeros(n, dtype=torch.bool, device=scores.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=scores.device)
-    threshold = torch.kthvalue(scores, k).values
-    below = scores < threshold
+    threshold = _kth_smallest(scores, k)
+    chosen = scores < threshold
+    missing = k - int(chosen.sum())
     equal = scores == threshold
-    missing = k - below.sum()
-    return below | (equal & (torch.cumsum(equal, 0) <= missing))
+    if int(equal.sum()) == missing:  # no tie to break (the usual case with real weights)
+        return chosen.logical_or_(equal)
+    ties = torch.nonzero(equal).flatten()
+    chosen[ties[:missing]] = True  # the first `missing` of the tied entries, by position
+    return chosen
 
 
 def _scores(weight: Tensor, previous: Tensor | None) -> Tensor:
