@@ -27,7 +27,7 @@ from lightning_compress.pipeline import (
     measure_latencies,
     write_figure,
 )
-from lightning_compress.pipeline.measure import atomic_torch_save
+from lightning_compress.pipeline.files import atomic_torch_save, atomic_write_text
 
 QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
 
@@ -292,3 +292,10 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
         atomic_torch_save({"a": torch.zeros(2)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_atomic_files_get_the_permissions_of_a_plain_file(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    assert (tmp_path / "atomic.txt").stat().st_mode == plain.stat().st_mode

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
+from lightning_compress.pipeline.files import atomic_write
 from lightning_compress.pipeline.result import ComparisonResult
 
 __all__ = ["MATPLOTLIB_HINT", "matplotlib_available", "write_figure"]
@@ -50,7 +49,8 @@ def write_figure(result: ComparisonResult, path: str | os.PathLike[str]) -> None
     bars = left.barh(positions, sparsity, color="#4C72B0")
     left.set_yticks(list(positions), [f"{n}  [{layer.dtype}]" for n, layer in zip(names, layers, strict=True)])
     left.invert_yaxis()
-    left.set_xlim(0, 100)
+    left.set_xlim(0, 112)  # room for the labels
+    left.set_xticks([0, 20, 40, 60, 80, 100])
     left.set_xlabel("exact zeros in the weight (%)")
     left.set_title(f"Per-layer sparsity of the compressed model (total {result.compressed.report.sparsity:.1%})")
     left.bar_label(bars, labels=[f"{s:.1f}%" for s in sparsity], padding=2, fontsize=8)
@@ -67,20 +67,11 @@ def write_figure(result: ComparisonResult, path: str | os.PathLike[str]) -> None
     bars = right.bar([label for _, label in keys], values, color=colors)
     right.axhline(1.0, color="black", linewidth=1, linestyle="--", label="original = 1")
     right.bar_label(bars, labels=[f"{v:.3f}x" for v in values], padding=2, fontsize=9)
-    right.set_ylim(0, max(1.15, max(values) * 1.15))
+    right.set_ylim(0, max(1.25, max(values) * 1.25))
     right.set_ylabel("compressed / original")
-    right.legend(loc="upper right", fontsize=8)
+    right.legend(loc="upper left", fontsize=8)
     right.set_title(
         f"{result.metric}: {result.original.accuracy:.2%} original, {result.compressed.accuracy:.2%} compressed"
     )
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        figure.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: figure.savefig(f, dpi=110, format="png"))

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +19,7 @@ from torch import Tensor, nn
 
 from lightning_compress.core.report import CompressionReport, compression_report
 
-__all__ = ["Measurement", "atomic_torch_save", "batch_input", "measure", "measure_latencies"]
+__all__ = ["Measurement", "batch_input", "measure", "measure_latencies"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,7 @@ def measure(module: nn.Module, accuracy: float, artifact: str | os.PathLike[str]
         >>> import tempfile, os
         >>> model = nn.Linear(4, 2)
         >>> path = os.path.join(tempfile.mkdtemp(), "model.pt")
-        >>> atomic_torch_save(model.state_dict(), path)
+        >>> torch.save(model.state_dict(), path)
         >>> m = measure(model, accuracy=0.5, artifact=path, latency_ms=0.1)
         >>> m.params, m.nonzero_params == m.params, m.artifact_bytes == os.path.getsize(path)
         (10, True, True)
@@ -83,20 +81,6 @@ def measure(module: nn.Module, accuracy: float, artifact: str | os.PathLike[str]
         latency_ms=float(latency_ms),
         report=report,
     )
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def batch_input(batch: Any) -> Tensor | None:

@@ -4,32 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from lightning_compress.core.report import _human_bytes
+from lightning_compress.pipeline.files import atomic_write_text
 from lightning_compress.pipeline.measure import Measurement
 
 __all__ = ["REPORT_VERSION", "ComparisonResult", "atomic_write_text"]
 
 REPORT_VERSION = 1
 """The ``"version"`` entry of ``report.json``."""
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to a temporary file in the same folder, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _ratio(new: float, old: float) -> float | None:

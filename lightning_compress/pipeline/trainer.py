@@ -21,8 +21,9 @@ from lightning_compress._warnings import quiet_known_warnings
 from lightning_compress.core.selection import compression_root
 from lightning_compress.errors import CompressionConfigError, check_choice, check_number, config_error
 from lightning_compress.pipeline.figure import MATPLOTLIB_HINT, matplotlib_available, write_figure
+from lightning_compress.pipeline.files import atomic_write_text
 from lightning_compress.pipeline.measure import batch_input, measure, measure_latencies
-from lightning_compress.pipeline.result import ComparisonResult, atomic_write_text
+from lightning_compress.pipeline.result import ComparisonResult
 
 __all__ = ["DEFAULT_CALLBACKS", "DEFAULT_COMPRESS_EPOCHS", "CompressTrainer", "default_callbacks"]
 
