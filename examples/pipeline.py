@@ -20,7 +20,6 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_compress import DistillationModule, PruningCallback, QuantizeOnFitEnd, save_compressed
-from lightning_compress.core.report import _human_bytes
 from lightning_compress.core.selection import compression_root
 from lightning_compress.demo import MLP, Classifier, DigitsDataModule
 from lightning_compress.pipeline import Measurement, measure, measure_latencies
@@ -100,6 +99,10 @@ def run(args: argparse.Namespace) -> list[tuple[str, Measurement]]:
     return results
 
 
+def _kib(n: int) -> str:
+    return f"{n / 1024:.1f} KiB"
+
+
 def table(results: list[tuple[str, Measurement]]) -> str:
     """One row per model, sizes and latency also as a ratio to the first (the dense original)."""
     base = results[0][1]
@@ -111,13 +114,16 @@ def table(results: list[tuple[str, Measurement]]) -> str:
                 name,
                 f"{m.accuracy:.2%}",
                 f"{m.nonzero_params:,} ({m.nonzero_params / base.nonzero_params:.3f}x)",
-                f"{_human_bytes(m.weight_bytes)} ({m.weight_bytes / base.weight_bytes:.3f}x)",
-                f"{_human_bytes(m.artifact_bytes)} ({m.artifact_bytes / base.artifact_bytes:.3f}x)",
+                f"{_kib(m.weight_bytes)} ({m.weight_bytes / base.weight_bytes:.3f}x)",
+                f"{_kib(m.artifact_bytes)} ({m.artifact_bytes / base.artifact_bytes:.3f}x)",
                 f"{m.latency_ms:.3f} ms ({m.latency_ms / base.latency_ms:.2f}x)",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
