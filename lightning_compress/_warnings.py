@@ -2,18 +2,31 @@
 
 The command line and :meth:`~lightning_compress.pipeline.CompressTrainer.compress` silence exactly
 these messages (matched in full, by category), nothing else; the test of the examples fails on any
-warning not listed here. Each entry says why it is harmless.
+warning not listed here. Each entry says why it is harmless. They also drop Lightning's
+advertising log lines (``💡 Tip: ... install litlogger / litmodels``), printed once per Trainer.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["HARMLESS_MODULE_WARNINGS", "HARMLESS_WARNINGS", "IN_MEMORY_DATA_WARNINGS", "quiet_known_warnings"]
+__all__ = [
+    "HARMLESS_MODULE_WARNINGS",
+    "HARMLESS_WARNINGS",
+    "IN_MEMORY_DATA_WARNINGS",
+    "LIGHTNING_INFO_LOGGERS",
+    "lightning_info_filtered",
+    "quiet_known_warnings",
+]
+
+LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+"""The loggers behind Lightning's ``rank_zero_info`` lines."""
+
 
 HARMLESS_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     # Lightning's pytree helper calls an API that newer torch releases deprecate; printed on every fit.
@@ -48,13 +61,37 @@ IN_MEMORY_DATA_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
 """Silenced only while the data come from :class:`~lightning_compress.demo.DigitsDataModule`."""
 
 
+class _DropRecords(logging.Filter):
+    def __init__(self, drop_all: bool) -> None:
+        super().__init__()
+        self.drop_all = drop_all
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.drop_all or str(record.msg).startswith("💡 Tip:"))
+
+
+@contextmanager
+def lightning_info_filtered(drop_all: bool = False) -> Iterator[None]:
+    """Drop Lightning's advertising tips (or, with ``drop_all``, all its info lines) inside the block."""
+    drop = _DropRecords(drop_all)
+    loggers = [logging.getLogger(name) for name in LIGHTNING_INFO_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
+
+
 @contextmanager
 def quiet_known_warnings(in_memory_data: bool = False) -> Iterator[None]:
     """Silence :data:`HARMLESS_WARNINGS` (and :data:`IN_MEMORY_DATA_WARNINGS`) inside the block.
 
     The filters are restored on exit, so a caller's own warning settings are left as they were.
+    Lightning's advertising tips are dropped from its log too.
     """
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), lightning_info_filtered():
         entries = HARMLESS_WARNINGS + (IN_MEMORY_DATA_WARNINGS if in_memory_data else ())
         for message, category in entries:
             warnings.filterwarnings("ignore", message=message, category=category)

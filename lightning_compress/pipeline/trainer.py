@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_compress.__about__ import __version__
-from lightning_compress._warnings import quiet_known_warnings
+from lightning_compress._warnings import lightning_info_filtered, quiet_known_warnings
 from lightning_compress.core.selection import compression_root
 from lightning_compress.errors import CompressionConfigError, check_choice, check_number, config_error
 from lightning_compress.pipeline.figure import MATPLOTLIB_HINT, matplotlib_available, write_figure
@@ -174,15 +174,16 @@ class CompressTrainer(pl.Trainer):
         start = time.perf_counter()
 
         # Before any training: the metric exists and a batch is at hand (one evaluation batch).
-        probe = self._sibling(
-            **{
-                ("limit_test_batches" if stage == "test" else "limit_val_batches"): 1,
-                "enable_progress_bar": False,
-                "enable_model_summary": False,
-            }
-        )
-        _evaluate(probe, stage, model, datamodule, metric)
-        inputs = _first_input(probe, stage)
+        with lightning_info_filtered(drop_all=True):
+            probe = self._sibling(
+                **{
+                    ("limit_test_batches" if stage == "test" else "limit_val_batches"): 1,
+                    "enable_progress_bar": False,
+                    "enable_model_summary": False,
+                }
+            )
+            _evaluate(probe, stage, model, datamodule, metric)
+            inputs = _first_input(probe, stage)
 
         dense = self._sibling(max_epochs=max(dense_epochs, 1))
         if dense_epochs:
