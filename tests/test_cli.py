@@ -126,6 +126,7 @@ def test_compress_with_given_callbacks_uses_only_those(tmp_path):
     assert not (folder / "report.png").exists()
 
 
+@pytest.mark.slow
 def test_fit_takes_callbacks_by_class_path_and_a_cnn_backbone(tmp_path):
     main(
         [

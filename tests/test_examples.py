@@ -113,6 +113,7 @@ def test_every_config_is_tested():
     assert {p.name for p in CONFIGS.glob("*.yaml")} == tested
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["compress.yaml", "mnist.yaml"])
 def test_compress_configs(tmp_path, config):
     extra = list(COMPRESS_MINIATURE)
@@ -136,6 +137,7 @@ def test_prune_config(tmp_path):
     Classifier().load_state_dict(state, strict=True)  # the model's own keys
 
 
+@pytest.mark.slow
 def test_regularize_prune_config(tmp_path):
     _run("fit", "regularize_prune.yaml")
     state = _checkpoint_state(tmp_path / "lightning_logs")
@@ -145,6 +147,7 @@ def test_regularize_prune_config(tmp_path):
     assert _sparsity([state["backbone.classifier.weight"]]) < 0.01  # excluded: stays dense
 
 
+@pytest.mark.slow
 def test_quantize_config(tmp_path):
     _run("fit", "quantize.yaml")
     artifact = tmp_path / "smallcnn.int8.pt"
@@ -153,6 +156,7 @@ def test_quantize_config(tmp_path):
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_distill_config(tmp_path):
     _train_teacher(tmp_path)
     _run("fit", "distill.yaml")
@@ -161,6 +165,7 @@ def test_distill_config(tmp_path):
     assert state["student.net.1.weight"].shape == (32, 64)
 
 
+@pytest.mark.slow
 def test_distill_prune_quantize_config(tmp_path):
     _train_teacher(tmp_path)
     _run("fit", "distill_prune_quantize.yaml")
@@ -177,6 +182,7 @@ def _load_script(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_pipeline_script(tmp_path, capsys):
     script = _load_script("pipeline")
     with no_unexpected_warnings():
