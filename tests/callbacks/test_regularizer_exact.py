@@ -91,21 +91,18 @@ def test_callback_equals_penalty_added_by_hand(tmp_path, penalty, optimizer, set
     with_callback = Net(optimizer, penalty)
     by_hand = copy.deepcopy(with_callback)
     by_hand.hand_strength = STRENGTH
-    unregularized = copy.deepcopy(with_callback)
     initial = copy.deepcopy(with_callback)
 
     _fit(with_callback, [SparseRegularizer(STRENGTH, penalty=penalty, verbose=0)], tmp_path, **kwargs)
     _fit(by_hand, [], tmp_path, **kwargs)
-    _fit(unregularized, [], tmp_path, **kwargs)
 
     # Bit-identical without accumulation (data + penalty gradient, added in either order, is the same
     # float); with it the hand version sums k rounded quarters of the penalty gradient.
     atol = 1e-7 if "accumulate_grad_batches" in kwargs else 0.0
     for (name, p), q in zip(with_callback.named_parameters(), by_hand.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=atol, msg=name)
-    # The penalty mattered, so the comparison above could fail.
-    assert _max_diff(with_callback, unregularized) > 1e-3
-    # The frozen layer is untouched; the layer the loss never reaches moved under the penalty alone.
+    # The frozen layer is untouched; the layer the loss never reaches moved under the penalty alone
+    # (so the penalty was applied, and the comparison above could fail).
     torch.testing.assert_close(with_callback.frozen.weight, initial.frozen.weight, rtol=0, atol=0)
     assert (with_callback.unused.weight - initial.unused.weight).abs().max() > 1e-3
     torch.testing.assert_close(with_callback.unused.bias, initial.unused.bias, rtol=0, atol=0)
