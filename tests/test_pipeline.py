@@ -299,3 +299,13 @@ def test_atomic_files_get_the_permissions_of_a_plain_file(tmp_path):
     plain.write_text("x")
     atomic_write_text(tmp_path / "atomic.txt", "x")
     assert (tmp_path / "atomic.txt").stat().st_mode == plain.stat().st_mode
+
+
+def test_a_compression_fit_bounded_by_steps(tmp_path, caplog):
+    trainer = _trainer(tmp_path, max_epochs=None, max_steps=3, callbacks=[PruningCallback(0.5, verbose=0)])
+    with caplog.at_level("INFO"):
+        result = trainer.compress(_model(), DigitsDataModule(), dense_epochs=0, run_dir=str(tmp_path), figure=False)
+    assert trainer.global_step == 3
+    assert result.settings["compress_steps"] == 3
+    assert "compressing with PruningCallback for 3 steps" in caplog.text
+    assert result.compressed.report.sparsity == pytest.approx(0.5, abs=0.01)

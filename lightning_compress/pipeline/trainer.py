@@ -195,7 +195,8 @@ class CompressTrainer(pl.Trainer):
         seconds["dense"] = time.perf_counter() - start
 
         names = ", ".join(type(c).__name__ for c in compressing) or "its callbacks"
-        rank_zero_info(f"lightning-compress: [2/3] compressing with {names} for {self.max_epochs} epochs")
+        length = f"{self.max_steps} steps" if self.max_steps != -1 else f"{self.max_epochs} epochs"
+        rank_zero_info(f"lightning-compress: [2/3] compressing with {names} for {length}")
         start = time.perf_counter()
         self.fit(model, datamodule=datamodule)
         compressed_accuracy = _evaluate(self, stage, model, datamodule, metric)
@@ -218,6 +219,7 @@ class CompressTrainer(pl.Trainer):
         settings = {
             "dense_epochs": dense_epochs,
             "compress_epochs": self.max_epochs,
+            "compress_steps": self.max_steps,
             "stage": stage,
             "callbacks": [_class_path(c) for c in callbacks if not _class_path(c).startswith("lightning.")],
             "batch_size": int(inputs.shape[0]),
