@@ -185,10 +185,10 @@ class QuantizeOnFitEnd(Callback):
 
         was_training = root.training
         root.eval()
-        inputs = self._calibration_inputs(trainer)
-        ranges, float_outputs = self._float_pass(trainer, root, targets, inputs)
+        batches = self._calibration_batches(trainer)
+        ranges, float_outputs = self._float_pass(trainer, root, targets, batches)
         result = quantize_model(pl_module, targets, self.mode, self.per_channel, ranges)
-        agreement = self._agreement(trainer, root, inputs, float_outputs)
+        agreement = self._agreement(trainer, root, batches, float_outputs)
         root.train(was_training)
 
         layers = int8_layers(pl_module)
@@ -216,7 +216,8 @@ class QuantizeOnFitEnd(Callback):
         self._log(trainer)
         pl_module.cpu()
 
-    def _calibration_inputs(self, trainer: pl.Trainer) -> list[Any]:
+    def _calibration_batches(self, trainer: pl.Trainer) -> list[Any]:
+        """The first ``calibration_batches`` batches, kept where the loader made them (the CPU, usually)."""
         loader = _first_loader(trainer.train_dataloader)
         if loader is None:
             if self.mode == "static":
@@ -224,25 +225,28 @@ class QuantizeOnFitEnd(Callback):
                     "QuantizeOnFitEnd: no training batches to calibrate on; every Linear falls back to dynamic."
                 )
             return []
-        inputs: list[Any] = []
+        batches: list[Any] = []
         for batch in loader:
-            if len(inputs) >= self.calibration_batches:
+            if len(batches) >= self.calibration_batches:
                 break
-            batch = trainer.strategy.batch_to_device(batch)
-            inputs.append(_batch_input(batch))
-        return inputs
+            batches.append(batch)
+        return batches
+
+    @staticmethod
+    def _model_input(trainer: pl.Trainer, batch: Any) -> Any:
+        return _batch_input(trainer.strategy.batch_to_device(batch))
 
     @torch.no_grad()
     def _float_pass(
-        self, trainer: pl.Trainer, root: nn.Module, targets: Sequence[Target], inputs: list[Any]
+        self, trainer: pl.Trainer, root: nn.Module, targets: Sequence[Target], batches: list[Any]
     ) -> tuple[dict[str, tuple[Tensor, Tensor]], list[Tensor | None]]:
         modules = (
             {t.name: t.module for t in targets if isinstance(t.module, nn.Linear)} if self.mode == "static" else {}
         )
         outputs: list[Tensor | None] = []
         with record_input_ranges(modules) as observers:
-            for x in inputs:
-                out = _first_tensor(root(x))
+            for batch in batches:
+                out = _first_tensor(root(self._model_input(trainer, batch)))
                 outputs.append(None if out is None else out.detach().float().cpu())
         if not modules:
             return {}, outputs
@@ -260,11 +264,11 @@ class QuantizeOnFitEnd(Callback):
 
     @torch.no_grad()
     def _agreement(
-        self, trainer: pl.Trainer, root: nn.Module, inputs: list[Any], float_outputs: list[Tensor | None]
+        self, trainer: pl.Trainer, root: nn.Module, batches: list[Any], float_outputs: list[Tensor | None]
     ) -> dict[str, Any]:
         sums = torch.zeros(5, dtype=torch.float64)  # squared error, squared norm, top-1 agreeing, rows, batches
-        for x, ref in zip(inputs, float_outputs, strict=True):
-            out = _first_tensor(root(x))
+        for batch, ref in zip(batches, float_outputs, strict=True):
+            out = _first_tensor(root(self._model_input(trainer, batch)))
             if out is None or ref is None:
                 continue
             out = out.detach().float().cpu()

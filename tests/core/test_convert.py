@@ -38,6 +38,7 @@ def test_digits_mlp_and_cnn_agree_with_the_float_models(mode, per_channel):
         assert not any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
 def test_torchvision_models_agree(name):
     torchvision = pytest.importorskip("torchvision")
