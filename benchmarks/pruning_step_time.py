@@ -4,6 +4,8 @@ Same model, same data, same optimizer, same sparsity; the configurations run int
 of each per round, in a rotating order) in one process, so drifts of the machine hit them alike.
 
 * ``none``: no pruning callback;
+* ``empty callback``: a callback that does nothing, the floor for any callback (Lightning calls
+  every hook of every callback around every step);
 * ``PruningCallback``: masks in place at the target from the first step (``schedule="constant"``),
   the steady state of every step after a schedule ends;
 * ``ModelPruning``: Lightning's callback, pruned once to the same target at the end of the warm-up
@@ -14,12 +16,16 @@ of each per round, in a rotating order) in one process, so drifts of the machine
 
 A step is timed from the first callback's ``on_train_batch_start`` to the last callback's
 ``on_train_batch_end`` (forward, backward, optimizer step and every callback hook in between);
-the first epoch of every fit is a warm-up and is not timed. Ratios are of medians over all timed
-steps of all rounds.
+the first epoch of every fit is a warm-up and is not timed. The ratio of a configuration is the
+median, over rounds, of its median step divided by the median step of ``none`` in the same round.
+On the CPU the clock is the CPU time of the process (``time.process_time``),
+which other processes on a shared machine do not stretch, so pin ``--threads`` (1 by default there);
+on a GPU it is the elapsed time after ``torch.cuda.synchronize()``.
 
 Usage::
 
-    python benchmarks/pruning_step_time.py                      # CPU MLP (LeNet-300-100, batch 128)
+    python benchmarks/pruning_step_time.py                      # the digits MLP on the CPU (batch 64)
+    python benchmarks/pruning_step_time.py --model lenet        # LeNet-300-100 on 28x28 (batch 128)
     python benchmarks/pruning_step_time.py --model resnet18 --device cuda   # where a GPU is at hand
     python benchmarks/pruning_step_time.py --smoke              # tiny; checks that the script runs
 
@@ -50,7 +56,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_compress import PruningCallback
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CONFIGS = ("none", "PruningCallback", "ModelPruning", "PruningCallback, gradual")
+CONFIGS = ("none", "empty callback", "PruningCallback", "ModelPruning", "PruningCallback, gradual")
 
 
 class Net(pl.LightningModule):
@@ -69,11 +75,12 @@ class Net(pl.LightningModule):
 
 def _backbone(name: str, smoke: bool) -> tuple[nn.Module, tuple[int, ...], int]:
     """The network, the shape of one input and the number of classes."""
-    if name == "mlp":
-        from lightning_compress.demo import MLP
+    from lightning_compress.demo import MLP
 
-        size = 8 if smoke else 28
-        return MLP(in_features=size * size, hidden=(300, 100)), (1, size, size), 10
+    if name == "mlp":  # the project's digits MLP: 64-300-100-10 over 8x8 images
+        return MLP(), (1, 8, 8), 10
+    if name == "lenet":  # LeNet-300-100 over 28x28 images (MNIST-sized)
+        return MLP(in_features=784, hidden=(300, 100)), (1, 28, 28), 10
     import torchvision
 
     if smoke:
@@ -82,14 +89,16 @@ def _backbone(name: str, smoke: bool) -> tuple[nn.Module, tuple[int, ...], int]:
 
 
 class _StepStart(Callback):
-    def __init__(self) -> None:
+    def __init__(self, clock: str) -> None:
         self.start = 0.0
         self.sync = False
+        # CPU time of this process is not stretched when other processes share the cores
+        self.now = time.process_time if clock == "cpu" else time.perf_counter
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
         if self.sync:
             torch.cuda.synchronize()
-        self.start = time.perf_counter()
+        self.start = self.now()
 
 
 class _StepEnd(Callback):
@@ -101,10 +110,16 @@ class _StepEnd(Callback):
         if self.start.sync:
             torch.cuda.synchronize()
         if trainer.current_epoch > 0:  # epoch 0 is the warm-up
-            self.times.append(time.perf_counter() - self.start.start)
+            self.times.append(self.start.now() - self.start.start)
+
+
+class _Empty(Callback):
+    """Does nothing: what Lightning's dispatch of one more callback's hooks costs per step."""
 
 
 def _pruning_callbacks(config: str, target: float, model: nn.Module, epochs: int) -> list[Callback]:
+    if config == "empty callback":
+        return [_Empty()]
     if config == "PruningCallback":
         return [PruningCallback(target, schedule="constant", verbose=0)]
     if config == "PruningCallback, gradual":
@@ -130,7 +145,7 @@ def _fit(config: str, args: argparse.Namespace, data: TensorDataset) -> tuple[li
     torch.manual_seed(0)
     backbone, _, _ = _backbone(args.model, args.smoke)
     model = Net(backbone, lr=0.01)
-    start = _StepStart()
+    start = _StepStart(args.clock)
     start.sync = args.device == "cuda"
     end = _StepEnd(start)
     callbacks = [start, *_pruning_callbacks(config, args.sparsity, backbone, args.epochs), end]
@@ -161,31 +176,110 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _mechanisms(args: argparse.Namespace, data: TensorDataset) -> list[dict[str, Any]]:
+    """The per-step cost of each masking mechanism alone, in a plain PyTorch loop, interleaved step by step.
+
+    Four copies of the model train side by side, one step each in turn, on the same batches:
+    no masks; our fast path (gradients masked, one fused multiply); our guarded path (gradients
+    masked and weights re-masked after the step, two multiplies); ``torch.nn.utils.prune`` as
+    ModelPruning uses it (``weight = weight_orig * weight_mask`` in a forward pre-hook). Alternating
+    every step cancels the machine's drifts far better than separate fits can.
+    """
+    from torch.nn.utils import prune
+
+    from lightning_compress.callbacks._mask_keeper import _MaskKeeper
+    from lightning_compress.core.masks import magnitude_masks
+
+    device = torch.device(args.device)
+    setups: dict[str, tuple[nn.Module, torch.optim.Optimizer, Any]] = {}
+    for name in ("no masks", "PruningCallback (fast path)", "PruningCallback (guarded)", "torch prune hooks"):
+        torch.manual_seed(0)
+        backbone = _backbone(args.model, args.smoke)[0].to(device)
+        layers = {f"{n}.weight": m for n, m in backbone.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+        keeper = None
+        if name == "torch prune hooks":
+            prune.global_unstructured(
+                [(m, "weight") for m in layers.values()], pruning_method=prune.L1Unstructured, amount=args.sparsity
+            )
+        optimizer = torch.optim.SGD(backbone.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        if name.startswith("PruningCallback"):
+            params = {n: m.weight for n, m in layers.items()}
+            keeper = _MaskKeeper(params, [optimizer], guard_all=name.endswith("(guarded)"))
+            keeper.set_masks(magnitude_masks({n: p.detach() for n, p in params.items()}, args.sparsity))
+        setups[name] = (backbone, optimizer, keeper)
+    loader = DataLoader(data, batch_size=args.batch_size)
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    now = time.perf_counter if args.device == "cuda" else time.process_time
+    for epoch in range(args.epochs):
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            for name, (backbone, optimizer, keeper) in setups.items():
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                start = now()
+                optimizer.zero_grad()
+                F.cross_entropy(backbone(x), y).backward()
+                if keeper is not None:
+                    keeper.mask_gradients(optimizer)
+                optimizer.step()
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                if epoch > 0:
+                    times[name].append(now() - start)
+    base = statistics.median(times["no masks"])
+    return [
+        {"mechanism": name, "median_ms": statistics.median(t) * 1e3, "ratio": statistics.median(t) / base}
+        for name, t in times.items()
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["mlp", "resnet18"], default="mlp")
+    parser.add_argument(
+        "--model",
+        choices=["mlp", "lenet", "resnet18"],
+        default="mlp",
+        help="mlp: the digits MLP (64-300-100-10, batch 64); lenet: LeNet-300-100 on 28x28 (batch 128)",
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--epochs", type=int, default=None, help="epochs per fit (the first is a warm-up)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per epoch")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None, help="rounds of interleaved fits")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on the CPU)")
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default=None,
+        help="cpu: CPU time of the process (default on the CPU; robust on a shared machine); wall: elapsed time",
+    )
     parser.add_argument("--precision", default=None, help="Trainer precision (default 32, bf16-mixed on cuda)")
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="what to time")
+    parser.add_argument(
+        "--mechanisms",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the masking mechanisms alone in a plain PyTorch loop",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; checks that the script runs")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md and .json results")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU")
-    defaults = {"mlp": (3, 100, 128, 5), "resnet18": (3, 30, 64, 3)}[args.model]
+    defaults = {"mlp": (3, 60, 64, 20), "lenet": (3, 60, 128, 20), "resnet18": (3, 30, 64, 3)}[args.model]
     if args.smoke:
         defaults = (2, 5, 8, 1)
     args.epochs = args.epochs or defaults[0]
     args.steps = args.steps or defaults[1]
     args.batch_size = args.batch_size or defaults[2]
     args.repeats = args.repeats or defaults[3]
+    args.clock = args.clock or ("wall" if args.device == "cuda" else "cpu")
+    if args.clock == "cpu" and args.device == "cuda":
+        parser.error("--clock cpu cannot time GPU work; use --clock wall with --device cuda")
     args.precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
+    if args.device == "cpu" and args.threads is None:
+        args.threads = 1  # other threads' spinning would count as CPU time
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -197,12 +291,14 @@ def main() -> None:
 
     configs = ["none", *(c for c in CONFIGS if c in args.configs and c != "none")]
     times: dict[str, list[float]] = {c: [] for c in configs}
+    round_medians: dict[str, list[float]] = {c: [] for c in configs}
     zeros: dict[str, float] = {}
     for r in range(args.repeats):
         order = configs[r % len(configs) :] + configs[: r % len(configs)]
         for config in order:
             t, z = _fit(config, args, data)
             times[config] += t
+            round_medians[config].append(statistics.median(t))
             zeros[config] = z
             print(f"round {r + 1}/{args.repeats} {config:<26} median {statistics.median(t) * 1e3:.3f} ms")
 
@@ -210,12 +306,16 @@ def main() -> None:
     rows = []
     for config in configs:
         median = statistics.median(times[config])
+        # Each round's median over the round's "none" median: drifts of the machine between rounds cancel.
+        paired = [m / b for m, b in zip(round_medians[config], round_medians["none"], strict=True)]
         rows.append(
             {
                 "config": config,
                 "median_ms": median * 1e3,
                 "mean_ms": statistics.fmean(times[config]) * 1e3,
-                "ratio": median / base,
+                "ratio": statistics.median(paired),
+                "round_ratios": paired,
+                "pooled_ratio": median / base,
                 "mean_ratio": statistics.fmean(times[config]) / statistics.fmean(times["none"]),
                 "steps": len(times[config]),
                 "final_sparsity": zeros[config],
@@ -234,28 +334,54 @@ def main() -> None:
         "batch_size": args.batch_size,
         "repeats": args.repeats,
         "precision": args.precision,
+        "clock": args.clock,
         "torch": torch.__version__,
         "lightning": pl.__version__,
     }
     lines = [
         f"# Training step time with pruning: {args.model} on {args.device}",
         "",
-        f"`{command}`: {device}, {meta['threads']} threads, batch {args.batch_size}, precision {args.precision},"
+        f"`{command}`: {device}, {meta['threads']} threads, {args.clock} clock, batch {args.batch_size},"
+        f" precision {args.precision},"
         f" sparsity {args.sparsity:.0%}, {args.repeats} interleaved rounds of {args.epochs - 1} timed epochs x"
         f" {args.steps} steps (after a warm-up epoch); torch {torch.__version__}, lightning {pl.__version__}.",
         "",
-        "| configuration | median step (ms) | mean step (ms) | ratio to none (median) | ratio (mean) | zeros at end |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| configuration | median step (ms) | mean step (ms) | ratio to none | range over rounds | pooled median"
+        " ratio | mean ratio | zeros at end |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for row in rows:
+        spread = f"{min(row['round_ratios']):.3f}-{max(row['round_ratios']):.3f}"
         lines.append(
-            f"| {row['config']} | {row['median_ms']:.3f} | {row['mean_ms']:.3f} | {row['ratio']:.3f}x"
-            f" | {row['mean_ratio']:.3f}x | {row['final_sparsity']:.1%} |"
+            f"| {row['config']} | {row['median_ms']:.3f} | {row['mean_ms']:.3f} | **{row['ratio']:.3f}x** | {spread}"
+            f" | {row['pooled_ratio']:.3f}x | {row['mean_ratio']:.3f}x | {row['final_sparsity']:.1%} |"
         )
+    lines += [
+        "",
+        "Ratio to none: the median over rounds of (the round's median step) / (the same round's median step"
+        " without a callback). Mean ratio: mean steps, so the mask updates of the gradual schedule count.",
+    ]
+    mechanisms = _mechanisms(args, data) if args.mechanisms else []
+    if mechanisms:
+        lines += [
+            "",
+            "## The masking mechanisms alone",
+            "",
+            "A plain PyTorch loop (no Lightning), the four variants taking one step each in turn on the same"
+            f" batches ({args.epochs - 1} timed epochs x {args.steps} steps), so the ratios are free of the"
+            " drifts between fits:",
+            "",
+            "| mechanism | median step (ms) | ratio to no masks |",
+            "|---|---:|---:|",
+            *(f"| {m['mechanism']} | {m['median_ms']:.3f} | {m['ratio']:.3f}x |" for m in mechanisms),
+        ]
     suffix = "" if (args.model, args.device) == ("mlp", "cpu") else f"_{args.model}_{args.device}"
     suffix += "_smoke" if args.smoke else ""
     _atomic_write(args.out / f"pruning_step_time{suffix}.md", "\n".join(lines) + "\n")
-    _atomic_write(args.out / f"pruning_step_time{suffix}.json", json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    _atomic_write(
+        args.out / f"pruning_step_time{suffix}.json",
+        json.dumps({**meta, "rows": rows, "mechanisms": mechanisms}, indent=2) + "\n",
+    )
     print("\n".join(lines))
 
 

@@ -6,10 +6,18 @@ The weights stay ordinary parameters under their own names. Exactness comes from
   multiplied by the mask, so nothing remembers a pruned weight;
 * before every optimizer step the gradients of the masked weights are multiplied by the mask, so
   momentum and adaptive moments stay zero there and gradient clipping sees only live weights;
-* right after every optimizer step (``Optimizer.register_step_post_hook``) the weights are
-  multiplied by the mask again, so weight decay, noise or any optimizer cannot regrow them.
+* right after an optimizer step (``Optimizer.register_step_post_hook``) the weights are multiplied
+  by the mask again, so weight decay, noise or any optimizer rule cannot regrow them.
 
-Each of the two per-step operations is a single ``torch._foreach_mul_`` over the masked weights.
+The third is needed only when something could move a weight whose gradient and optimizer state are
+zero. For the optimizers of ``torch.optim`` listed in :data:`_ZERO_PRESERVING` it cannot happen:
+their update of an entry is a function of that entry's gradient, state and value that is exactly
+zero when all three are zero (``0 * lr``, ``0 / (sqrt(0) + eps)``, ``0 * (1 - lr * wd)``), so the
+step after a masked gradient leaves a pruned weight at zero bit for bit. The callback then skips
+the hook and a step costs one fused multiply; with any other optimizer (a subclass included), or
+when user code could touch the gradients after they are masked, the hook is installed.
+
+Each per-step operation is a single ``torch._foreach_mul_`` over the masked weights.
 Pure torch; the callback decides when these run.
 """
 
@@ -25,25 +33,47 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_compress.core.masks import apply_masks_, mask_optimizer_state_
 
+_ZERO_PRESERVING: tuple[type[Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.ASGD,
+    torch.optim.Rprop,
+)
+"""Optimizers (exactly these classes, not subclasses) that never move an entry whose gradient and
+per-entry state are zero; tested one by one in ``tests/callbacks/test_pruning_keeper.py``."""
+
+
+def preserves_zeros(optimizer: Optimizer) -> bool:
+    """Whether a step of ``optimizer`` keeps a weight at zero when its gradient and state are zero."""
+    return type(optimizer) in _ZERO_PRESERVING
+
 
 class _MaskKeeper:
     """Owns the device-side multipliers of one set of masks and the optimizer hooks that enforce them.
 
     Args:
         params: ``parameter name -> parameter`` of every selected weight.
-        optimizers: the optimizers that update them (hooks are registered on each).
+        optimizers: the optimizers that update them.
+        guard_all: re-apply the masks after every step of every optimizer, even of those that
+            preserve zeros (when code outside the callback may change gradients after they are masked).
     """
 
-    def __init__(self, params: Mapping[str, Tensor], optimizers: Sequence[Optimizer]) -> None:
+    def __init__(self, params: Mapping[str, Tensor], optimizers: Sequence[Optimizer], guard_all: bool = True) -> None:
         self.params = dict(params)
         self.optimizers = list(optimizers)
         self.masks: dict[str, Tensor] = {}  # CPU bool, True = kept
         self._multipliers: dict[str, Tensor] = {}  # on the parameter's device and dtype
         # per optimizer (by id): the masked parameters it owns and their multipliers, as lists
         self._per_optimizer: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
-        self._handles: list[RemovableHandle] = [
-            opt.register_step_post_hook(self._after_step) for opt in self.optimizers
-        ]
+        self.guarded = [opt for opt in self.optimizers if guard_all or not preserves_zeros(opt)]
+        self._handles: list[RemovableHandle] = [opt.register_step_post_hook(self._after_step) for opt in self.guarded]
 
     @torch.no_grad()
     def set_masks(self, masks: Mapping[str, Tensor]) -> None:
@@ -105,6 +135,7 @@ class _MaskKeeper:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.guarded = []
         self._per_optimizer = {}
         self._multipliers = {}
         self.params = {}

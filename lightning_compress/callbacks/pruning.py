@@ -197,7 +197,9 @@ class PruningCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._keeper = _MaskKeeper(self._select(pl_module), trainer.optimizers)
+        self._keeper = _MaskKeeper(
+            self._select(pl_module), trainer.optimizers, guard_all=_may_touch_gradients(self, trainer)
+        )
         if self._loaded is not None:
             masks = self._loaded["masks"]
             expected = {name: tuple(p.shape) for name, p in self._keeper.params.items()}
@@ -364,3 +366,26 @@ class PruningCallback(Callback):
         }
         self._masks = dict(self._loaded["masks"])
         self._achieved = state_dict.get("achieved_sparsity")
+
+
+def _overrides(obj: object, base: type, name: str) -> bool:
+    return getattr(type(obj), name, None) is not getattr(base, name, None)
+
+
+def _may_touch_gradients(callback: PruningCallback, trainer: pl.Trainer) -> bool:
+    """Whether code other than the optimizer may change gradients between our masking and the step.
+
+    True with manual optimization (the user steps the optimizers), when the LightningModule
+    overrides a hook that runs after ours (``on_before_optimizer_step``, ``configure_gradient_clipping``,
+    ``optimizer_step``), or when a callback after this one in the Trainer's list overrides
+    ``on_before_optimizer_step``. Then the masks are re-applied after every optimizer step.
+    """
+    module = trainer.lightning_module
+    if not module.automatic_optimization:
+        return True
+    for name in ("on_before_optimizer_step", "configure_gradient_clipping", "optimizer_step"):
+        if _overrides(module, pl.LightningModule, name):
+            return True
+    callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
+    later = callbacks[callbacks.index(callback) + 1 :] if callback in callbacks else []
+    return any(_overrides(cb, Callback, "on_before_optimizer_step") for cb in later)
