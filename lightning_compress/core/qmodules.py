@@ -17,8 +17,8 @@ How they compute (``mode``):
 * ``"weight_only"``: int8 storage, float compute (the weight is dequantized for each call).
 
 A convolution always computes with its dequantized weight and ``F.conv2d`` (``mode`` is recorded
-for the artifact): on the CPU we measured an unfold + ``torch._int_mm`` convolution 2-10x slower
-than the float one, while dequantizing costs about as much as the float convolution
+for the artifact): on the CPU we measured an unfold + ``torch._int_mm`` convolution 2.5-15x slower
+than the float one, while dequantizing adds 0-17 % to the float convolution
 (see ``benchmarks/int8_latency.py`` and the quantization docs).
 
 On CUDA ``torch._int_mm`` needs more than 16 rows and ``K``, ``N`` multiples of 8: fewer rows are
