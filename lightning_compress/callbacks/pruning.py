@@ -198,7 +198,7 @@ class PruningCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._keeper = _MaskKeeper(
-            self._select(pl_module), trainer.optimizers, guard_all=_may_touch_gradients(self, trainer)
+            self._select(pl_module), trainer.optimizers, guard_all=_may_touch_gradients(self, trainer, pl_module)
         )
         if self._loaded is not None:
             masks = self._loaded["masks"]
@@ -372,7 +372,7 @@ def _overrides(obj: object, base: type, name: str) -> bool:
     return getattr(type(obj), name, None) is not getattr(base, name, None)
 
 
-def _may_touch_gradients(callback: PruningCallback, trainer: pl.Trainer) -> bool:
+def _may_touch_gradients(callback: PruningCallback, trainer: pl.Trainer, module: pl.LightningModule) -> bool:
     """Whether code other than the optimizer may change gradients between our masking and the step.
 
     True with manual optimization (the user steps the optimizers), when the LightningModule
@@ -380,7 +380,6 @@ def _may_touch_gradients(callback: PruningCallback, trainer: pl.Trainer) -> bool
     ``optimizer_step``), or when a callback after this one in the Trainer's list overrides
     ``on_before_optimizer_step``. Then the masks are re-applied after every optimizer step.
     """
-    module = trainer.lightning_module
     if not module.automatic_optimization:
         return True
     for name in ("on_before_optimizer_step", "configure_gradient_clipping", "optimizer_step"):

@@ -18,6 +18,16 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_compress import PruningCallback
 from lightning_compress.core.schedules import PruningWindow, sparsity_at
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models train ~10x faster on one intra-op thread than on two when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 BATCHES = 10
 
 
@@ -101,12 +111,16 @@ class ZeroChecker(Callback):
         self.history.append((trainer.global_step, self.pruning.scheduled_sparsity))
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 @pytest.mark.parametrize(
-    ("method", "scope", "target"),
-    [("magnitude", "global", 0.8), ("magnitude", "layer", 0.7), ("channel", "global", 0.5), ("channel", "layer", 0.5)],
+    ("method", "scope", "target", "optimizer"),
+    [
+        ("magnitude", "global", 0.8, "adamw"),
+        ("magnitude", "layer", 0.7, "sgd"),
+        ("channel", "global", 0.5, "sgd"),
+        ("channel", "layer", 0.5, "adamw"),
+    ],
 )
-def test_reaches_target_and_pruned_weights_stay_exactly_zero(tmp_path, optimizer, method, scope, target) -> None:
+def test_reaches_target_and_pruned_weights_stay_exactly_zero(tmp_path, method, scope, target, optimizer) -> None:
     model = Net(optimizer)
     pruning = PruningCallback(target, method=method, scope=scope, update_every_n_steps=3, verbose=0)
     checker = ZeroChecker(pruning)

@@ -16,6 +16,15 @@ from lightning_compress import PruningCallback
 from lightning_compress.demo import MLP, Classifier, DigitsDataModule
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models train ~10x faster on one intra-op thread than on two when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _trainer(root, callbacks: list[Callback], max_epochs: int, checkpoints: bool = False) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=max_epochs,
@@ -24,32 +33,32 @@ def _trainer(root, callbacks: list[Callback], max_epochs: int, checkpoints: bool
         enable_checkpointing=checkpoints,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_train_batches=12,
+        limit_train_batches=8,
         limit_val_batches=0,
         default_root_dir=root,
     )
 
 
 def _pruning(update_every: int) -> PruningCallback:
-    return PruningCallback(0.8, end_epoch=2, update_every_n_steps=update_every, verbose=0)
+    return PruningCallback(0.8, end_epoch=1, update_every_n_steps=update_every, verbose=0)
 
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
-@pytest.mark.parametrize("update_every", [5, 12], ids=["update-mid-epoch", "update-at-the-checkpoint"])
+@pytest.mark.parametrize("update_every", [3, 8], ids=["update-mid-epoch", "update-at-the-checkpoint"])
 def test_resume_mid_schedule_is_bit_identical(tmp_path, update_every: int) -> None:
-    # 12 steps per epoch, window steps 0-36. The checkpoint after epoch 1 (step 24) is mid-window:
-    # with update_every=5 the last update was at step 20, with 12 it was at step 24 itself.
+    # 8 steps per epoch, window steps 0-16. The checkpoint after epoch 0 (step 8) is mid-window:
+    # with update_every=3 the last update was at step 6, with 8 it was at step 8 itself.
     torch.manual_seed(0)
     model = Classifier(MLP(hidden=(48, 24)))
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     full = _pruning(update_every)
-    _trainer(tmp_path / "full", [full, saver], max_epochs=4, checkpoints=True).fit(model, DigitsDataModule())
-    checkpoint = tmp_path / "ckpt" / "epoch=1.ckpt"
+    _trainer(tmp_path / "full", [full, saver], max_epochs=3, checkpoints=True).fit(model, DigitsDataModule())
+    checkpoint = tmp_path / "ckpt" / "epoch=0.ckpt"
     state = torch.load(checkpoint, weights_only=True)["callbacks"][full.state_key]
     assert state["version"] == 1
-    assert state["last_update"] == (20 if update_every == 5 else 24)
+    assert state["last_update"] == (6 if update_every == 3 else 8)
     assert 0.0 < state["scheduled_sparsity"] < 0.8  # mid-schedule
     assert all(m.dtype == torch.bool and m.device.type == "cpu" for m in state["masks"].values())
     assert set(state["masks"]) == {"backbone.net.1.weight", "backbone.net.3.weight", "backbone.net.5.weight"}
@@ -58,7 +67,7 @@ def test_resume_mid_schedule_is_bit_identical(tmp_path, update_every: int) -> No
     resumed_model = Classifier(MLP(hidden=(48, 24)))
     resumed_model.load_state_dict(initial)
     resumed = _pruning(update_every)
-    _trainer(tmp_path / "resumed", [resumed], max_epochs=4).fit(resumed_model, DigitsDataModule(), ckpt_path=checkpoint)
+    _trainer(tmp_path / "resumed", [resumed], max_epochs=3).fit(resumed_model, DigitsDataModule(), ckpt_path=checkpoint)
     final, again = model.state_dict(), resumed_model.state_dict()
     assert final.keys() == again.keys()
     for key in final:
@@ -103,7 +112,7 @@ def test_reuse_starts_clean_and_keeps_no_reference_to_old_models(tmp_path) -> No
     refs: list[weakref.ref[Any]] = []
     alive: list[int] = []
     shapes = []
-    for i, hidden in enumerate([(40,), (24, 16), (32,), (40,)]):
+    for i, hidden in enumerate([(40,), (24, 16), (40,)]):
         model = Classifier(MLP(hidden=hidden))
         watch, capture = _Watch(pruning), _Capture()
         trainer = _trainer(tmp_path / str(i), [pruning, watch, capture], max_epochs=2)
@@ -115,11 +124,11 @@ def test_reuse_starts_clean_and_keeps_no_reference_to_old_models(tmp_path) -> No
         assert shapes[-1] == {k: tuple(v.shape) for k, v in model.named_parameters() if k.endswith("weight")}
         refs += [weakref.ref(model), capture.optimizers[0]]
         del model, trainer, optimizer, watch, capture
-        if i in (0, 3):
+        if i in (0, 2):
             alive.append(_tensors_alive())
     assert shapes[0] != shapes[1]
     assert all(ref() is None for ref in refs[:-2]), "an old model or optimizer is still referenced"
-    # No growth: fits 0 and 3 train the same architecture and leave the same number of live tensors.
+    # No growth: fits 0 and 2 train the same architecture and leave the same number of live tensors.
     assert alive[1] == alive[0]
 
 
