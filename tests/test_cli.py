@@ -264,3 +264,21 @@ def test_console_prints_no_traceback_for_a_mistake(tmp_path):
             " but got 'fast'."
         )
     )
+
+
+def test_validate_test_and_predict_from_a_checkpoint(tmp_path, capsys):
+    main(["fit", *TINY, *QUIET, *FIT, "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}"])
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    common = [
+        *TINY,
+        *QUIET,
+        *FIT,
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        f"--ckpt_path={checkpoint}",
+    ]
+    for subcommand in ("validate", "test", "predict"):
+        main([subcommand, *common, f"--trainer.default_root_dir={tmp_path / subcommand}"])
+        assert (tmp_path / subcommand / "config.yaml").is_file()
+    out = capsys.readouterr().out
+    assert "val/acc" in out and "test/acc" in out
