@@ -266,6 +266,8 @@ def test_console_prints_no_traceback_for_a_mistake(tmp_path):
     )
 
 
+# Lightning notes that the new run's checkpoint folder differs from the one the checkpoint came from.
+@pytest.mark.filterwarnings("ignore:The dirpath has changed from:UserWarning")
 def test_validate_test_and_predict_from_a_checkpoint(tmp_path, capsys):
     main(["fit", *TINY, *QUIET, *FIT, "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}"])
     (checkpoint,) = tmp_path.rglob("*.ckpt")
@@ -274,7 +276,6 @@ def test_validate_test_and_predict_from_a_checkpoint(tmp_path, capsys):
         *QUIET,
         *FIT,
         "--trainer.logger=false",
-        "--trainer.enable_checkpointing=false",
         f"--ckpt_path={checkpoint}",
     ]
     for subcommand in ("validate", "test", "predict"):
