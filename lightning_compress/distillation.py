@@ -120,15 +120,17 @@ class DistillationModule(pl.LightningModule):
         check_number("feature_weight", feature_weight, low=0.0)
         if num_classes is not None:
             check_number("num_classes", num_classes, low=1, integer=True)
-        if teacher_checkpoint is not None and not isinstance(teacher_checkpoint, (str, os.PathLike)):
-            raise config_error("teacher_checkpoint", "a path or None", teacher_checkpoint)
+        if teacher_checkpoint is not None:
+            if not isinstance(teacher_checkpoint, (str, os.PathLike)):
+                raise config_error("teacher_checkpoint", "a path or None", teacher_checkpoint)
+            teacher_checkpoint = os.fspath(teacher_checkpoint)  # a str in the hyperparameters (weights_only loads)
         # Under LightningCLI the hyperparameters are the config (class paths), which rebuilds both models.
         self.save_hyperparameters(ignore=[] if _given_by_cli() else ["student", "teacher"])
 
         self.student = student
         self.teacher = teacher
         if teacher_checkpoint is not None:
-            load_teacher_weights(teacher, read_teacher_checkpoint(teacher_checkpoint), str(teacher_checkpoint))
+            load_teacher_weights(teacher, read_teacher_checkpoint(teacher_checkpoint), teacher_checkpoint)
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.lr = lr

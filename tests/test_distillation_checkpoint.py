@@ -48,6 +48,9 @@ def test_teacher_from_a_plain_state_dict(tmp_path: Path) -> None:
     torch.save(trained.state_dict(), path)
     module = DistillationModule(MLP(hidden=[8]), _teacher(), teacher_checkpoint=str(path))
     assert _same_weights(module.teacher, trained)
+    as_path = DistillationModule(MLP(hidden=[8]), _teacher(), teacher_checkpoint=path)  # type: ignore[arg-type]
+    assert _same_weights(as_path.teacher, trained)
+    assert as_path.hparams["teacher_checkpoint"] == str(path)  # a str: checkpoints stay weights_only-loadable
 
 
 def test_teacher_from_a_lightning_checkpoint_with_a_prefix(tmp_path: Path) -> None:

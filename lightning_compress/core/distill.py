@@ -43,17 +43,14 @@ __all__ = [
 
 
 class DistillationLoss(NamedTuple):
-    r"""The terms of the distillation objective (all scalars).
+    """The terms of the distillation objective (all scalars), as returned by :func:`distillation_loss`."""
 
-    Attributes:
-        loss: ``alpha * kd + (1 - alpha) * ce``, the value to minimize.
-        kd: the soft term :math:`T^2 \mathrm{KL}(p_t \| p_s)`, before weighting by ``alpha``.
-        ce: the hard term (cross-entropy with the labels), before weighting by ``1 - alpha``;
-            ``None`` when no labels were given.
-    """
-
+    #: ``alpha * kd + (1 - alpha) * ce``, the value to minimize.
     loss: Tensor
+    #: The soft term :math:`T^2\,\mathrm{KL}(p_t \| p_s)`, before weighting by ``alpha``.
     kd: Tensor
+    #: The hard term (cross-entropy with the labels), before weighting by ``1 - alpha``; ``None``
+    #: when no labels were given.
     ce: Tensor | None
 
 
