@@ -232,17 +232,19 @@ def test_a_subclass_reads_other_batch_layouts(tmp_path: Path) -> None:
 def test_unlabelled_data_trains_on_the_soft_term_alone(tmp_path: Path) -> None:
     module = _DictBatches(_student(), _teacher_with_state(), alpha=1.0)
     trainer = _trainer(tmp_path)
-    trainer.fit(module, _dict_loader(labels=False))
+    trainer.fit(module, _dict_loader(labels=False), _dict_loader(labels=False))  # validation skips unlabelled
     assert "distill/kd_loss" in trainer.callback_metrics and "distill/ce_loss" not in trainer.callback_metrics
     with pytest.raises(CompressionConfigError, match=r"Expected argument `alpha` to be 1\.0 when batches carry no"):
-        _trainer(tmp_path).fit(_DictBatches(_student(), _teacher_with_state(), alpha=0.5), _dict_loader(False))
+        _trainer(tmp_path).fit(
+            _DictBatches(_student(), _teacher_with_state(), alpha=0.5), _dict_loader(False), _dict_loader(False)
+        )
 
 
 def test_default_unpack_rejects_other_layouts(tmp_path: Path) -> None:
     module = DistillationModule(_student(), _teacher_with_state())
     triples = DataLoader(TensorDataset(torch.rand(8, 1, 8, 8), torch.zeros(8).long(), torch.zeros(8)), batch_size=4)
     with pytest.raises(TypeError, match=r"Expected a batch `\(x, y\)`, but got list of length 3\. Override"):
-        _trainer(tmp_path).fit(module, triples)
+        _trainer(tmp_path).fit(module, triples, triples)
 
 
 # ---------------------------------------------------------------------------------------------- argument checks
