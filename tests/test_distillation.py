@@ -319,3 +319,15 @@ def test_example_input_array_replaces_the_probe_batch(tmp_path: Path) -> None:
     bare.trainer = _trainer(tmp_path)
     with pytest.raises(CompressionConfigError, match="Expected a validate dataloader to take one batch from"):
         bare.setup("validate")
+
+
+def test_deepcopy_and_pickle_keep_the_teacher_frozen_and_outside() -> None:
+    import pickle
+
+    module = DistillationModule(_student(), _teacher_with_state())
+    for clone in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+        assert clone.teacher is not module.teacher
+        assert "teacher" not in clone._modules and all(k.startswith("student.") for k in clone.state_dict())
+        assert not clone.teacher.training and not any(p.requires_grad for p in clone.teacher.parameters())
+        x = torch.rand(3, 1, 8, 8)
+        torch.testing.assert_close(clone._teacher_forward(x), module._teacher_forward(x))

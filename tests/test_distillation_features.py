@@ -141,3 +141,15 @@ def test_incompatible_feature_shapes_fail_at_setup(tmp_path: Path) -> None:
     module = DistillationModule(SmallCNN(channels=(4, 8)), MLP(), feature_pairs={"student.features.0": "teacher.net.1"})
     with pytest.raises(CompressionConfigError, match=r"student \(16, 4, 8, 8\) and teacher \(16, 300\)"):
         _trainer(tmp_path).fit(module, DigitsDataModule(batch_size=16))
+
+
+def test_a_second_fit_reuses_the_module_and_its_projection(tmp_path: Path) -> None:
+    module = DistillationModule(MLP(hidden=[12]), MLP(), feature_pairs={"student.net.2": "teacher.net.4"})
+    _trainer(tmp_path).fit(module, DigitsDataModule(batch_size=16))
+    projection = module.feature_projections["net__2"]
+    after_first = projection.weight.detach().clone()
+    trainer = _trainer(tmp_path, max_epochs=2)
+    trainer.fit(module, DigitsDataModule(batch_size=16))
+    assert module.feature_projections["net__2"] is projection  # kept, not re-created
+    assert not torch.equal(after_first, projection.weight.detach())  # and trained further
+    assert trainer.global_step == 6
