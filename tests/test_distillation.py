@@ -331,3 +331,12 @@ def test_deepcopy_and_pickle_keep_the_teacher_frozen_and_outside() -> None:
         assert not clone.teacher.training and not any(p.requires_grad for p in clone.teacher.parameters())
         x = torch.rand(3, 1, 8, 8)
         torch.testing.assert_close(clone._teacher_forward(x), module._teacher_forward(x))
+
+
+def test_true_half_precision_casts_the_teacher_with_the_student(tmp_path: Path) -> None:
+    module = DistillationModule(_student(), MLP(), feature_pairs={"student.net.2": "teacher.net.2"})
+    trainer = _trainer(tmp_path, precision="bf16-true", limit_val_batches=0)
+    trainer.fit(module, DigitsDataModule(batch_size=16))
+    assert {p.dtype for p in module.teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
