@@ -1,7 +1,8 @@
 """Training step time with pruning, as a ratio to no callback, side by side with Lightning's ModelPruning.
 
-Same model, same data, same optimizer, same sparsity; the configurations run interleaved (one fit
-of each per round, in a rotating order) in one process, so drifts of the machine hit them alike.
+Same model, same data, same optimizer, same sparsity, in one process. In each round, one fit per
+configuration runs in its own thread and the fits take their training steps strictly in turn
+(a baton passes from one to the next at every step), so any drift of the machine hits them alike.
 
 * ``none``: no pruning callback;
 * ``empty callback``: a callback that does nothing, the floor for any callback (Lightning calls
@@ -18,9 +19,10 @@ A step is timed from the first callback's ``on_train_batch_start`` to the last c
 ``on_train_batch_end`` (forward, backward, optimizer step and every callback hook in between);
 the first epoch of every fit is a warm-up and is not timed. The ratio of a configuration is the
 median, over rounds, of its median step divided by the median step of ``none`` in the same round.
-On the CPU the clock is the CPU time of the process (``time.process_time``),
-which other processes on a shared machine do not stretch, so pin ``--threads`` (1 by default there);
-on a GPU it is the elapsed time after ``torch.cuda.synchronize()``.
+On the CPU the clock is the CPU time of the stepping thread (``time.thread_time``), which neither
+other processes on a shared machine nor the waiting fits stretch; torch then runs on one thread
+(``--threads 1``, the default there) so that all of a step's work is in that thread. On a GPU the
+clock is the elapsed time after ``torch.cuda.synchronize()``.
 
 Usage::
 
@@ -41,6 +43,7 @@ import platform
 import shlex
 import statistics
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -67,7 +70,9 @@ class Net(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
-        return F.cross_entropy(self.backbone(x), y)
+        loss = F.cross_entropy(self.backbone(x), y)
+        self.log("train/loss", loss)
+        return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
@@ -88,14 +93,48 @@ def _backbone(name: str, smoke: bool) -> tuple[nn.Module, tuple[int, ...], int]:
     return torchvision.models.resnet18(num_classes=1000), (3, 224, 224), 1000
 
 
+class _Baton:
+    """Lets the fits running in parallel threads take their training steps strictly in turn."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.cond = threading.Condition()
+        self.names = list(names)
+        self.turn = 0
+
+    def _advance(self) -> None:
+        if self.names:
+            self.turn = (self.turn + 1) % len(self.names)
+        self.cond.notify_all()
+
+    def wait(self, name: str) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.names[self.turn] == name)
+
+    def release(self, name: str) -> None:
+        with self.cond:
+            self._advance()
+
+    def finish(self, name: str) -> None:
+        """Leave the rotation (at the end of fit, or when it fails)."""
+        with self.cond:
+            i = self.names.index(name)
+            current = self.names[self.turn]
+            self.names.pop(i)
+            if self.names:
+                self.turn = self.names.index(current) if current != name else i % len(self.names)
+            self.cond.notify_all()
+
+
 class _StepStart(Callback):
-    def __init__(self, clock: str) -> None:
+    def __init__(self, name: str, baton: _Baton, clock: str, sync: bool) -> None:
+        self.name, self.baton, self.sync = name, baton, sync
         self.start = 0.0
-        self.sync = False
-        # CPU time of this process is not stretched when other processes share the cores
-        self.now = time.process_time if clock == "cpu" else time.perf_counter
+        # The CPU time of this thread: neither other processes on a shared machine nor the other
+        # fits' threads stretch it (torch runs its kernels in the calling thread with one thread).
+        self.now = time.thread_time if clock == "cpu" else time.perf_counter
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        self.baton.wait(self.name)
         if self.sync:
             torch.cuda.synchronize()
         self.start = self.now()
@@ -109,8 +148,10 @@ class _StepEnd(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.start.sync:
             torch.cuda.synchronize()
+        elapsed = self.start.now() - self.start.start
         if trainer.current_epoch > 0:  # epoch 0 is the warm-up
-            self.times.append(self.start.now() - self.start.start)
+            self.times.append(elapsed)
+        self.start.baton.release(self.start.name)
 
 
 class _Empty(Callback):
@@ -141,33 +182,67 @@ def _pruning_callbacks(config: str, target: float, model: nn.Module, epochs: int
     return []
 
 
-def _fit(config: str, args: argparse.Namespace, data: TensorDataset) -> tuple[list[float], float]:
-    torch.manual_seed(0)
-    backbone, _, _ = _backbone(args.model, args.smoke)
-    model = Net(backbone, lr=0.01)
-    start = _StepStart(args.clock)
-    start.sync = args.device == "cuda"
-    end = _StepEnd(start)
-    callbacks = [start, *_pruning_callbacks(config, args.sparsity, backbone, args.epochs), end]
-    trainer = pl.Trainer(
-        accelerator="gpu" if args.device == "cuda" else "cpu",
-        devices=1,
-        max_epochs=args.epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        precision=args.precision,
-        default_root_dir=args.out / "lightning_logs",
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+def _fit(config: str, args: argparse.Namespace, data: TensorDataset, baton: _Baton) -> tuple[list[float], float]:
+    try:
+        torch.manual_seed(0)
+        backbone, _, _ = _backbone(args.model, args.smoke)
+        model = Net(backbone, lr=0.01)
+        start = _StepStart(config, baton, args.clock, sync=args.device == "cuda")
+        end = _StepEnd(start)
+        callbacks = [start, *_pruning_callbacks(config, args.sparsity, backbone, args.epochs), end]
+        trainer = pl.Trainer(
+            accelerator="gpu" if args.device == "cuda" else "cpu",
+            devices=1,
+            max_epochs=args.epochs,
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            precision=args.precision,
+            default_root_dir=args.out / "lightning_logs",
+        )
         trainer.fit(model, DataLoader(data, batch_size=args.batch_size, shuffle=False))
+    finally:
+        baton.finish(config)
     weights = [m.weight for m in backbone.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     return end.times, zeros
+
+
+def _round(configs: list[str], args: argparse.Namespace, data: TensorDataset) -> dict[str, tuple[list[float], float]]:
+    """One fit per configuration, each in its own thread, their training steps taken in turn."""
+    baton = _Baton(configs)
+    results: dict[str, tuple[list[float], float]] = {}
+    errors: list[BaseException] = []
+
+    def run(config: str) -> None:
+        try:
+            results[config] = _fit(config, args, data, baton)
+        except BaseException as err:  # surfaced in the main thread below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(c,), name=c) for c in configs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -252,7 +327,7 @@ def main() -> None:
         "--clock",
         choices=["cpu", "wall"],
         default=None,
-        help="cpu: CPU time of the process (default on the CPU; robust on a shared machine); wall: elapsed time",
+        help="cpu: CPU time of the stepping thread (default on the CPU; robust on a shared machine); wall: elapsed",
     )
     parser.add_argument("--precision", default=None, help="Trainer precision (default 32, bf16-mixed on cuda)")
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="what to time")
@@ -267,7 +342,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU")
-    defaults = {"mlp": (3, 60, 64, 20), "lenet": (3, 60, 128, 20), "resnet18": (3, 30, 64, 3)}[args.model]
+    defaults = {"mlp": (3, 100, 64, 8), "lenet": (3, 100, 128, 8), "resnet18": (3, 30, 64, 3)}[args.model]
     if args.smoke:
         defaults = (2, 5, 8, 1)
     args.epochs = args.epochs or defaults[0]
@@ -295,12 +370,12 @@ def main() -> None:
     zeros: dict[str, float] = {}
     for r in range(args.repeats):
         order = configs[r % len(configs) :] + configs[: r % len(configs)]
-        for config in order:
-            t, z = _fit(config, args, data)
+        for config, (t, z) in _round(order, args, data).items():
             times[config] += t
             round_medians[config].append(statistics.median(t))
             zeros[config] = z
-            print(f"round {r + 1}/{args.repeats} {config:<26} median {statistics.median(t) * 1e3:.3f} ms")
+        line = ", ".join(f"{c} {round_medians[c][-1] * 1e3:.3f}" for c in configs)
+        print(f"round {r + 1}/{args.repeats} median step (ms): {line}", flush=True)
 
     base = statistics.median(times["none"])
     rows = []
@@ -322,7 +397,7 @@ def main() -> None:
             }
         )
     command = shlex.join(["python", "benchmarks/pruning_step_time.py", *sys.argv[1:]])
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}"
+    device = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
     meta = {
         "command": command,
         "model": args.model,

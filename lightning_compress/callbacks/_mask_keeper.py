@@ -100,30 +100,32 @@ class _MaskKeeper:
         for optimizer in self.optimizers:
             mask_optimizer_state_(optimizer, by_param)
 
-    @torch.no_grad()
     def mask_gradients(self, optimizer: Optimizer) -> None:
-        """Zero the gradients of pruned entries of the weights ``optimizer`` is about to update."""
+        """Zero the gradients of pruned entries of the weights ``optimizer`` is about to update.
+
+        Runs before every optimizer step, so it avoids even a ``no_grad`` context (gradients do not
+        require grad, unless a double backward made them).
+        """
         entry = self._per_optimizer.get(id(optimizer))
         if entry is None or not entry[0]:
             return
         params, multipliers = entry
         grads = [p.grad for p in params]
-        if all(g is not None for g in grads):
-            torch._foreach_mul_(grads, multipliers)  # type: ignore[arg-type]
+        if not all(g is not None for g in grads):
+            pairs = [(g, m) for g, m in zip(grads, multipliers, strict=True) if g is not None]
+            grads, multipliers = [g for g, _ in pairs], [m for _, m in pairs]
+        if not grads:
             return
-        pairs = [(p.grad, m) for p, m in zip(params, multipliers, strict=True) if p.grad is not None]
-        if pairs:
-            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+        if any(g.requires_grad for g in grads):  # type: ignore[union-attr]
+            with torch.no_grad():
+                torch._foreach_mul_(grads, multipliers)  # type: ignore[arg-type]
+        else:
+            torch._foreach_mul_(grads, multipliers)  # type: ignore[arg-type]
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         entry = self._per_optimizer.get(id(optimizer))
         if entry is not None and entry[0]:
             apply_masks_(*entry)
-
-    def reapply(self) -> None:
-        """Multiply every masked weight by its mask again."""
-        names = list(self._multipliers)
-        apply_masks_([self.params[n] for n in names], [self._multipliers[n] for n in names])
 
     @torch.no_grad()
     def zeros_fraction(self) -> float:
