@@ -162,6 +162,16 @@ def test_comparison_result_handles_zero_baselines():
     assert "n/a" in result.table() and "-5.00 pt" in result.table() and "accuracy (val/acc)" in str(result)
 
 
+def test_figure_leaves_out_a_ratio_without_baseline(tmp_path):
+    result = ComparisonResult(
+        metric="val/acc",
+        original=_measurement(0.9, 100, 400, 0, 2.0),
+        compressed=_measurement(0.85, 10, 100, 50, 1.0),
+    )
+    write_figure(result, tmp_path / "figure.png")
+    assert (tmp_path / "figure.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_measure_latencies_takes_the_median_of_interleaved_calls():
     now = [0.0]
     calls: list[str] = []

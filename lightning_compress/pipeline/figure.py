@@ -26,7 +26,7 @@ def write_figure(result: ComparisonResult, path: str | os.PathLike[str]) -> None
 
     Left: the fraction of exact zeros of every layer weight of the compressed model, with its storage
     type. Right: nonzero parameters, weight bytes, artifact size and CPU latency of the compressed
-    model as a fraction of the original's, with the two accuracies in the title.
+    model as a fraction of the original's (log scale), with the two accuracies in the title.
 
     Raises:
         ImportError: if matplotlib is not installed (the message names the ``plot`` extra).
@@ -62,13 +62,16 @@ def write_figure(result: ComparisonResult, path: str | os.PathLike[str]) -> None
         ("artifact_bytes", "artifact\non disk"),
         ("latency", "CPU latency\nper batch"),
     ]
-    values = [ratios[k] or 0.0 for k, _ in keys]
+    shown = [(label, ratios[k]) for k, label in keys if ratios[k]]  # a ratio is None when the original is 0
+    values = [v for _, v in shown if v is not None]
     colors = ["#55A868" if v <= 1 else "#C44E52" for v in values]
-    bars = right.bar([label for _, label in keys], values, color=colors)
+    # Bars grow from the original (1) down to a ratio below 1 or up to one above.
+    bars = right.bar([label for label, _ in shown], [v - 1.0 for v in values], bottom=1.0, color=colors)
     right.axhline(1.0, color="black", linewidth=1, linestyle="--", label="original = 1")
-    right.bar_label(bars, labels=[f"{v:.3f}x" for v in values], padding=2, fontsize=9)
-    right.set_ylim(0, max(1.25, max(values) * 1.25))
-    right.set_ylabel("compressed / original")
+    right.bar_label(bars, labels=[f"{v:.3f}x" for v in values], padding=3, fontsize=9)
+    right.set_yscale("log")  # 0.09x and 3x both readable
+    right.set_ylim(min([*values, 1.0]) / 2.5, max([*values, 1.0]) * 2.5)
+    right.set_ylabel("compressed / original (log scale)")
     right.legend(loc="upper left", fontsize=8)
     right.set_title(
         f"{result.metric}: {result.original.accuracy:.2%} original, {result.compressed.accuracy:.2%} compressed"
