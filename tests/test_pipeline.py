@@ -319,3 +319,23 @@ def test_a_compression_fit_bounded_by_steps(tmp_path, caplog):
     assert result.settings["compress_steps"] == 3
     assert "compressing with PruningCallback for 3 steps" in caplog.text
     assert result.compressed.report.sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_the_dense_phase_runs_like_the_compression_fit(tmp_path):
+    """Same hardware, precision, limits and progress bar; no callbacks, logger or checkpoints of its own."""
+    trainer = CompressTrainer(
+        max_epochs=7,
+        precision="bf16-mixed",
+        limit_train_batches=3,
+        accumulate_grad_batches=2,
+        callbacks=[QuantizeOnFitEnd(verbose=0)],
+        default_root_dir=tmp_path,
+    )
+    dense = trainer._sibling(max_epochs=5)
+    assert dense.progress_bar_callback is not None and trainer.progress_bar_callback is not None
+    assert (dense.max_epochs, dense.limit_train_batches, dense.accumulate_grad_batches) == (5, 3, 2)
+    assert dense.precision == "bf16-mixed" and dense.default_root_dir == str(tmp_path)
+    assert dense.logger is None and dense.checkpoint_callback is None
+    assert not any(isinstance(c, QuantizeOnFitEnd) for c in dense.callbacks)
+    quiet = CompressTrainer(enable_progress_bar=False, default_root_dir=tmp_path)._sibling()
+    assert quiet.progress_bar_callback is None
