@@ -33,8 +33,11 @@ def test_distillation_benchmark_smoke(tmp_path: Path) -> None:
     assert row["teacher_test_acc_from_module"] == pytest.approx(row["teacher_test_acc"])
     assert data["reference"]["recovered"] == pytest.approx((146 - 74) / (146 - 67))
     assert "4810 parameters, 9.5% of the teacher" in data["recipe"]["student"]
+    assert 0.0 <= row["scratch_same_lr_test_acc"] <= 1.0
     markdown = (tmp_path / "distillation_smoke.md").read_text()
-    assert "| seed | teacher | student from scratch | distilled student | gap recovered |" in markdown
+    assert (
+        "| seed | teacher | from scratch | from scratch, distilled arm's lr | distilled | gap recovered |" in markdown
+    )
     assert "python benchmarks/distillation.py --smoke" in markdown
 
 
