@@ -171,12 +171,12 @@ def test_checkpoint_holds_the_student_and_projections_only(tmp_path: Path, teach
     torch.testing.assert_close(loaded.feature_projections["net__2"].weight, module.feature_projections["net__2"].weight)
 
 
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty:UserWarning")  # resuming in place
 def test_resumed_run_matches_the_uninterrupted_one(tmp_path: Path, teacher_path: Path) -> None:
     def run(ckpt_path: str | None = None) -> DistillationModule:
         module = _module(teacher_path)
         every_epoch = ModelCheckpoint(dirpath=tmp_path / "full", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-        callbacks = [] if ckpt_path else [every_epoch]
-        trainer = _trainer(tmp_path, max_epochs=4, enable_checkpointing=not ckpt_path, callbacks=callbacks)
+        trainer = _trainer(tmp_path, max_epochs=4, enable_checkpointing=True, callbacks=[every_epoch])
         trainer.fit(module, DigitsDataModule(batch_size=16, seed=3), ckpt_path=ckpt_path)
         assert trainer.global_step == 16
         return module

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,12 @@ from lightning_compress.demo import MLP
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "configs" / "distill_resnet18_mobilenet.yaml"
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on the command line: no pytest arguments in sys.argv beside the CLI's own."""
+    monkeypatch.setattr(sys, "argv", ["lightning-compress"])
 
 
 def _only_checkpoint(root: Path) -> Path:
@@ -59,6 +66,7 @@ def _write(path: Path, config: dict[str, object]) -> Path:
     return path
 
 
+@pytest.mark.filterwarnings("ignore:`DistillationModule.configure_optimizers` will be overridden:UserWarning")
 def test_teacher_checkpoint_and_cli_optimizer(tmp_path: Path) -> None:
     # Step 1: train the teacher with the demo Classifier (its checkpoint keys start with "backbone.").
     teacher_root = tmp_path / "teacher"
