@@ -239,6 +239,7 @@ class SparseRegularizer(Callback):
                 self._prox_pending.add(id(optimizer))
         else:
             # optimizer.step runs this hook under no_grad; the gradient is autograd's, of the public function.
+            scale *= _pending_loss_scale(trainer, optimizer)
             with torch.enable_grad():
                 value = penalty_of(weights, self.penalty)
                 grads = torch.autograd.grad(value * (lam * scale), trained)
@@ -254,6 +255,9 @@ class SparseRegularizer(Callback):
         if id(optimizer) not in self._prox_pending:
             return
         self._prox_pending.discard(id(optimizer))
+        found_inf = getattr(optimizer, "found_inf", None)  # set by GradScaler for optimizers that unscale
+        if isinstance(found_inf, Tensor) and bool(found_inf):  # themselves (fused): this step was skipped
+            return
         weight_ids = {id(t.weight) for t in self._targets}
         for group in optimizer.param_groups:
             params = [p for p in group["params"] if id(p) in weight_ids and p.requires_grad]
@@ -300,6 +304,18 @@ class SparseRegularizer(Callback):
         self._current_strength = float(state_dict["current_strength"])
         self._epochs_done = float(state_dict["epochs_done"])
         self._steps = int(state_dict["steps"])
+
+
+def _pending_loss_scale(trainer: pl.Trainer, optimizer: Optimizer) -> float:
+    """The factor by which the gradients are still scaled when ``on_before_optimizer_step`` runs.
+
+    Lightning unscales them before the hook, except for optimizers that unscale inside ``step()``
+    (``fused=True``): GradScaler hands those the scale, so their gradients are still multiplied by it.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False) or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())
 
 
 def _add_to_grads(params: list[Tensor], grads: tuple[Tensor, ...]) -> None:

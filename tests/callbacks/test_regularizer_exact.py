@@ -12,6 +12,7 @@ import copy
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -56,8 +57,8 @@ def _loader() -> DataLoader:
 
 
 def _fit(model: pl.LightningModule, callbacks: list, tmp_path, **trainer_kwargs) -> pl.LightningModule:
+    trainer_kwargs.setdefault("max_epochs", 2)
     trainer = pl.Trainer(
-        max_epochs=2,
         accelerator="cpu",
         callbacks=callbacks,
         logger=False,
@@ -206,3 +207,42 @@ def test_a_tied_weight_is_penalized_once(tmp_path):
     # Three gradient terms reach the tied weight, summed in another order by hand: rounding only.
     # (Penalizing it twice would move it by about strength * lr * steps = 2e-2.)
     assert _max_diff(with_callback, by_hand) < 1e-6
+
+
+class AdamNet(Net):
+    def __init__(self, fused: bool) -> None:
+        super().__init__("adam")
+        self.fused = fused
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2, fused=self.fused)
+
+
+def _scaled_fp16(init_scale: float = 2.0**10) -> list:
+    # Lightning gives CPU "16-mixed" no GradScaler; an explicit one exercises the unscaling path on CPU.
+    return [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fp16_with_a_grad_scaler_equals_penalty_added_by_hand(tmp_path, fused):
+    """Lightning unscales before the hook; a fused optimizer unscales inside step(), so its gradients
+    are still scaled there and the penalty gradient must be scaled alike."""
+    with_callback = AdamNet(fused)
+    by_hand = copy.deepcopy(with_callback)
+    by_hand.hand_strength = STRENGTH
+    initial = copy.deepcopy(with_callback)
+    _fit(with_callback, [SparseRegularizer(STRENGTH, verbose=0)], tmp_path, plugins=_scaled_fp16())
+    _fit(by_hand, [], tmp_path, plugins=_scaled_fp16())
+    assert _max_diff(with_callback, by_hand) == 0
+    assert (with_callback.unused.weight - initial.unused.weight).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_step_skipped_by_the_grad_scaler_gets_no_proximal_step(tmp_path, fused):
+    model = AdamNet(fused)
+    initial = copy.deepcopy(model)
+    regularizer = SparseRegularizer(10.0, proximal=True, verbose=0)
+    # A loss scale of 2**40 overflows the float16 gradients: the scaler skips the first step.
+    _fit(model, [regularizer], tmp_path, max_steps=1, plugins=_scaled_fp16(2.0**40))
+    assert regularizer.current_strength == 10.0
+    assert _max_diff(model, initial) == 0
