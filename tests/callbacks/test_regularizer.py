@@ -380,3 +380,50 @@ def test_state_dict_round_trip_and_version_check():
         SparseRegularizer().load_state_dict({"version": 99})
     with pytest.warns(UserWarning, match=r"resuming with different arguments: strength=0.1 \(checkpoint: 0.3\)"):
         SparseRegularizer(0.1, warmup_epochs=2).load_state_dict(source.state_dict())
+
+
+# ---------------------------------------------------------------- command line
+
+
+@pytest.mark.slow
+def test_command_line_takes_the_callback_and_its_saved_config_reloads(tmp_path, monkeypatch):
+    from lightning_compress.cli import main
+
+    monkeypatch.setattr("sys.argv", ["lightning-compress"])
+    common = [
+        "--model.backbone=lightning_compress.demo.MLP",
+        "--model.backbone.hidden=[16]",
+        "--model.lr=0.05",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+    main(
+        [
+            "fit",
+            *common,
+            "--trainer.callbacks+=lightning_compress.SparseRegularizer",
+            "--trainer.callbacks.strength=5.0",
+            "--trainer.callbacks.penalty=group_lasso",
+            "--trainer.callbacks.proximal=true",
+            "--trainer.callbacks.exclude=[backbone.net.3]",
+            f"--trainer.default_root_dir={tmp_path / 'first'}",
+        ]
+    )
+    (config,) = (tmp_path / "first").rglob("config.yaml")
+    (checkpoint,) = (tmp_path / "first").rglob("*.ckpt")
+    saved = torch.load(checkpoint, weights_only=True)
+    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("SparseRegularizer")]
+    assert state["strength"] == 5.0 and state["penalty"] == "group_lasso" and state["proximal"] is True
+    first = saved["state_dict"]["backbone.net.1.weight"]
+    zero_units = (first == 0).all(dim=1)
+    assert 0 < int(zero_units.sum()) < len(first)  # proximal group shrinkage zeroed some hidden units
+    assert not (saved["state_dict"]["backbone.net.3.weight"] == 0).all(dim=1).any()  # excluded
+
+    main(["fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'again'}"])
+    (checkpoint,) = (tmp_path / "again").rglob("*.ckpt")
+    again = torch.load(checkpoint, weights_only=True)["state_dict"]["backbone.net.1.weight"]
+    torch.testing.assert_close(again, first, rtol=0, atol=0)  # same config, same seed, same result
