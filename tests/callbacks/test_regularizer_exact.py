@@ -150,6 +150,7 @@ class SkippingNet(Net):
         return super().training_step(batch, batch_idx)
 
 
+@pytest.mark.filterwarnings("ignore:`training_step` returned `None`:UserWarning")
 def test_skipped_training_steps_add_no_penalty(tmp_path):
     with_callback = SkippingNet("sgd")
     by_hand = copy.deepcopy(with_callback)
