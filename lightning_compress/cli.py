@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
@@ -48,6 +50,8 @@ class CompressCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_class", CompressTrainer)
         kwargs.setdefault("seed_everything_default", 0)
+        argv = kwargs.get("args")
+        self._given = _classes_given(list(argv) if isinstance(argv, (list, tuple)) else sys.argv[1:])
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -57,12 +61,14 @@ class CompressCLI(LightningCLI):
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.set_defaults(
-            {
-                "model": {"class_path": "lightning_compress.demo.Classifier"},
-                "data": {"class_path": "lightning_compress.demo.DigitsDataModule"},
-            }
-        )
+        # The demo is the default only where the user names no class: jsonargparse would otherwise
+        # carry the demo's init_args that the user's class also accepts (its `num_classes=10`,
+        # `weight_decay=0.0`) into it, in place of that class's own defaults (jsonargparse#460).
+        defaults = {
+            key: {"class_path": class_path} for key, class_path in _DEMO_CLASSES.items() if key not in self._given
+        }
+        if defaults:
+            parser.set_defaults(defaults)
 
     @override
     def before_instantiate_classes(self) -> None:
@@ -79,6 +85,45 @@ class CompressCLI(LightningCLI):
         if given:
             # Parsed like user input, so the saved config.yaml lists them in full and reloads.
             self.config = self.parser.parse_object({"compress": {"trainer": given}}, self.config)
+
+
+_DEMO_CLASSES = {"model": "lightning_compress.demo.Classifier", "data": "lightning_compress.demo.DigitsDataModule"}
+
+
+def _classes_given(argv: Sequence[str]) -> set[str]:
+    """Which of ``model`` / ``data`` the arguments or their config files name a class for."""
+    given: set[str] = set()
+    configs: list[str] = []
+    for i, arg in enumerate(argv):
+        name, has_value, value = arg.partition("=")
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        for key in _DEMO_CLASSES:
+            if name in (f"--{key}", f"--{key}.class_path"):
+                given.add(key)
+        if name in ("--config", "-c"):
+            path = value if has_value else following
+            if path is not None:
+                configs.append(path)
+    for path in configs:
+        given |= _classes_in_config(path)
+    return given
+
+
+def _classes_in_config(path: str) -> set[str]:
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return set()  # jsonargparse reports an unreadable config itself
+    if not isinstance(config, dict):
+        return set()
+    # A subcommand's config has `model:` at the top; a config before the subcommand nests it.
+    sections = [config, *(v for v in config.values() if isinstance(v, dict))]
+    return {
+        key
+        for key in _DEMO_CLASSES
+        for section in sections
+        if isinstance(section.get(key), str) or (isinstance(section.get(key), dict) and "class_path" in section[key])
+    }
 
 
 _USER_ERRORS = (CompressionConfigError, MisconfigurationException, ImportError)

@@ -283,3 +283,36 @@ def test_validate_test_and_predict_from_a_checkpoint(tmp_path, capsys):
         assert (tmp_path / subcommand / "config.yaml").is_file()
     out = capsys.readouterr().out
     assert "val/acc" in out and "test/acc" in out
+
+
+def _printed_model(capsys, *args: str) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    assert exit_info.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)["model"]
+
+
+def test_the_demo_is_the_default_model(capsys):
+    model = _printed_model(capsys, "--model.lr=0.01")
+    assert model["class_path"] == "lightning_compress.demo.Classifier"
+    assert model["init_args"]["lr"] == 0.01 and model["init_args"]["num_classes"] == 10
+
+
+@pytest.mark.parametrize("how", ["argument", "config"])
+def test_a_named_model_keeps_its_own_defaults(capsys, tmp_path, how):
+    # With the demo as a default instance, jsonargparse would carry the demo's num_classes=10 and
+    # weight_decay=0.0 into DistillationModule in place of its own None and 0.01.
+    student = {"class_path": "lightning_compress.demo.MLP", "init_args": {"hidden": [8]}}
+    init = {"student": student, "teacher": student}
+    if how == "argument":
+        args = ["--model=lightning_compress.DistillationModule", f"--model.init_args={json.dumps(init)}"]
+    else:
+        config = tmp_path / "distill.yaml"
+        config.write_text(
+            yaml.safe_dump({"model": {"class_path": "lightning_compress.DistillationModule", "init_args": init}})
+        )
+        args = ["--config", str(config)]
+    model = _printed_model(capsys, *args)
+    assert model["class_path"] == "lightning_compress.DistillationModule"
+    assert model["init_args"]["num_classes"] is None
+    assert model["init_args"]["weight_decay"] == 0.01
