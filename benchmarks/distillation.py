@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from lightning_compress import DistillationModule
+from lightning_compress.core.files import atomic_write_text
 from lightning_compress.demo import MLP, Classifier, DigitsDataModule
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -338,12 +339,6 @@ def sweep_markdown(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, numbers meaningless")
@@ -361,8 +356,8 @@ def main() -> None:
     result = run_sweep(args) if args.sweep else run_main(args)
     result["command"] = command
     markdown = sweep_markdown(result, command) if args.sweep else main_markdown(result, command)
-    _write(args.out / f"{name}.json", json.dumps(result, indent=2) + "\n")
-    _write(args.out / f"{name}.md", markdown)
+    atomic_write_text(args.out / f"{name}.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out / f"{name}.md", markdown)
     print(markdown)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from lightning_compress.core.convert import quantizable_targets, quantize_model, record_input_ranges
+from lightning_compress.core.files import atomic_write_text
 from lightning_compress.core.qmodules import Int8Linear, int8_mm
 from lightning_compress.core.quant import quantize_rows
 from lightning_compress.demo import MLP, SmallCNN
@@ -276,9 +276,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "gpu_int8_check_smoke" if args.smoke else "gpu_int8_check"
     for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", "\n".join(md) + "\n")):
-        tmp = args.out / f".{stem}{suffix}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, args.out / f"{stem}{suffix}")
+        atomic_write_text(args.out / f"{stem}{suffix}", text)
     print(f"wrote {args.out / stem}.md and .json")
     if failures:
         raise SystemExit(1)

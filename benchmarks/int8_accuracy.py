@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import warnings
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from lightning_compress.core.convert import quantizable_targets, quantize_model, record_input_ranges
+from lightning_compress.core.files import atomic_write_text
 from lightning_compress.demo import MLP, Classifier, DigitsDataModule, SmallCNN
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -129,9 +129,7 @@ def main() -> None:
             + " |"
         )
     for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", "\n".join(md) + "\n")):
-        tmp = args.out / f".{stem}{suffix}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, args.out / f"{stem}{suffix}")
+        atomic_write_text(args.out / f"{stem}{suffix}", text)
     print(f"wrote {args.out / stem}.md and .json")
 
 

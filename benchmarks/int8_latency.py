@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_compress.core.convert import quantizable_targets, quantize_model
+from lightning_compress.core.files import atomic_write_text
 from lightning_compress.core.qmodules import Int8Conv2d
 from lightning_compress.core.quant import quantize_rows
 
@@ -257,9 +258,7 @@ def main() -> None:
     stem = "int8_latency_smoke" if args.smoke else "int8_latency"
     if args.threads:
         stem += f"_{args.threads}thread"
-    tmp = args.out / f".{stem}.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.out / f"{stem}.json")
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=2))
     cols = [k for k in linear_rows[0] if k.endswith("_ratio")]
     md = [
         f"# int8 CPU latency ({result['command']})",
@@ -280,9 +279,7 @@ def main() -> None:
     for r in conv_rows:
         unf = "n/a" if r["unfold_int_mm_ratio"] is None else f"{r['unfold_int_mm_ratio']:.3f}"
         md.append(f"| {r['layer']} | {r['float32_ms']:.2f} | {r['ours_dequant_ratio']:.3f} | {unf} |")
-    tmp = args.out / f".{stem}.md.tmp"
-    tmp.write_text("\n".join(md) + "\n")
-    os.replace(tmp, args.out / f"{stem}.md")
+    atomic_write_text(args.out / f"{stem}.md", "\n".join(md) + "\n")
     print(f"wrote {args.out / stem}.md and .json")
 
 

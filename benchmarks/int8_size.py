@@ -25,6 +25,7 @@ from torch import nn
 
 from lightning_compress import save_compressed
 from lightning_compress.core.convert import quantizable_targets, quantize_model
+from lightning_compress.core.files import atomic_write_text
 from lightning_compress.demo import MLP, SmallCNN
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -134,9 +135,7 @@ def main() -> None:
         cells = ["n/a" if r[c] is None else f"{r[c]:.4f}" for c in cols]
         md.append(f"| {r['model']} | {r['float32_bytes'] / 2**20:.2f} | " + " | ".join(cells) + " |")
     for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", "\n".join(md) + "\n")):
-        tmp = args.out / f".{stem}{suffix}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, args.out / f"{stem}{suffix}")
+        atomic_write_text(args.out / f"{stem}{suffix}", text)
     print(f"wrote {args.out / stem}.md and .json")
 
 

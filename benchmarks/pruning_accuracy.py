@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -30,6 +29,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_compress import PruningCallback, compression_report
+from lightning_compress.core.files import atomic_write_text
 from lightning_compress.demo import MLP, Classifier, DigitsDataModule
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -87,12 +87,6 @@ def _summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -158,8 +152,10 @@ def main() -> None:
         )
     name = "pruning_accuracy_smoke" if args.smoke else "pruning_accuracy"
     meta = {"command": command, "recipe": recipe, "epochs": args.epochs, "seeds": args.seeds, "pruning": args.pruning}
-    _atomic_write(args.out / f"{name}.md", "\n".join(lines) + "\n")
-    _atomic_write(args.out / f"{name}.json", json.dumps({**meta, "summary": summary, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(args.out / f"{name}.md", "\n".join(lines) + "\n")
+    atomic_write_text(
+        args.out / f"{name}.json", json.dumps({**meta, "summary": summary, "rows": rows}, indent=2) + "\n"
+    )
     print("\n".join(lines))
 
 

@@ -57,6 +57,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import PruningCallback
+from lightning_compress.core.files import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = ("none", "empty callback", "PruningCallback", "ModelPruning", "PruningCallback, gradual")
@@ -243,12 +244,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "cpu"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _mechanisms(args: argparse.Namespace, data: TensorDataset) -> list[dict[str, Any]]:
@@ -452,8 +447,8 @@ def main() -> None:
         ]
     suffix = "" if (args.model, args.device) == ("mlp", "cpu") else f"_{args.model}_{args.device}"
     suffix += "_smoke" if args.smoke else ""
-    _atomic_write(args.out / f"pruning_step_time{suffix}.md", "\n".join(lines) + "\n")
-    _atomic_write(
+    atomic_write_text(args.out / f"pruning_step_time{suffix}.md", "\n".join(lines) + "\n")
+    atomic_write_text(
         args.out / f"pruning_step_time{suffix}.json",
         json.dumps({**meta, "rows": rows, "mechanisms": mechanisms}, indent=2) + "\n",
     )

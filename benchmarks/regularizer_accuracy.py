@@ -38,6 +38,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_compress import PruningCallback, SparseRegularizer
+from lightning_compress.core.files import atomic_write_text
 from lightning_compress.core.selection import select_targets
 from lightning_compress.demo import MLP, Classifier, DigitsDataModule
 
@@ -290,12 +291,6 @@ def _markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; checks that the script runs")
@@ -336,9 +331,9 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "regularizer_accuracy_smoke" if args.smoke else "regularizer_accuracy"
-    _write(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
     markdown = _markdown(result)
-    _write(args.out / f"{stem}.md", markdown)
+    atomic_write_text(args.out / f"{stem}.md", markdown)
     print(markdown)
 
 

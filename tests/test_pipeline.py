@@ -27,7 +27,6 @@ from lightning_compress.pipeline import (
     measure_latencies,
     write_figure,
 )
-from lightning_compress.pipeline.files import atomic_torch_save, atomic_write_text
 
 QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
 
@@ -287,28 +286,6 @@ def test_batches_without_a_tensor_input_are_refused(tmp_path):
 
     with pytest.raises(CompressionConfigError, match="Expected the batches to be a tensor or a tuple"):
         _trainer(tmp_path).compress(DictClassifier(backbone=MLP(hidden=(8,))), DictData())
-
-
-def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
-    path = tmp_path / "model.pt"
-    atomic_torch_save({"a": torch.ones(2)}, path)
-
-    def broken_save(obj, f):
-        f.write(b"half")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        atomic_torch_save({"a": torch.zeros(2)}, path)
-    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
-    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
-
-
-def test_atomic_files_get_the_permissions_of_a_plain_file(tmp_path):
-    plain = tmp_path / "plain.txt"
-    plain.write_text("x")
-    atomic_write_text(tmp_path / "atomic.txt", "x")
-    assert (tmp_path / "atomic.txt").stat().st_mode == plain.stat().st_mode
 
 
 def test_a_compression_fit_bounded_by_steps(tmp_path, caplog):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.convert import int8_layers
+from lightning_compress.core.files import atomic_torch_save
 from lightning_compress.core.qmodules import MODES, Int8Conv2d, Int8Linear, _Int8Base
 from lightning_compress.core.qtransformer import adapt_parents
 
@@ -126,21 +126,6 @@ def _layer_meta(module: nn.Module) -> dict[str, dict[str, Any]]:
     }
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 @torch.no_grad()
 def save_compressed(module: nn.Module, path: str | os.PathLike[str]) -> None:
     """Write ``module`` (float, pruned or int8) to one artifact file, atomically.
@@ -178,7 +163,7 @@ def save_compressed(module: nn.Module, path: str | os.PathLike[str]) -> None:
         "tensors": tensors,
         "packed": packed,
     }
-    _atomic_save(artifact, Path(path))
+    atomic_torch_save(artifact, Path(path))
 
 
 def _read(path: str | os.PathLike[str]) -> dict[str, Any]:

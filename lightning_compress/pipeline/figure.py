@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from lightning_compress.pipeline.files import atomic_write
+from lightning_compress.core.files import atomic_write
 from lightning_compress.pipeline.result import ComparisonResult
 
 __all__ = ["MATPLOTLIB_HINT", "matplotlib_available", "write_figure"]

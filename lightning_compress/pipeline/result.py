@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_compress.core.files import atomic_write_text
 from lightning_compress.core.report import _human_bytes
-from lightning_compress.pipeline.files import atomic_write_text
 from lightning_compress.pipeline.measure import Measurement
 
 __all__ = ["REPORT_VERSION", "ComparisonResult", "atomic_write_text"]

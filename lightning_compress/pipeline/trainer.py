@@ -18,10 +18,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_compress.__about__ import __version__
 from lightning_compress._warnings import lightning_info_filtered, quiet_known_warnings
+from lightning_compress.core.files import atomic_write_text
 from lightning_compress.core.selection import compression_root
 from lightning_compress.errors import CompressionConfigError, check_choice, check_number, config_error
 from lightning_compress.pipeline.figure import MATPLOTLIB_HINT, matplotlib_available, write_figure
-from lightning_compress.pipeline.files import atomic_write_text
 from lightning_compress.pipeline.measure import batch_input, measure, measure_latencies
 from lightning_compress.pipeline.result import ComparisonResult
 
