@@ -265,7 +265,8 @@ def main() -> None:
         "",
         f"torch {torch.__version__}, {threads} threads, CPU capability {result['cpu_capability']};"
         f" medians of {rounds} interleaved rounds; torchao: {tao_note}; 1-minute load average"
-        f" {load[0]:.1f} before, {load[1]:.1f} after (other processes shared the cores).",
+        f" {load[0]:.1f} before, {load[1]:.1f} after on {os.cpu_count()} cores"
+        + (" (other processes shared the cores)." if max(load) > 0.5 * (os.cpu_count() or 1) + threads else "."),
         "",
         f"## 4-layer MLP, width {width} (latency ratio to float32; lower is faster)",
         "",
