@@ -178,7 +178,58 @@ def _load_digits() -> tuple[Tensor, Tensor]:
     return x, y
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class _SplitDataModule(pl.LightningDataModule):
+    """Train, validation and test sets that ``setup`` fills, and one DataLoader recipe for all of them.
+
+    The training set is shuffled by an :class:`EpochShuffleSampler`, so a resumed run sees the same
+    batches; prediction runs on the test set.
+    """
+
+    def __init__(self, batch_size: int, seed: int, num_workers: int) -> None:
+        super().__init__()
+        check_number("batch_size", batch_size, low=1, integer=True)
+        check_number("num_workers", num_workers, low=0, integer=True)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.train_set: Dataset[Any] | None = None
+        self.val_set: Dataset[Any] | None = None
+        self.test_set: Dataset[Any] | None = None
+
+    def _loader(self, dataset: Dataset[Any] | None, shuffle: bool) -> DataLoader[Any]:
+        if dataset is None:  # setup() always fills the three sets
+            raise RuntimeError(f"{type(self).__name__}.setup() did not run")
+        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None  # type: ignore[arg-type]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    @override
+    def train_dataloader(self) -> DataLoader[Any]:
+        self.setup("fit")
+        return self._loader(self.train_set, shuffle=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader[Any]:
+        self.setup("validate")
+        return self._loader(self.val_set, shuffle=False)
+
+    @override
+    def test_dataloader(self) -> DataLoader[Any]:
+        self.setup("test")
+        return self._loader(self.test_set, shuffle=False)
+
+    @override
+    def predict_dataloader(self) -> DataLoader[Any]:
+        self.setup("predict")
+        return self._loader(self.test_set, shuffle=False)
+
+
+class DigitsDataModule(_SplitDataModule):
     """scikit-learn's 8x8 digits (1,797 images, 10 classes) with a seeded train/val/test split.
 
     Images are ``float32`` tensors of shape ``(channels, 8, 8)`` scaled to ``[0, 1]``; the split does
@@ -203,20 +254,13 @@ class DigitsDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         channels: int = 1,
     ) -> None:
-        super().__init__()
-        check_number("batch_size", batch_size, low=1, integer=True)
+        super().__init__(batch_size, seed, num_workers)
         check_number("val_fraction", val_fraction, low=0.0, high=0.5, low_inclusive=False)
         check_number("test_fraction", test_fraction, low=0.0, high=0.5, low_inclusive=False)
         check_number("channels", channels, low=1, integer=True)
-        self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
-        self.seed = seed
-        self.num_workers = num_workers
         self.channels = channels
-        self.train_set: Dataset[Any] | None = None
-        self.val_set: Dataset[Any] | None = None
-        self.test_set: Dataset[Any] | None = None
 
     @override
     def prepare_data(self) -> None:
@@ -235,32 +279,6 @@ class DigitsDataModule(pl.LightningDataModule):
         self.train_set = TensorDataset(x[train_idx], y[train_idx])
         self.val_set = TensorDataset(x[val_idx], y[val_idx])
         self.test_set = TensorDataset(x[test_idx], y[test_idx])
-
-    def _loader(self, dataset: Dataset[Any] | None, shuffle: bool) -> DataLoader[Any]:
-        if dataset is None:  # setup() always fills the three sets
-            raise RuntimeError("DigitsDataModule.setup() did not run")
-        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None  # type: ignore[arg-type]
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
-
-    @override
-    def train_dataloader(self) -> DataLoader[Any]:
-        self.setup()
-        return self._loader(self.train_set, shuffle=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader[Any]:
-        self.setup()
-        return self._loader(self.val_set, shuffle=False)
-
-    @override
-    def test_dataloader(self) -> DataLoader[Any]:
-        self.setup()
-        return self._loader(self.test_set, shuffle=False)
-
-    @override
-    def predict_dataloader(self) -> DataLoader[Any]:
-        self.setup()
-        return self._loader(self.test_set, shuffle=False)
 
 
 _MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
@@ -301,7 +319,7 @@ def _mnist(data_dir: str, train: bool, download: bool) -> Any:
         ) from err
 
 
-class MNISTDataModule(pl.LightningDataModule):
+class MNISTDataModule(_SplitDataModule):
     """torchvision's MNIST (60,000 training and 10,000 test images of 28x28 digits), downloaded on first use.
 
     Images are ``float32`` tensors of shape ``(1, 28, 28)``, normalized with MNIST's mean and standard
@@ -328,19 +346,11 @@ class MNISTDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         download: bool = True,
     ) -> None:
-        super().__init__()
-        check_number("batch_size", batch_size, low=1, integer=True)
+        super().__init__(batch_size, seed, num_workers)
         check_number("val_fraction", val_fraction, low=0.0, high=0.5, low_inclusive=False)
-        check_number("num_workers", num_workers, low=0, integer=True)
         self.data_dir = data_dir
-        self.batch_size = batch_size
         self.val_fraction = val_fraction
-        self.seed = seed
-        self.num_workers = num_workers
         self.download = download
-        self.train_set: Dataset[Any] | None = None
-        self.val_set: Dataset[Any] | None = None
-        self.test_set: Dataset[Any] | None = None
 
     @override
     def prepare_data(self) -> None:
@@ -358,35 +368,3 @@ class MNISTDataModule(pl.LightningDataModule):
         self.train_set = _NormalizedImages(train.data[train_idx], train.targets[train_idx])
         self.val_set = _NormalizedImages(train.data[val_idx], train.targets[val_idx])
         self.test_set = _NormalizedImages(test.data, test.targets)
-
-    def _loader(self, dataset: Dataset[Any] | None, shuffle: bool) -> DataLoader[Any]:
-        if dataset is None:  # setup() always fills the three sets
-            raise RuntimeError("MNISTDataModule.setup() did not run")
-        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None  # type: ignore[arg-type]
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    @override
-    def train_dataloader(self) -> DataLoader[Any]:
-        self.setup()
-        return self._loader(self.train_set, shuffle=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader[Any]:
-        self.setup()
-        return self._loader(self.val_set, shuffle=False)
-
-    @override
-    def test_dataloader(self) -> DataLoader[Any]:
-        self.setup()
-        return self._loader(self.test_set, shuffle=False)
-
-    @override
-    def predict_dataloader(self) -> DataLoader[Any]:
-        self.setup()
-        return self._loader(self.test_set, shuffle=False)
