@@ -18,16 +18,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_compress import PruningCallback
 from lightning_compress.core.schedules import PruningWindow, sparsity_at
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train ~10x faster on one intra-op thread than on two when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 BATCHES = 10
 
 

@@ -11,16 +11,6 @@ import yaml
 
 from lightning_compress.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train ~10x faster on one intra-op thread than on two when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 FAST = [
     "--trainer.max_epochs=2",
     "--trainer.limit_train_batches=4",

@@ -14,15 +14,6 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from lightning_compress import CompressionConfigError, PruningCallback
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train ~10x faster on one intra-op thread than on two when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Net(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()

@@ -16,16 +16,6 @@ from lightning_compress import PruningCallback
 from lightning_compress.callbacks._mask_keeper import _ZERO_PRESERVING, _MaskKeeper, preserves_zeros
 from lightning_compress.core.masks import magnitude_masks
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train ~10x faster on one intra-op thread than on two when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 OPTIMIZERS = {
     "sgd-nesterov-wd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
     "sgd-dampening-maximize": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.5, dampening=0.3, maximize=True),

@@ -20,16 +20,6 @@ from lightning_compress.demo import MLP, Classifier, DigitsDataModule
 torchvision = pytest.importorskip("torchvision")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train ~10x faster on one intra-op thread than on two when the cores are shared
-    (convolution backward ~30x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Vision(pl.LightningModule):
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()

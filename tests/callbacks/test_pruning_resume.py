@@ -16,15 +16,6 @@ from lightning_compress import PruningCallback
 from lightning_compress.demo import MLP, Classifier, DigitsDataModule
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train ~10x faster on one intra-op thread than on two when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _trainer(root, callbacks: list[Callback], max_epochs: int, checkpoints: bool = False) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=max_epochs,
