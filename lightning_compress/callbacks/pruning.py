@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -81,8 +81,8 @@ class PruningCallback(Callback):
         start_epoch: int = 0,
         end_epoch: int | None = None,
         update_every_n_steps: int = DEFAULT_UPDATE_EVERY_N_STEPS,
-        include: Sequence[str] = DEFAULT_PRUNE_TYPES,
-        exclude: Sequence[str] = (),
+        include: list[str] = list(DEFAULT_PRUNE_TYPES),  # noqa: B006 - never mutated; a plain list for the CLI
+        exclude: list[str] = [],  # noqa: B006
         verbose: int = 1,
     ) -> None:
         super().__init__()

@@ -102,8 +102,8 @@ def penalty_of(weights: Sequence[Tensor], penalty: str = "l1") -> Tensor:
 def sparse_penalty(
     module: nn.Module,
     penalty: str = "l1",
-    include: Sequence[str] = DEFAULT_PRUNE_TYPES,
-    exclude: Sequence[str] = (),
+    include: list[str] = list(DEFAULT_PRUNE_TYPES),  # noqa: B006 - never mutated; the contract's list
+    exclude: list[str] = [],  # noqa: B006
 ) -> Tensor:
     r"""The sparsity penalty :math:`\Omega` of a model's selected weights, differentiable.
 

@@ -1,0 +1,101 @@
+"""The public contract of DESIGN.md: names, argument kinds and defaults that users and configs rely on."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+import lightning_compress
+
+PUBLIC = {
+    "PruningCallback",
+    "SparseRegularizer",
+    "QuantizeOnFitEnd",
+    "DistillationModule",
+    "CompressionConfigError",
+    "compression_report",
+    "save_compressed",
+    "load_compressed",
+    "sparse_penalty",
+}
+
+KW = inspect.Parameter.KEYWORD_ONLY
+POS = inspect.Parameter.POSITIONAL_OR_KEYWORD
+REQUIRED = inspect.Parameter.empty
+
+CONTRACT = {
+    "PruningCallback": [
+        ("target_sparsity", POS, REQUIRED),
+        ("method", KW, "magnitude"),
+        ("scope", KW, "global"),
+        ("schedule", KW, "cubic"),
+        ("initial_sparsity", KW, 0.0),
+        ("start_epoch", KW, 0),
+        ("end_epoch", KW, None),
+        ("update_every_n_steps", KW, 10),
+        ("include", KW, ["Linear", "Conv1d", "Conv2d", "Conv3d"]),
+        ("exclude", KW, []),
+        ("verbose", KW, 1),
+    ],
+    "SparseRegularizer": [
+        ("strength", POS, 1e-4),
+        ("penalty", KW, "l1"),
+        ("proximal", KW, False),
+        ("include", KW, ["Linear", "Conv1d", "Conv2d", "Conv3d"]),
+        ("exclude", KW, []),
+    ],
+    "QuantizeOnFitEnd": [
+        ("mode", POS, "dynamic"),
+        ("per_channel", KW, True),
+        ("calibration_batches", KW, 32),
+        ("include", KW, ["Linear", "Conv2d"]),
+        ("exclude", KW, []),
+        ("save_path", KW, None),
+        ("verbose", KW, 1),
+    ],
+    "DistillationModule": [
+        ("student", POS, REQUIRED),
+        ("teacher", POS, REQUIRED),
+        ("temperature", KW, 4.0),
+        ("alpha", KW, 0.9),
+        ("teacher_checkpoint", KW, None),
+        ("num_classes", KW, None),
+        ("lr", KW, 1e-3),
+    ],
+    "compression_report": [("module", POS, REQUIRED)],
+    "save_compressed": [("module", POS, REQUIRED), ("path", POS, REQUIRED)],
+    "load_compressed": [("path", POS, REQUIRED), ("module", POS, REQUIRED)],
+    "sparse_penalty": [
+        ("module", POS, REQUIRED),
+        ("penalty", POS, "l1"),
+        ("include", POS, ["Linear", "Conv1d", "Conv2d", "Conv3d"]),
+        ("exclude", POS, []),
+    ],
+}
+
+
+def test_all_lists_the_public_names():
+    assert set(lightning_compress.__all__) >= PUBLIC
+    for name in lightning_compress.__all__:
+        assert getattr(lightning_compress, name) is not None
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT))
+def test_arguments_and_defaults_match_the_contract(name):
+    parameters = inspect.signature(getattr(lightning_compress, name)).parameters
+    for argument, kind, default in CONTRACT[name]:
+        assert argument in parameters, f"{name} lost `{argument}`"
+        parameter = parameters[argument]
+        assert parameter.kind == kind, f"{name}({argument}) is {parameter.kind}, expected {kind}"
+        assert parameter.default == default and type(parameter.default) is type(default), (
+            f"{name}({argument}) defaults to {parameter.default!r}, expected {default!r}"
+        )
+    # Arguments beyond the contract are optional keywords, so no call written against it breaks.
+    documented = {argument for argument, _, _ in CONTRACT[name]}
+    for extra in set(parameters) - documented:
+        assert parameters[extra].kind == KW and parameters[extra].default is not REQUIRED, extra
+
+
+def test_configuration_error_is_a_value_error():
+    assert issubclass(lightning_compress.CompressionConfigError, ValueError)
