@@ -9,7 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -112,6 +112,7 @@ class PruningCallback(Callback):
         self._applied: float | None = None  # scheduled sparsity of the current masks
         self._achieved: float | None = None  # zeros among the selected weights, last measured
         self._loaded: dict[str, Any] | None = None
+        self._cut_off: set[str] = set()  # layers already reported as entirely pruned
 
     # ------------------------------------------------------------------ public views
 
@@ -328,6 +329,7 @@ class PruningCallback(Callback):
         keeper.set_masks(masks)
         self._masks = keeper.masks
         self._applied = target
+        self._warn_cut_off(trainer.global_step)
         self._achieved = keeper.zeros_fraction()
         pl_module.log("pruning/sparsity", self._achieved, on_step=True, on_epoch=False)
         pl_module.log("pruning/target", target, on_step=True, on_epoch=False)
@@ -336,6 +338,22 @@ class PruningCallback(Callback):
                 f"PruningCallback: step {trainer.global_step}, scheduled sparsity {target:.2%},"
                 f" achieved {self._achieved:.2%}"
             )
+
+    def _warn_cut_off(self, step: int) -> None:
+        """Warn when a layer has lost every weight, which disconnects the network there.
+
+        One global threshold can do that to a layer whose weights are all small (as a wide layer's
+        are at initialization).
+        """
+        cut = sorted(name for name, mask in self._masks.items() if not bool(mask.any()) and name not in self._cut_off)
+        if not cut:
+            return
+        self._cut_off.update(cut)
+        rank_zero_warn(
+            f"PruningCallback: at step {step} the {self.scope} {self.method} masks removed every weight of {cut},"
+            " which cuts the network there. Consider `scope='layer'`, a later `start_epoch` (prune a trained"
+            " network), or `exclude` for these layers."
+        )
 
     # ------------------------------------------------------------------ checkpointing
 

@@ -330,3 +330,38 @@ def test_tied_weights_are_pruned_once(tmp_path) -> None:
     _trainer(tmp_path, [pruning], max_epochs=1).fit(model, _loader())
     assert "extra.weight" not in pruning.masks and "body.0.weight" in pruning.masks
     assert math.isclose(pruning.sparsity or 0.0, 0.5, abs_tol=1e-3)
+
+
+class _TwoScales(pl.LightningModule):
+    """A wide layer whose weights are all far smaller than its neighbour's, as at initialization."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big = nn.Linear(4, 8)
+        self.small = nn.Linear(8, 2)
+        with torch.no_grad():
+            self.big.weight.mul_(100.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.small(torch.relu(self.big(x)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), batch_size=4)
+
+
+def test_warns_when_global_pruning_cuts_a_layer_off(tmp_path) -> None:
+    model = _TwoScales()
+    pruning = PruningCallback(0.5, schedule="constant", verbose=0)
+    with pytest.warns(UserWarning, match=r"removed every weight of \['small.weight'\], which cuts the network there"):
+        _trainer(tmp_path, [pruning], max_epochs=1).fit(model)
+    # One threshold over both layers: the 16 small weights are the 16 smallest of the 48, and the
+    # other 8 of the 24 to prune come from the big layer.
+    assert not pruning.masks["small.weight"].any()
+    assert int((~pruning.masks["big.weight"]).sum()) == 8
