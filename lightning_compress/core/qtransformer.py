@@ -22,6 +22,24 @@ from lightning_compress.core.qmodules import Int8Linear
 __all__ = ["Int8MultiheadAttention", "Int8TransformerEncoderLayer", "adapt_parents"]
 
 
+def _canonical_masks(
+    padding_mask: Tensor | None, attn_mask: Tensor | None, dtype: torch.dtype, names: tuple[str, str]
+) -> tuple[Tensor | None, Tensor | None]:
+    """Both masks as PyTorch's own modules prepare them: bool masks become float ``-inf``/``0`` of ``dtype``."""
+    padding_name, attn_name = names
+    padding_mask = F._canonical_mask(
+        mask=padding_mask,
+        mask_name=padding_name,
+        other_type=F._none_or_dtype(attn_mask),
+        other_name=attn_name,
+        target_type=dtype,
+    )
+    attn_mask = F._canonical_mask(
+        mask=attn_mask, mask_name=attn_name, other_type=None, other_name="", target_type=dtype, check_other=False
+    )
+    return padding_mask, attn_mask
+
+
 class Int8MultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose ``out_proj`` is an :class:`Int8Linear`.
 
@@ -48,20 +66,8 @@ class Int8MultiheadAttention(nn.MultiheadAttention):
         out_weight = out_proj.dequantize_weight(query.dtype) if isinstance(out_proj, Int8Linear) else out_proj.weight
         out_bias = out_proj.bias
         is_batched = query.dim() == 3
-        key_padding_mask = F._canonical_mask(
-            mask=key_padding_mask,
-            mask_name="key_padding_mask",
-            other_type=F._none_or_dtype(attn_mask),
-            other_name="attn_mask",
-            target_type=query.dtype,
-        )
-        attn_mask = F._canonical_mask(
-            mask=attn_mask,
-            mask_name="attn_mask",
-            other_type=None,
-            other_name="",
-            target_type=query.dtype,
-            check_other=False,
+        key_padding_mask, attn_mask = _canonical_masks(
+            key_padding_mask, attn_mask, query.dtype, ("key_padding_mask", "attn_mask")
         )
         if self.batch_first and is_batched:
             if key is value:
@@ -114,20 +120,8 @@ class Int8TransformerEncoderLayer(nn.TransformerEncoderLayer):
         src_key_padding_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:
-        src_key_padding_mask = F._canonical_mask(
-            mask=src_key_padding_mask,
-            mask_name="src_key_padding_mask",
-            other_type=F._none_or_dtype(src_mask),
-            other_name="src_mask",
-            target_type=src.dtype,
-        )
-        src_mask = F._canonical_mask(
-            mask=src_mask,
-            mask_name="src_mask",
-            other_type=None,
-            other_name="",
-            target_type=src.dtype,
-            check_other=False,
+        src_key_padding_mask, src_mask = _canonical_masks(
+            src_key_padding_mask, src_mask, src.dtype, ("src_key_padding_mask", "src_mask")
         )
         x = src
         if self.norm_first:
