@@ -3,9 +3,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quiet_trainer
 from mnist_files import write_tiny_mnist
 
 from lightning_compress import CompressionConfigError
@@ -89,14 +89,7 @@ def test_mnist_trains_a_classifier(tiny_mnist, tmp_path, backbone):
     root, _ = tiny_mnist
     model = Classifier(backbone=backbone)
     dm = MNISTDataModule(data_dir=str(root), batch_size=16, val_fraction=0.25, download=False)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1, num_sanity_val_steps=2)
     before = [p.detach().clone() for p in model.parameters()]
     trainer.fit(model, dm)
     (metrics,) = trainer.test(model, dm, verbose=False)

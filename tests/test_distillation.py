@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -20,18 +21,7 @@ from lightning_compress.demo import MLP, DigitsDataModule
 
 
 def _trainer(tmp_path: Path, **kwargs: Any) -> pl.Trainer:
-    defaults: dict[str, Any] = {
-        "max_epochs": 1,
-        "limit_train_batches": 3,
-        "limit_val_batches": 2,
-        "num_sanity_val_steps": 0,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "default_root_dir": tmp_path,
-    }
-    return pl.Trainer(**{**defaults, **kwargs})
+    return quiet_trainer(tmp_path, **{"max_epochs": 1, "limit_train_batches": 3, "limit_val_batches": 2, **kwargs})
 
 
 def _teacher_with_state() -> nn.Module:

@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
@@ -16,18 +17,7 @@ from lightning_compress.demo import MLP, Classifier, DigitsDataModule
 
 
 def _trainer(tmp_path: Path, **kwargs: Any) -> pl.Trainer:
-    defaults: dict[str, Any] = {
-        "max_epochs": 1,
-        "limit_train_batches": 4,
-        "limit_val_batches": 1,
-        "num_sanity_val_steps": 0,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "default_root_dir": tmp_path,
-    }
-    return pl.Trainer(**{**defaults, **kwargs})
+    return quiet_trainer(tmp_path, **{"max_epochs": 1, "limit_train_batches": 4, "limit_val_batches": 1, **kwargs})
 
 
 def _teacher() -> nn.Module:

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from helpers import quiet_trainer
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
@@ -24,17 +25,9 @@ from lightning_compress.demo import MLP, DigitsDataModule
 
 
 def _trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
-    defaults: dict[str, Any] = {
-        "max_epochs": 3,
-        "limit_train_batches": 6,
-        "limit_val_batches": 2,
-        "num_sanity_val_steps": 0,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-    }
-    return pl.Trainer(default_root_dir=tmp_path, callbacks=callbacks, **{**defaults, **kwargs})
+    return quiet_trainer(
+        tmp_path, callbacks=callbacks, **{"max_epochs": 3, "limit_train_batches": 6, "limit_val_batches": 2, **kwargs}
+    )
 
 
 def _teacher_state(module: DistillationModule) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quiet_trainer
 from torch import nn
 
 from lightning_compress import (
@@ -28,22 +29,19 @@ from lightning_compress.pipeline import (
     write_figure,
 )
 
-QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
-
 
 def _trainer(tmp_path: Path, callbacks=None, **kwargs) -> CompressTrainer:
     settings = {
-        **QUIET,
         "max_epochs": 2,
         "limit_train_batches": 4,
         "limit_val_batches": 1,
         "limit_test_batches": 2,
-        "default_root_dir": tmp_path,
+        "num_sanity_val_steps": 2,
         **kwargs,
     }
     if callbacks is None:
         callbacks = [PruningCallback(0.5, verbose=0), SparseRegularizer(1e-5, verbose=0), QuantizeOnFitEnd(verbose=0)]
-    return CompressTrainer(callbacks=callbacks, **settings)
+    return quiet_trainer(tmp_path, trainer_class=CompressTrainer, callbacks=callbacks, **settings)
 
 
 def _model() -> Classifier:
@@ -51,7 +49,7 @@ def _model() -> Classifier:
 
 
 def _test_accuracy(module: pl.LightningModule, tmp_path: Path) -> float:
-    trainer = pl.Trainer(**QUIET, limit_test_batches=2, default_root_dir=tmp_path)
+    trainer = quiet_trainer(tmp_path, limit_test_batches=2, num_sanity_val_steps=2)
     return trainer.test(module, DigitsDataModule(batch_size=32), verbose=False)[0]["test/acc"]
 
 

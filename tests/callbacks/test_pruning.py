@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
@@ -52,16 +53,7 @@ def _loader(batches: int = BATCHES) -> DataLoader:
 
 
 def _trainer(tmp_path, callbacks, max_epochs: int = 3, **kwargs: Any) -> pl.Trainer:
-    kwargs.setdefault("enable_checkpointing", False)
-    return pl.Trainer(
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=kwargs.pop("logger", False),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **kwargs,
-    )
+    return quiet_trainer(tmp_path, max_epochs=max_epochs, callbacks=callbacks, **kwargs)
 
 
 def _weights(model: nn.Module) -> dict[str, Tensor]:

@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quiet_trainer
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
@@ -37,15 +38,7 @@ def _loader() -> DataLoader:
 def _fit_raises(tmp_path, callback: PruningCallback, match: str, loader: Any = None, **trainer_kwargs: Any) -> None:
     model = Net()
     trainer_kwargs.setdefault("max_epochs", 3)
-    trainer = pl.Trainer(
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **trainer_kwargs,
-    )
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], **trainer_kwargs)
     with pytest.raises(CompressionConfigError, match=match):
         trainer.fit(model, loader if loader is not None else _loader())
     assert model.steps_run == 0, "the error came after training started"

@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -148,15 +149,7 @@ class Guarded(Callback):
 
 def _fit(model: pl.LightningModule, callbacks: list[Callback], tmp_path) -> None:
     data = TensorDataset(torch.randn(48, 8), torch.randint(0, 2, (48,)))
-    pl.Trainer(
-        max_epochs=2,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    ).fit(model, DataLoader(data, batch_size=8))
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=callbacks).fit(model, DataLoader(data, batch_size=8))
 
 
 @pytest.mark.parametrize(

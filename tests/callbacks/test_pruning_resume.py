@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor
 
@@ -17,16 +18,13 @@ from lightning_compress.demo import MLP, Classifier, DigitsDataModule
 
 
 def _trainer(root, callbacks: list[Callback], max_epochs: int, checkpoints: bool = False) -> pl.Trainer:
-    return pl.Trainer(
+    return quiet_trainer(
+        root,
         max_epochs=max_epochs,
         callbacks=callbacks,
-        logger=False,
         enable_checkpointing=checkpoints,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_train_batches=8,
         limit_val_batches=0,
-        default_root_dir=root,
     )
 
 

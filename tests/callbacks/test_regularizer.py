@@ -9,6 +9,7 @@ import logging
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -62,14 +63,10 @@ def _trainer(tmp_path, callbacks, max_epochs=2, **kwargs) -> pl.Trainer:
         "max_epochs": max_epochs,
         "accelerator": "cpu",
         "callbacks": callbacks,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
+        "num_sanity_val_steps": 2,
+        **kwargs,
     }
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    return quiet_trainer(tmp_path, **options)
 
 
 def _fit(model, callbacks, tmp_path, max_epochs=2, **kwargs):

@@ -12,6 +12,7 @@ import copy
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.nn import functional as F
@@ -58,16 +59,7 @@ def _loader() -> DataLoader:
 
 def _fit(model: pl.LightningModule, callbacks: list, tmp_path, **trainer_kwargs) -> pl.LightningModule:
     trainer_kwargs.setdefault("max_epochs", 2)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **trainer_kwargs,
-    )
+    trainer = quiet_trainer(tmp_path, accelerator="cpu", callbacks=callbacks, **trainer_kwargs)
     trainer.fit(model, _loader())
     return model
 
@@ -120,16 +112,8 @@ def test_adding_the_penalty_once_per_window_regardless_of_its_length_would_diffe
     by_hand = copy.deepcopy(with_callback)
     by_hand.hand_strength = STRENGTH
     one_step_strength = copy.deepcopy(with_callback)
-    trainer_kwargs = {
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-    }
     for model, callbacks in ((with_callback, [SparseRegularizer(STRENGTH, verbose=0)]), (by_hand, [])):
-        pl.Trainer(callbacks=callbacks, **kwargs, **trainer_kwargs).fit(model, _loader())
+        _fit(model, callbacks, tmp_path, **kwargs)
     torch.testing.assert_close(
         list(with_callback.parameters()), list(by_hand.parameters()), rtol=0, atol=1e-7, check_dtype=True
     )
@@ -139,7 +123,7 @@ def test_adding_the_penalty_once_per_window_regardless_of_its_length_would_diffe
         def on_after_backward(self, trainer, pl_module):
             self._backwards = trainer.accumulate_grad_batches
 
-    pl.Trainer(callbacks=[Naive(STRENGTH, verbose=0)], **kwargs, **trainer_kwargs).fit(one_step_strength, _loader())
+    _fit(one_step_strength, [Naive(STRENGTH, verbose=0)], tmp_path, **kwargs)
     assert _max_diff(one_step_strength, by_hand) > 1e-5
 
 
