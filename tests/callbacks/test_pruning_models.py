@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.demos.boring_classes import BoringModel, ManualOptimBoringModel
 from lightning.pytorch.demos.transformer import LightningTransformer
@@ -38,16 +40,9 @@ def _images(n: int = 4) -> DataLoader:
     return DataLoader(TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,))), batch_size=2)
 
 
-def _fit(model: pl.LightningModule, callback: Callback, loader: Any = None, **kwargs: Any) -> pl.Trainer:
+def _fit(model: pl.LightningModule, callback: Callback, tmp_path, loader: Any = None, **kwargs: Any) -> pl.Trainer:
     kwargs.setdefault("max_epochs", 1)
-    trainer = pl.Trainer(
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], **kwargs)
     trainer.fit(model, loader)
     return trainer
 
@@ -76,7 +71,11 @@ def test_torchvision_models(tmp_path, arch: str, method: str) -> None:
     keys = list(model.state_dict())
     target = 0.5 if method == "2:4" else 0.7
     pruning = PruningCallback(target, method=method, schedule="constant", verbose=0)
-    _fit(model, pruning, _images(), default_root_dir=tmp_path)
+    # One global threshold on an untrained MobileNet removes whole layers whose initial weights are all
+    # small (its classifier among them): the callback says so.
+    cuts = arch == "mobilenet_v3_small" and method == "magnitude"
+    with pytest.warns(UserWarning, match="removed every weight of") if cuts else contextlib.nullcontext():
+        _fit(model, pruning, tmp_path, _images())
     _check_exact(model, pruning)
     convs = {n: m for n, m in backbone.named_modules() if isinstance(m, nn.Conv2d)}
     depthwise = [m for m in convs.values() if m.groups > 1]
@@ -120,7 +119,7 @@ def test_lightning_demo_transformer(tmp_path, method: str) -> None:
     torch.manual_seed(0)
     model = Transformer(vocab_size=50)
     pruning = PruningCallback(0.5, method=method, schedule="constant", verbose=0)
-    _fit(model, pruning, DataLoader(TokenData(), batch_size=2), default_root_dir=tmp_path)
+    _fit(model, pruning, tmp_path, DataLoader(TokenData(), batch_size=2))
     _check_exact(model, pruning)
     # MultiheadAttention reads out_proj.weight without calling out_proj: a forward hook would miss it,
     # real zeros do not.
@@ -135,7 +134,7 @@ def test_lightning_demo_transformer(tmp_path, method: str) -> None:
 def test_lightning_boring_models(tmp_path, model_cls: type[BoringModel]) -> None:
     model = model_cls()
     pruning = PruningCallback(0.5, update_every_n_steps=4, verbose=0)
-    _fit(model, pruning, max_epochs=2, limit_train_batches=16, default_root_dir=tmp_path)
+    _fit(model, pruning, tmp_path, max_epochs=2, limit_train_batches=16)
     _check_exact(model, pruning)
     assert (model.layer.weight == 0).sum() == 32
 
@@ -148,18 +147,14 @@ def test_bf16_mixed_and_accumulation(tmp_path) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             _check_exact(pl_module, pruning) if pruning.masks else None
 
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
+        tmp_path,
         max_epochs=2,
         precision="bf16-mixed",
         accumulate_grad_batches=3,
         limit_train_batches=10,
         limit_val_batches=0,
         callbacks=[pruning, Check()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
     )
     trainer.fit(model, DigitsDataModule())
     assert trainer.global_step == 8  # 10 batches, accumulate 3: 4 steps per epoch

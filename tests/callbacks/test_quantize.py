@@ -8,6 +8,7 @@ import logging
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.nn import functional as F
@@ -33,18 +34,8 @@ def _loader():
 
 
 def _trainer(tmp_path, callbacks, **kwargs):
-    options = {
-        "max_epochs": 2,
-        "accelerator": "cpu",
-        "callbacks": callbacks,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-    }
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    options = {"max_epochs": 2, "accelerator": "cpu", "callbacks": callbacks, "num_sanity_val_steps": 2, **kwargs}
+    return quiet_trainer(tmp_path, **options)
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -259,7 +250,7 @@ def test_pruned_zeros_survive_quantization_in_one_fit(tmp_path):
     from lightning_compress import PruningCallback
 
     model = Classifier(MLP())
-    pruning = PruningCallback(0.8, schedule="constant", verbose=0)
+    pruning = PruningCallback(0.8, scope="layer", schedule="constant", verbose=0)  # no layer cut off
     cb = QuantizeOnFitEnd(calibration_batches=2, save_path=str(tmp_path / "m.pt"))
     zeros = {}
 
