@@ -6,10 +6,13 @@ test modules in its subfolders import it the same way.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
+import torch
 
 _T = TypeVar("_T", bound=pl.Trainer)
 
@@ -34,3 +37,21 @@ def quiet_trainer(
     ``default_root_dir=tmp_path``. ``trainer_class`` builds a subclass such as ``CompressTrainer``.
     """
     return trainer_class(**{**QUIET, "default_root_dir": tmp_path, **kwargs})
+
+
+SCRIPTS = Path(__file__).parent / "scripts"
+"""Scripts the DDP tests run in a subprocess (``strategy="ddp"`` under pytest would re-launch pytest)."""
+
+
+def run_ddp_script(name: str, out: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``tests/scripts/<name> OUT`` (two CPU processes with gloo) and check that it succeeded."""
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / name), str(out)], capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def load_ranks(out: Path, name: str) -> tuple[Any, Any]:
+    """What ranks 0 and 1 saved as ``OUT/<name>_rank<r>.pt``, loaded with ``weights_only=True``."""
+    return tuple(torch.load(out / f"{name}_rank{rank}.pt", weights_only=True) for rank in (0, 1))  # type: ignore[return-value]

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).parent / "scripts" / "ddp_distill.py"
+from helpers import load_ranks, run_ddp_script
 
 
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_ddp_ranks_end_with_the_same_student_and_teacher(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    run_ddp_script("ddp_distill.py", tmp_path)
+    rank0, rank1 = load_ranks(tmp_path, "result")
 
     # Identical student and projection parameters on both ranks after fit.
     assert rank0["state"].keys() == rank1["state"].keys()

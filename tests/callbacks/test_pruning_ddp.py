@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).parents[1] / "scripts" / "ddp_pruning.py"
+from helpers import load_ranks, run_ddp_script
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
     out = tmp_path_factory.mktemp("ddp_pruning")
-    done = subprocess.run([sys.executable, str(SCRIPT), str(out)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return {
-        n: [torch.load(out / f"{n}_rank{r}.pt", weights_only=True) for r in (0, 1)] for n in ("methods", "diverged")
-    }
+    run_ddp_script("ddp_pruning.py", out, timeout=600)
+    return {n: list(load_ranks(out, n)) for n in ("methods", "diverged")}
 
 
 @pytest.mark.ddp

@@ -2,36 +2,26 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import load_ranks, run_ddp_script
 
 from lightning_compress import load_compressed
 from lightning_compress.demo import MLP, Classifier
-
-SCRIPT = Path(__file__).parents[1] / "scripts" / "ddp_quantize.py"
 
 
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_ddp_ranks_hold_identical_int8_weights_and_scales(tmp_path):
-    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-
-    def load(name: str, rank: int) -> dict:
-        return torch.load(tmp_path / f"{name}_rank{rank}.pt", weights_only=True)
-
-    state0, state1 = load("state", 0), load("state", 1)
+    run_ddp_script("ddp_quantize.py", tmp_path)
+    state0, state1 = load_ranks(tmp_path, "state")
     assert state0.keys() == state1.keys()
     for key in state0:
         assert torch.equal(state0[key], state1[key]), key
     assert state0["backbone.net.1.weight"].dtype == torch.int8
 
     # The ranks saw different activations on their own batches; the scales are those of the union.
-    local0, local1 = load("local", 0), load("local", 1)
+    local0, local1 = load_ranks(tmp_path, "local")
     assert any(not torch.equal(local0[n], local1[n]) for n in local0)
     for name in local0:
         low = torch.minimum(local0[name][0], local1[name][0])
@@ -40,7 +30,7 @@ def test_ddp_ranks_hold_identical_int8_weights_and_scales(tmp_path):
         torch.testing.assert_close(state0[f"{name}.input_scale"], expected)
 
     # Both ranks report the same agreement numbers, gathered over all calibration batches.
-    report0, report1 = load("report", 0), load("report", 1)
+    report0, report1 = load_ranks(tmp_path, "report")
     assert report0 == report1 and report0["calibration_batches"] == 6
 
     # Rank zero wrote the artifact (and no temporary file is left); it restores rank zero's model.

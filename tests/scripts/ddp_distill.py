@@ -5,7 +5,7 @@ if each had loaded a different file): DistillationModule broadcasts rank zero's 
 start, so every rank distils from the same one. Each rank trains on its half of the data; DDP
 averages the gradients of the student and of the feature projection.
 
-``OUT_DIR/rank<r>.pt`` (written atomically) holds the rank's student and projection
+``OUT_DIR/result_rank<r>.pt`` (written atomically) holds the rank's student and projection
 ``state_dict``, its teacher's ``state_dict``, rank zero's teacher as it was built, and facts
 checked during training: the parameters DDP wraps, the teacher's mode and its gradients.
 """
@@ -23,13 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import DistillationModule
+from lightning_compress.core.files import atomic_torch_save
 from lightning_compress.demo import MLP
-
-
-def _save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class Facts(pl.Callback):
@@ -79,7 +74,7 @@ def main(out: Path) -> None:
         default_root_dir=out,
     )
     trainer.fit(module, DataLoader(data, batch_size=16, shuffle=True), DataLoader(data, batch_size=32))
-    _save(
+    atomic_torch_save(
         {
             "state": {k: v.clone() for k, v in module.state_dict().items()},
             "teacher": {k: v.clone() for k, v in module.teacher.state_dict().items()},
@@ -89,7 +84,7 @@ def main(out: Path) -> None:
             "val_teacher_acc": float(trainer.callback_metrics["val/teacher_acc"]),
             **facts.facts,
         },
-        out / f"rank{trainer.global_rank}.pt",
+        out / f"result_rank{trainer.global_rank}.pt",
     )
 
 

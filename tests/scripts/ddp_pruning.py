@@ -15,7 +15,6 @@ The files ``OUT_DIR/<fit>_rank<r>.pt`` hold ``{"masks": name -> bool, "state": m
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import PruningCallback
+from lightning_compress.core.files import atomic_torch_save
 
 
 class Net(pl.LightningModule):
@@ -89,10 +89,7 @@ def _fit(name: str, out: Path) -> None:
         "sparsity": {method: cb.sparsity for method, cb in pruning.items()},
         "window": [list(w) for w in sorted(windows)],
     }
-    path = out / f"{name}_rank{trainer.global_rank}.pt"
-    tmp = path.with_suffix(".tmp")
-    torch.save(result, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(result, out / f"{name}_rank{trainer.global_rank}.pt")
 
 
 def main(out: Path) -> None:

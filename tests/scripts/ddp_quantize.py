@@ -16,7 +16,6 @@ Files (written atomically):
 from __future__ import annotations
 
 import copy
-import os
 import sys
 from pathlib import Path
 
@@ -27,15 +26,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import QuantizeOnFitEnd
 from lightning_compress.core.convert import record_input_ranges
+from lightning_compress.core.files import atomic_torch_save
 from lightning_compress.demo import MLP, Classifier
 
 CALIBRATION_BATCHES = 3
-
-
-def _save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class LocalRanges(pl.Callback):
@@ -53,7 +47,7 @@ class LocalRanges(pl.Callback):
                     break
                 net(x)
         ranges = {n: torch.stack([o.min_val, o.max_val]) for n, o in obs.items()}
-        _save(ranges, self.out / f"local_rank{trainer.global_rank}.pt")
+        atomic_torch_save(ranges, self.out / f"local_rank{trainer.global_rank}.pt")
 
 
 def main(out: Path) -> None:
@@ -79,9 +73,11 @@ def main(out: Path) -> None:
     )
     trainer.fit(model, DataLoader(data, batch_size=16, shuffle=True))
     rank = trainer.global_rank
-    _save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, out / f"state_rank{rank}.pt")
+    atomic_torch_save(
+        {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, out / f"state_rank{rank}.pt"
+    )
     report = {k: v for k, v in quantize.report.items() if isinstance(v, (int, float)) and v is not None}
-    _save(report, out / f"report_rank{rank}.pt")
+    atomic_torch_save(report, out / f"report_rank{rank}.pt")
 
 
 if __name__ == "__main__":

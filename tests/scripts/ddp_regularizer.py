@@ -12,7 +12,6 @@ Files: ``OUT_DIR/<fit>_rank<r>.pt`` (``name -> tensor``), written atomically.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import SparseRegularizer, sparse_penalty
+from lightning_compress.core.files import atomic_torch_save
 
 TERMS = [(0.01, "l1", ["head"]), (0.05, "group_lasso", ["body.*"])]
 
@@ -67,10 +67,8 @@ def _fit(model: Net, callbacks: list) -> pl.Trainer:
 
 
 def _save(out: Path, name: str, trainer: pl.Trainer, model: nn.Module) -> None:
-    path = out / f"{name}_rank{trainer.global_rank}.pt"
-    tmp = path.with_suffix(".tmp")
-    torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    atomic_torch_save(state, out / f"{name}_rank{trainer.global_rank}.pt")
 
 
 def main(out: Path) -> None:
