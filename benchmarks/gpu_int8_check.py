@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_compress.core.convert import quantizable_targets, quantize_model, record_input_ranges
 from lightning_compress.core.files import atomic_write_text
-from lightning_compress.core.qmodules import Int8Linear, int8_mm
-from lightning_compress.core.quant import quantize_rows
+from lightning_compress.core.quant.convert import quantizable_targets, quantize_model, record_input_ranges
+from lightning_compress.core.quant.modules import Int8Linear, int8_mm
+from lightning_compress.core.quant.primitives import quantize_rows
 from lightning_compress.demo import MLP, SmallCNN
 
 RESULTS = Path(__file__).resolve().parent / "results"

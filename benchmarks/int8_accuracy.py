@@ -22,8 +22,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_compress.core.convert import quantizable_targets, quantize_model, record_input_ranges
 from lightning_compress.core.files import atomic_write_text
+from lightning_compress.core.quant.convert import quantizable_targets, quantize_model, record_input_ranges
 from lightning_compress.demo import MLP, Classifier, DigitsDataModule, SmallCNN
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -32,10 +32,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_compress.core.convert import quantizable_targets, quantize_model
 from lightning_compress.core.files import atomic_write_text
-from lightning_compress.core.qmodules import Int8Conv2d
-from lightning_compress.core.quant import quantize_rows
+from lightning_compress.core.quant.convert import quantizable_targets, quantize_model
+from lightning_compress.core.quant.modules import Int8Conv2d
+from lightning_compress.core.quant.primitives import quantize_rows
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -55,7 +55,7 @@ def ours(model: nn.Module, mode: str, calib: Tensor | None = None) -> nn.Module:
     ranges = None
     if mode == "static":
         assert calib is not None
-        from lightning_compress.core.convert import record_input_ranges
+        from lightning_compress.core.quant.convert import record_input_ranges
 
         with torch.no_grad(), record_input_ranges({t.name: t.module for t in targets}) as obs:
             model(calib)

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from lightning_compress import save_compressed
-from lightning_compress.core.convert import quantizable_targets, quantize_model
 from lightning_compress.core.files import atomic_write_text
+from lightning_compress.core.quant.convert import quantizable_targets, quantize_model
 from lightning_compress.demo import MLP, SmallCNN
 
 RESULTS = Path(__file__).resolve().parent / "results"

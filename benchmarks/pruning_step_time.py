@@ -257,8 +257,8 @@ def _mechanisms(args: argparse.Namespace, data: TensorDataset) -> list[dict[str,
     """
     from torch.nn.utils import prune
 
-    from lightning_compress.callbacks._mask_keeper import _MaskKeeper
-    from lightning_compress.core.masks import magnitude_masks
+    from lightning_compress.core.prune.keeper import MaskKeeper
+    from lightning_compress.core.prune.masks import magnitude_masks
 
     device = torch.device(args.device)
     setups: dict[str, tuple[nn.Module, torch.optim.Optimizer, Any]] = {}
@@ -274,7 +274,7 @@ def _mechanisms(args: argparse.Namespace, data: TensorDataset) -> list[dict[str,
         optimizer = torch.optim.SGD(backbone.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         if name.startswith("PruningCallback"):
             params = {n: m.weight for n, m in layers.items()}
-            keeper = _MaskKeeper(params, [optimizer], guard_all=name.endswith("(guarded)"))
+            keeper = MaskKeeper(params, [optimizer], guard_all=name.endswith("(guarded)"))
             keeper.set_masks(magnitude_masks({n: p.detach() for n, p in params.items()}, args.sparsity))
         setups[name] = (backbone, optimizer, keeper)
     loader = DataLoader(data, batch_size=args.batch_size)

@@ -14,11 +14,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_compress.callbacks._mask_keeper import _MaskKeeper
-from lightning_compress.callbacks._pruning_args import _check_arguments, _check_epochs, _place_window
-from lightning_compress.core.masks import compute_masks
+from lightning_compress.callbacks._pruning_args import _check_arguments, _check_epochs
+from lightning_compress.core.prune.keeper import MaskKeeper
+from lightning_compress.core.prune.masks import compute_masks
+from lightning_compress.core.prune.schedules import PruningWindow, place_window, sparsity_at
 from lightning_compress.core.report import compression_report
-from lightning_compress.core.schedules import PruningWindow, sparsity_at
 from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, compression_root, select_targets
 from lightning_compress.errors import CompressionConfigError, check_number, check_str_list
 
@@ -105,7 +105,7 @@ class PruningCallback(Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self._keeper: _MaskKeeper | None = None
+        self._keeper: MaskKeeper | None = None
         self._masks: dict[str, Tensor] = {}  # CPU bool, the result of the last update
         self._window: PruningWindow | None = None
         self._last_update: int | None = None  # global step of the last mask update
@@ -198,7 +198,7 @@ class PruningCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._keeper = _MaskKeeper(
+        self._keeper = MaskKeeper(
             self._select(pl_module), trainer.optimizers, guard_all=_may_touch_gradients(self, trainer, pl_module)
         )
         if self._loaded is not None:
@@ -220,7 +220,7 @@ class PruningCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._window = _place_window(
+        self._window = place_window(
             self.start_epoch,
             self.end_epoch,
             self.update_every_n_steps,

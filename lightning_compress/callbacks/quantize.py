@@ -13,8 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_compress.core.convert import int8_layers, quantizable_targets, quantize_model, record_input_ranges
-from lightning_compress.core.qmodules import MODES
+from lightning_compress.core.quant.convert import int8_layers, quantizable_targets, quantize_model, record_input_ranges
+from lightning_compress.core.quant.modules import MODES
 from lightning_compress.core.report import compression_report
 from lightning_compress.core.selection import DEFAULT_QUANT_TYPES, Target, compression_root
 from lightning_compress.core.serialize import save_compressed

@@ -31,10 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.core.convert import int8_layers
 from lightning_compress.core.files import atomic_torch_save
-from lightning_compress.core.qmodules import MODES, Int8Conv2d, Int8Linear, _Int8Base
-from lightning_compress.core.qtransformer import adapt_parents
+from lightning_compress.core.quant.convert import int8_layers
+from lightning_compress.core.quant.modules import MODES, Int8Module
+from lightning_compress.core.quant.table import int8_kind_named, int8_kind_of
+from lightning_compress.core.quant.transformer import adapt_parents
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_compressed", "pack_bits", "save_compressed", "unpack_bits"]
 
@@ -120,10 +121,13 @@ def _decode(entry: Mapping[str, Any], key: str) -> Tensor:
 
 
 def _layer_meta(module: nn.Module) -> dict[str, dict[str, Any]]:
-    return {
-        name: {"kind": type(layer).__name__, "mode": layer.mode, "per_channel": int(layer.per_channel)}
-        for name, layer in int8_layers(module).items()
-    }
+    meta = {}
+    for name, layer in int8_layers(module).items():
+        kind = int8_kind_of(layer)
+        if kind is None:  # a subclass of an int8 type that the table does not know
+            raise TypeError(f"`{name}` is a {type(layer).__name__}, which the int8 table has no entry for.")
+        meta[name] = {"kind": kind.name, "mode": layer.mode, "per_channel": int(layer.per_channel)}
+    return meta
 
 
 @torch.no_grad()
@@ -140,7 +144,7 @@ def save_compressed(module: nn.Module, path: str | os.PathLike[str]) -> None:
 
     Example:
         >>> import tempfile, os
-        >>> from lightning_compress.core.convert import quantizable_targets, quantize_model
+        >>> from lightning_compress.core.quant.convert import quantizable_targets, quantize_model
         >>> model = nn.Sequential(nn.Linear(64, 64))
         >>> _ = quantize_model(model, quantizable_targets(model)[0])
         >>> path = os.path.join(tempfile.mkdtemp(), "model.pt")
@@ -193,22 +197,17 @@ def _state_from(obj: Mapping[str, Any]) -> dict[str, Tensor]:
     return state
 
 
-_KINDS: dict[str, tuple[type[nn.Module], type[_Int8Base]]] = {
-    "Int8Linear": (nn.Linear, Int8Linear),
-    "Int8Conv2d": (nn.Conv2d, Int8Conv2d),
-}
-
-
 def _prepare_layers(module: nn.Module, layers: Mapping[str, Mapping[str, Any]]) -> None:
     """Make every layer the artifact stores as int8 an int8 layer of the same configuration."""
     problems: list[str] = []
-    plan: list[tuple[str, type[_Int8Base], nn.Module, str, bool]] = []
+    plan: list[tuple[str, type[Int8Module], nn.Module, str, bool]] = []
     for name, meta in layers.items():
         kind, mode, per_channel = meta.get("kind"), meta.get("mode"), bool(meta.get("per_channel", 1))
-        if kind not in _KINDS or mode not in MODES:
+        entry = int8_kind_named(kind) if isinstance(kind, str) else None
+        if entry is None or mode not in MODES:
             problems.append(f"`{name}`: unknown layer kind {kind!r} or mode {mode!r}")
             continue
-        float_type, int8_type = _KINDS[kind]
+        float_type, int8_type = entry.float_type, entry.int8_type
         try:
             current = module.get_submodule(name)
         except AttributeError:
@@ -221,7 +220,7 @@ def _prepare_layers(module: nn.Module, layers: Mapping[str, Mapping[str, Any]]) 
     if problems:
         raise ValueError("The artifact does not match the model: " + "; ".join(problems) + ".")
     for name, int8_type, current, mode, per_channel in plan:
-        if isinstance(current, _Int8Base):
+        if isinstance(current, Int8Module):
             current.configure(mode, per_channel)
             continue
         placeholder = torch.ones(()) if mode == "static" else None

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import PruningCallback
-from lightning_compress.core.schedules import PruningWindow, sparsity_at
+from lightning_compress.core.prune.schedules import PruningWindow, sparsity_at
 
 BATCHES = 10
 

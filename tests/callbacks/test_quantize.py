@@ -15,8 +15,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import CompressionConfigError, QuantizeOnFitEnd, load_compressed
-from lightning_compress.core.convert import int8_layers, record_input_ranges
-from lightning_compress.core.qmodules import Int8Conv2d, Int8Linear
+from lightning_compress.core.quant.convert import int8_layers, record_input_ranges
+from lightning_compress.core.quant.modules import Int8Conv2d, Int8Linear
 from lightning_compress.demo import MLP, Classifier, SmallCNN
 
 BATCHES = 6

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from lightning_compress import load_compressed, save_compressed
-from lightning_compress.core.convert import int8_layers, quantizable_targets, quantize_model
-from lightning_compress.core.qmodules import Int8Linear
+from lightning_compress.core.quant.convert import int8_layers, quantizable_targets, quantize_model
+from lightning_compress.core.quant.modules import Int8Linear
 from lightning_compress.core.serialize import FORMAT, FORMAT_VERSION, pack_bits, unpack_bits
 from lightning_compress.demo import MLP, SmallCNN
 

@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import QuantizeOnFitEnd
-from lightning_compress.core.convert import record_input_ranges
 from lightning_compress.core.files import atomic_torch_save
+from lightning_compress.core.quant.convert import record_input_ranges
 from lightning_compress.demo import MLP, Classifier
 
 CALIBRATION_BATCHES = 3

@@ -3,8 +3,8 @@
 The steps are plain functions so that a callback, a script or a test can run them in any order:
 :func:`quantizable_targets` picks the layers (through :func:`~lightning_compress.core.selection.select_targets`),
 :func:`record_input_ranges` observes their inputs on calibration batches (for ``mode="static"``),
-:func:`quantize_model` swaps them for :class:`~lightning_compress.core.qmodules.Int8Linear` /
-:class:`~lightning_compress.core.qmodules.Int8Conv2d`, and :func:`int8_layers` lists what a model holds.
+:func:`quantize_model` swaps them for :class:`~lightning_compress.core.quant.modules.Int8Linear` /
+:class:`~lightning_compress.core.quant.modules.Int8Conv2d`, and :func:`int8_layers` lists what a model holds.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.core.qmodules import MODES, Int8Conv2d, Int8Linear, _Int8Base
-from lightning_compress.core.qtransformer import adapt_parents
-from lightning_compress.core.quant import MinMaxObserver, scale_from_range
+from lightning_compress.core.quant.modules import MODES, Int8Module
+from lightning_compress.core.quant.primitives import MinMaxObserver, scale_from_range
+from lightning_compress.core.quant.table import INT8_TABLE, int8_kind_for, int8_types
+from lightning_compress.core.quant.transformer import adapt_parents
 from lightning_compress.core.selection import DEFAULT_QUANT_TYPES, Target, select_targets
 from lightning_compress.errors import CompressionConfigError, check_choice
 
@@ -30,15 +31,6 @@ __all__ = [
     "quantize_model",
     "record_input_ranges",
 ]
-
-
-def _linear_forward_is_own(module: nn.Module) -> bool:
-    return type(module).forward is nn.Linear.forward
-
-
-def _conv_forward_is_own(module: nn.Module) -> bool:
-    cls: Any = type(module)
-    return cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
 
 
 def quantizable_targets(
@@ -79,23 +71,20 @@ def quantizable_targets(
     for target in select_targets(model, include, exclude, allow_empty=allow_empty):
         module = target.module
         kind = type(module).__name__
+        kind_entry = int8_kind_for(module)
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
             skipped[target.name] = f"{kind} is not initialized yet"
-        elif isinstance(module, nn.Linear):
-            if _linear_forward_is_own(module):
-                targets.append(target)
-            else:
-                skipped[target.name] = f"{kind} overrides Linear.forward"
-        elif isinstance(module, nn.Conv2d):
-            if _conv_forward_is_own(module):
-                targets.append(target)
-            else:
-                skipped[target.name] = f"{kind} overrides Conv2d.forward"
-        elif isinstance(module, _Int8Base):
+        elif isinstance(module, Int8Module):
             skipped[target.name] = "already int8"
+        elif kind_entry is not None:
+            if kind_entry.forward_is_own(module):
+                targets.append(target)
+            else:
+                skipped[target.name] = f"{kind} overrides {kind_entry.float_type.__name__}.forward"
         else:
+            known = ", ".join(t.__name__ for t in INT8_TABLE)
             raise CompressionConfigError(
-                f"Expected argument `include` to select only layers with an int8 version (Linear, Conv2d and"
+                f"Expected argument `include` to select only layers with an int8 version ({known} and"
                 f" their subclasses), but it selected `{target.name}` of type {kind}. Drop {kind!r} from"
                 " `include` or add the layer's name to `exclude`."
             )
@@ -172,7 +161,7 @@ def quantize_model(
 
     Returns:
         A :class:`ConversionResult`. Transformer modules that hold int8 layers are adapted with
-        :func:`~lightning_compress.core.qtransformer.adapt_parents`.
+        :func:`~lightning_compress.core.quant.transformer.adapt_parents`.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -189,20 +178,17 @@ def quantize_model(
         module = target.module
         layer_mode = mode
         scale: Tensor | None = None
-        if isinstance(module, nn.Linear) and mode == "static":
+        entry = int8_kind_for(module)
+        if entry is None:
+            raise TypeError(f"`{target.name}` is a {type(module).__name__}, which has no int8 version.")
+        if entry.static_input and mode == "static":
             if target.name in ranges:
                 scale = scale_from_range(*ranges[target.name])
             if scale is None or not bool(scale > 0):
                 layer_mode = "dynamic"
                 reason = "input never observed" if target.name not in ranges else "input was all zeros"
                 result.fallbacks[target.name] = f"dynamic ({reason} during calibration)"
-        new: nn.Module
-        if isinstance(module, nn.Linear):
-            new = Int8Linear.from_float(module, layer_mode, per_channel, scale)
-        elif isinstance(module, nn.Conv2d):
-            new = Int8Conv2d.from_float(module, layer_mode, per_channel)
-        else:
-            raise TypeError(f"`{target.name}` is a {type(module).__name__}, which has no int8 version.")
+        new = entry.int8_type.from_float(module, layer_mode, per_channel, scale)  # type: ignore[attr-defined]
         new.train(module.training)
         _set_submodule(model, target.name, new)
         result.converted[target.name] = layer_mode
@@ -210,12 +196,14 @@ def quantize_model(
     return result
 
 
-def int8_layers(model: nn.Module) -> dict[str, Int8Linear | Int8Conv2d]:
+def int8_layers(model: nn.Module) -> dict[str, Int8Module]:
     """The int8 layers of ``model`` by name.
 
     Example:
+        >>> from lightning_compress.core.quant.modules import Int8Linear
         >>> model = nn.Sequential(Int8Linear(4, 2), nn.ReLU())
         >>> list(int8_layers(model))
         ['0']
     """
-    return {name: m for name, m in model.named_modules() if isinstance(m, (Int8Linear, Int8Conv2d))}
+    types = int8_types()
+    return {name: m for name, m in model.named_modules() if isinstance(m, types)}

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from lightning_compress import CompressionConfigError
-from lightning_compress.core.convert import int8_layers, quantizable_targets, quantize_model, record_input_ranges
-from lightning_compress.core.qmodules import Int8Conv2d, Int8Linear
+from lightning_compress.core.quant.convert import int8_layers, quantizable_targets, quantize_model, record_input_ranges
+from lightning_compress.core.quant.modules import Int8Conv2d, Int8Linear
 from lightning_compress.demo import MLP, SmallCNN
 
 

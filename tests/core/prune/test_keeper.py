@@ -14,8 +14,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import PruningCallback
-from lightning_compress.callbacks._mask_keeper import _ZERO_PRESERVING, _MaskKeeper, preserves_zeros
-from lightning_compress.core.masks import magnitude_masks
+from lightning_compress.core.prune.keeper import _ZERO_PRESERVING, MaskKeeper, preserves_zeros
+from lightning_compress.core.prune.masks import magnitude_masks
 
 OPTIMIZERS = {
     "sgd-nesterov-wd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
@@ -45,7 +45,7 @@ def _train(make, guard_all: bool, steps: int = 6) -> tuple[nn.Module, dict[str, 
         optimizer.zero_grad()
         model(torch.randn(8, 6)).square().mean().backward()
         optimizer.step()
-    keeper = _MaskKeeper(params, [optimizer], guard_all=guard_all)
+    keeper = MaskKeeper(params, [optimizer], guard_all=guard_all)
     keeper.set_masks(magnitude_masks({n: p.detach() for n, p in params.items()}, 0.6))
     for _ in range(steps):
         optimizer.zero_grad()
@@ -100,11 +100,11 @@ def test_other_optimizers_are_guarded_after_every_step() -> None:
 def test_guard_all_registers_the_hook_and_close_removes_it() -> None:
     model = nn.Linear(4, 4)
     sgd, noisy = torch.optim.SGD(model.parameters(), lr=0.1), NoisySGD(model.parameters(), lr=0.1)
-    keeper = _MaskKeeper({"weight": model.weight}, [sgd, noisy], guard_all=False)
+    keeper = MaskKeeper({"weight": model.weight}, [sgd, noisy], guard_all=False)
     assert keeper.guarded == [noisy] and not sgd._optimizer_step_post_hooks and noisy._optimizer_step_post_hooks
     keeper.close()
     assert not noisy._optimizer_step_post_hooks
-    keeper = _MaskKeeper({"weight": model.weight}, [sgd], guard_all=True)
+    keeper = MaskKeeper({"weight": model.weight}, [sgd], guard_all=True)
     assert keeper.guarded == [sgd] and sgd._optimizer_step_post_hooks
     keeper.close()
 

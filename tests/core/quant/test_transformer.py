@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_compress.core.convert import int8_layers, quantizable_targets, quantize_model
-from lightning_compress.core.qtransformer import Int8MultiheadAttention, Int8TransformerEncoderLayer, adapt_parents
+from lightning_compress.core.quant.convert import int8_layers, quantizable_targets, quantize_model
+from lightning_compress.core.quant.transformer import Int8MultiheadAttention, Int8TransformerEncoderLayer, adapt_parents
 
 # The float reference models take PyTorch's nested-tensor fast path, which warns that it is a prototype.
 pytestmark = [

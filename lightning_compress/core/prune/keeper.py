@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_compress.core.masks import apply_masks_, mask_optimizer_state_
+from lightning_compress.core.prune.masks import apply_masks_, mask_optimizer_state_
 
 _ZERO_PRESERVING: tuple[type[Optimizer], ...] = (
     torch.optim.SGD,
@@ -55,7 +55,7 @@ def preserves_zeros(optimizer: Optimizer) -> bool:
     return type(optimizer) in _ZERO_PRESERVING
 
 
-class _MaskKeeper:
+class MaskKeeper:
     """Owns the device-side multipliers of one set of masks and the optimizer hooks that enforce them.
 
     Args:

@@ -3,8 +3,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_compress.core.qmodules import Int8Conv2d, Int8Linear, int8_mm
-from lightning_compress.core.quant import quantize_rows
+from lightning_compress.core.quant.modules import Int8Conv2d, Int8Linear, int8_mm
+from lightning_compress.core.quant.primitives import quantize_rows
 
 
 def _rel(a, b):

@@ -20,7 +20,7 @@ from lightning_compress import (
     load_compressed,
     sparse_penalty,
 )
-from lightning_compress.core.qmodules import Int8Linear
+from lightning_compress.core.quant.modules import Int8Linear
 from lightning_compress.demo import MLP, DigitsDataModule
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lightning_compress.core.quant import (
+from lightning_compress.core.quant.primitives import (
     QMAX,
     MinMaxObserver,
     dequantize,

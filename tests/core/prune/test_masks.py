@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.core.masks import (
+from lightning_compress.core.prune.masks import (
     apply_masks_,
     channel_masks,
     compute_masks,

@@ -19,12 +19,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lightning_compress.errors import CompressionConfigError, config_error
+
 __all__ = [
     "DEFAULT_PRUNE_FRACTION",
     "SCHEDULES",
     "PruningWindow",
     "default_end_epoch",
     "default_end_step",
+    "place_window",
     "sparsity_at",
     "steps_per_epoch",
 ]
@@ -163,3 +166,60 @@ class PruningWindow:
     def started(self, step: int) -> bool:
         """Whether pruning has begun (masks exist) once ``step`` steps have been taken."""
         return step >= self.start
+
+
+def place_window(
+    start_epoch: int,
+    end_epoch: int | None,
+    update_every: int,
+    *,
+    batches: float,
+    accumulate_grad_batches: int,
+    max_epochs: int,
+    max_steps: int,
+) -> PruningWindow:
+    """The pruning window in optimizer steps, once the number of training batches per epoch is known.
+
+    Args:
+        start_epoch: first epoch of pruning.
+        end_epoch: last epoch of pruning, or ``None`` for the default (half of the run).
+        update_every: optimizer steps between mask updates.
+        batches: training batches per epoch (``inf`` for data of unknown length).
+        accumulate_grad_batches: batches per optimizer step.
+        max_epochs: the Trainer's limit, ``-1`` for none.
+        max_steps: the Trainer's limit, ``-1`` for none.
+
+    Raises:
+        CompressionConfigError: if the window cannot be placed or ends after ``max_steps``.
+    """
+    if batches == math.inf:  # an iterable data set of unknown length: only steps can place the window
+        if max_steps == -1 or start_epoch != 0 or end_epoch is not None:
+            raise CompressionConfigError(
+                "Expected `start_epoch=0`, `end_epoch=None` and a Trainer with `max_steps` when the training"
+                f" data has no length, but got start_epoch={start_epoch}, end_epoch={end_epoch},"
+                f" max_steps={max_steps}. Epoch boundaries are unknown in advance, so the window is placed in steps."
+            )
+        return PruningWindow(0, default_end_step(0, max_steps), update_every)
+    per_epoch = steps_per_epoch(int(batches), accumulate_grad_batches)
+    start = start_epoch * per_epoch
+    epoch_bound = max_epochs * per_epoch if max_epochs != -1 else math.inf
+    if end_epoch is not None:
+        end = (end_epoch + 1) * per_epoch
+    elif max_steps != -1 and max_steps < epoch_bound:
+        if start >= max_steps:
+            raise config_error(
+                "start_epoch",
+                f"an epoch that starts before max_steps={max_steps} ({per_epoch} optimizer steps per epoch)",
+                start_epoch,
+            )
+        end = default_end_step(start, max_steps)
+    else:
+        end = (default_end_epoch(start_epoch, max_epochs) + 1) * per_epoch
+    if max_steps != -1 and end > max_steps:
+        raise config_error(
+            "end_epoch",
+            f"an epoch that ends by max_steps={max_steps} ({per_epoch} optimizer steps per epoch)",
+            end_epoch,
+            f"Pruning would reach its target after {end} steps, which this run never takes.",
+        )
+    return PruningWindow(start, end, update_every)

@@ -13,7 +13,7 @@ from lightning_compress import DistillationModule
 from lightning_compress.cli import main
 from lightning_compress.demo import MLP
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "configs" / "distill_resnet18_mobilenet.yaml"
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from typing_extensions import override
 
-from lightning_compress.core.qmodules import Int8Linear
+from lightning_compress.core.quant.modules import Int8Linear
 
 __all__ = ["Int8MultiheadAttention", "Int8TransformerEncoderLayer", "adapt_parents"]
 

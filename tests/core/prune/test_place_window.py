@@ -7,12 +7,11 @@ import math
 import pytest
 
 from lightning_compress import CompressionConfigError
-from lightning_compress.callbacks._pruning_args import _place_window
-from lightning_compress.core.schedules import PruningWindow
+from lightning_compress.core.prune.schedules import PruningWindow, place_window
 
 
 def _window(start_epoch=0, end_epoch=None, batches=20, accumulate=1, max_epochs=10, max_steps=-1) -> PruningWindow:
-    return _place_window(
+    return place_window(
         start_epoch,
         end_epoch,
         5,

@@ -19,14 +19,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from typing_extensions import Self, override
 
-from lightning_compress._distillation_helpers import (
+from lightning_compress.core.distill import HintProjection, capture_outputs, distillation_loss, hint_loss
+from lightning_compress.distillation._helpers import (
     FeaturePair,
     load_teacher_weights,
     probe_batch,
     read_teacher_checkpoint,
     resolve_feature_pairs,
 )
-from lightning_compress.core.distill import HintProjection, capture_outputs, distillation_loss, hint_loss
 from lightning_compress.errors import CompressionConfigError, check_number, config_error
 
 __all__ = ["DistillationModule"]

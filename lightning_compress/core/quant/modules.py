@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 from typing_extensions import override
 
-from lightning_compress.core.quant import dequantize, quantize, quantize_rows, weight_scales
+from lightning_compress.core.quant.primitives import dequantize, quantize, quantize_rows, weight_scales
 
 __all__ = ["MODES", "Int8Conv2d", "Int8Linear", "int8_mm"]
 
@@ -81,7 +81,7 @@ def int8_mm(xq: Tensor, weight: Tensor) -> Tensor | None:
     return torch._int_mm(xq, weight.t())
 
 
-class _Int8Base(nn.Module):
+class Int8Module(nn.Module):
     """Shared storage and bookkeeping of the int8 layers."""
 
     weight: Tensor
@@ -155,7 +155,7 @@ class _Int8Base(nn.Module):
         return f"mode={self.mode!r}, {granularity}"
 
 
-class Int8Linear(_Int8Base):
+class Int8Linear(Int8Module):
     """A ``Linear`` whose weight is stored as int8 with float scales.
 
     Build one from a trained layer with :meth:`from_float`; the ``state_dict`` holds ``weight``
@@ -257,7 +257,7 @@ def _reversed_padding_twice(
     return [p for p in reversed(padding) for _ in range(2)]
 
 
-class Int8Conv2d(_Int8Base):
+class Int8Conv2d(Int8Module):
     """A ``Conv2d`` (grouped and depthwise included) whose weight is stored as int8 with float scales.
 
     It computes with the dequantized weight and ``F.conv2d`` in every mode (measured faster on the

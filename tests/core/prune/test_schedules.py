@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from lightning_compress.core.schedules import (
+from lightning_compress.core.prune.schedules import (
     PruningWindow,
     default_end_epoch,
     default_end_step,

@@ -1,0 +1,1 @@
+"""Writing compressed models for a runtime (ONNX Runtime first)."""
