@@ -14,22 +14,23 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_compress._lightning_compat import unwrap_optimizer
+from lightning_compress.callbacks._base import CompressionCallback
 from lightning_compress.callbacks._pruning_args import _check_arguments, _check_epochs
 from lightning_compress.core.prune.keeper import MaskKeeper
 from lightning_compress.core.prune.masks import compute_masks
 from lightning_compress.core.prune.schedules import PruningWindow, place_window, sparsity_at
 from lightning_compress.core.report import compression_report
 from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, compression_root, select_targets
-from lightning_compress.errors import CompressionConfigError, check_number, check_str_list
+from lightning_compress.errors import CompressionConfigError, check_str_list
 
 __all__ = ["PruningCallback"]
 
-_STATE_VERSION = 1
 DEFAULT_UPDATE_EVERY_N_STEPS = 10
 """Optimizer steps between two mask updates when ``update_every_n_steps`` is not given."""
 
 
-class PruningCallback(Callback):
+class PruningCallback(CompressionCallback):
     r"""Prune weights gradually to ``target_sparsity`` while the model trains.
 
     The sparsity follows a schedule counted in optimizer steps (so ``accumulate_grad_batches`` is
@@ -70,6 +71,8 @@ class PruningCallback(Callback):
         (0.9, mappingproxy({}))
     """
 
+    VERBOSE_LEVELS = 2
+
     def __init__(
         self,
         target_sparsity: float,
@@ -85,11 +88,10 @@ class PruningCallback(Callback):
         exclude: list[str] = [],  # noqa: B006
         verbose: int = 1,
     ) -> None:
-        super().__init__()
+        super().__init__(verbose)
         _check_arguments(
             target_sparsity, method, scope, schedule, initial_sparsity, start_epoch, end_epoch, update_every_n_steps
         )
-        check_number("verbose", verbose, low=0, high=2, integer=True)
         self.target_sparsity = float(target_sparsity)
         self.method = method
         self.scope = scope
@@ -100,8 +102,6 @@ class PruningCallback(Callback):
         self.update_every_n_steps = update_every_n_steps
         self.include = check_str_list("include", include)
         self.exclude = check_str_list("exclude", exclude)
-        self.verbose = verbose
-        self._state_key: tuple[tuple[Any, ...] | None, str] = (None, "")
         self._reset()
 
     def _reset(self) -> None:
@@ -116,21 +116,26 @@ class PruningCallback(Callback):
 
     # ------------------------------------------------------------------ public views
 
-    @property
     @override
-    def state_key(self) -> str:
-        # Lightning reads the key around every hook call, so it is built once per distinct identity.
-        identity = (self.target_sparsity, self.method, self.scope, tuple(self.include), tuple(self.exclude))
-        if identity != self._state_key[0]:
-            key = self._generate_state_key(
-                target_sparsity=self.target_sparsity,
-                method=self.method,
-                scope=self.scope,
-                include=self.include,
-                exclude=self.exclude,
-            )
-            self._state_key = (identity, key)
-        return self._state_key[1]
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "target_sparsity": self.target_sparsity,
+            "method": self.method,
+            "scope": self.scope,
+            "include": self.include,
+            "exclude": self.exclude,
+        }
+
+    @override
+    def _arguments(self) -> dict[str, Any]:
+        return {
+            **self._identity(),
+            "schedule": self.schedule,
+            "initial_sparsity": self.initial_sparsity,
+            "start_epoch": self.start_epoch,
+            "end_epoch": self.end_epoch,
+            "update_every_n_steps": self.update_every_n_steps,
+        }
 
     @property
     def masks(self) -> Mapping[str, Tensor]:
@@ -249,7 +254,7 @@ class PruningCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         if self._keeper is not None:
-            self._keeper.mask_gradients(getattr(optimizer, "_optimizer", optimizer))
+            self._keeper.mask_gradients(unwrap_optimizer(optimizer))
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -274,14 +279,6 @@ class PruningCallback(Callback):
             )
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._release()
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._release()
-
     def _release(self) -> None:
         """Drop the optimizer hooks and every reference to the model; the CPU masks stay readable."""
         if self._keeper is not None:
@@ -358,32 +355,24 @@ class PruningCallback(Callback):
     # ------------------------------------------------------------------ checkpointing
 
     @override
-    def state_dict(self) -> dict[str, Any]:
+    def _state(self) -> dict[str, Any]:
         return {
-            "version": _STATE_VERSION,
             "last_update": self._last_update,
             "scheduled_sparsity": self._applied,
             "achieved_sparsity": self._achieved,
             "masks": {name: mask.clone() for name, mask in self._masks.items()},
-            "method": self.method,
-            "target_sparsity": self.target_sparsity,
         }
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        version = state_dict.get("version")
-        if version != _STATE_VERSION:
-            raise CompressionConfigError(
-                f"Expected a PruningCallback state of version {_STATE_VERSION}, but got version {version!r}."
-            )
-        masks = state_dict["masks"]
+    def _load_state(self, state: dict[str, Any]) -> None:
+        masks = state["masks"]
         self._loaded = {
             "masks": {name: torch.as_tensor(m, dtype=torch.bool).cpu() for name, m in masks.items()},
-            "last_update": state_dict["last_update"],
-            "scheduled_sparsity": state_dict["scheduled_sparsity"],
+            "last_update": state["last_update"],
+            "scheduled_sparsity": state["scheduled_sparsity"],
         }
         self._masks = dict(self._loaded["masks"])
-        self._achieved = state_dict.get("achieved_sparsity")
+        self._achieved = state.get("achieved_sparsity")
 
 
 def _overrides(obj: object, base: type, name: str) -> bool:

@@ -8,11 +8,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_compress._lightning_compat import data_source
+from lightning_compress.callbacks._base import CompressionCallback
 from lightning_compress.core.quant.convert import int8_layers, quantizable_targets, quantize_model, record_input_ranges
 from lightning_compress.core.quant.modules import MODES
 from lightning_compress.core.report import compression_report
@@ -21,8 +22,6 @@ from lightning_compress.core.serialize import save_compressed
 from lightning_compress.errors import CompressionConfigError, check_choice, check_number, check_str_list, config_error
 
 __all__ = ["QuantizeOnFitEnd"]
-
-_STATE_VERSION = 1
 
 
 def _batch_input(batch: Any) -> Any:
@@ -72,7 +71,7 @@ def _first_loader(loaders: Any) -> Iterable[Any] | None:
     return loaders
 
 
-class QuantizeOnFitEnd(Callback):
+class QuantizeOnFitEnd(CompressionCallback):
     r"""Convert the selected layers to int8 when fit ends, report the agreement, and save the artifact.
 
     In ``on_fit_end`` every selected ``Linear`` and ``Conv2d`` (subclasses, grouped and depthwise
@@ -121,6 +120,7 @@ class QuantizeOnFitEnd(Callback):
         save_path: str | None = None,
         verbose: int = 1,
     ) -> None:
+        super().__init__(verbose)
         check_choice("mode", mode, MODES)
         if not isinstance(per_channel, bool):
             raise config_error("per_channel", "a bool", per_channel)
@@ -129,21 +129,20 @@ class QuantizeOnFitEnd(Callback):
         self.exclude = check_str_list("exclude", exclude)
         if save_path is not None and (not isinstance(save_path, str) or not save_path):
             raise config_error("save_path", "a non-empty path string or None", save_path)
-        check_number("verbose", verbose, low=0, integer=True)
         self.mode = mode
         self.per_channel = per_channel
         self.calibration_batches = calibration_batches
         self.save_path = save_path
-        self.verbose = verbose
         self.report: dict[str, Any] = {}
         self._skip = False
 
-    @property
     @override
-    def state_key(self) -> str:
-        return self._generate_state_key(
-            mode=self.mode, per_channel=self.per_channel, include=self.include, exclude=self.exclude
-        )
+    def _identity(self) -> dict[str, Any]:
+        return {"mode": self.mode, "per_channel": self.per_channel, "include": self.include, "exclude": self.exclude}
+
+    @override
+    def _arguments(self) -> dict[str, Any]:
+        return {**self._identity(), "calibration_batches": self.calibration_batches, "save_path": self.save_path}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -164,8 +163,8 @@ class QuantizeOnFitEnd(Callback):
                 "The selected layers all stay float (see `quantizable_targets`).",
             )
         if self.mode == "static":
-            source = trainer.fit_loop._data_source
-            if not source.is_defined() or trainer.limit_train_batches == 0:
+            source = data_source(trainer, "fit")
+            if source is None or not source.is_defined() or trainer.limit_train_batches == 0:
                 raise CompressionConfigError(
                     "Expected argument `mode`='static' to come with training batches to calibrate on, but the"
                     " trainer has no train dataloader (or `limit_train_batches=0`). Use mode='dynamic' or"
@@ -327,9 +326,9 @@ class QuantizeOnFitEnd(Callback):
         return "\n".join(lines)
 
     @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"version": _STATE_VERSION, "report": dict(self.report)}
+    def _state(self) -> dict[str, Any]:
+        return {"report": dict(self.report)}
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.report = dict(state_dict.get("report", {}))
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.report = dict(state.get("report", {}))

@@ -18,25 +18,24 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.warnings import PossibleUserWarning
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_compress.callbacks._base import CompressionCallback
 from lightning_compress.core.penalties import PENALTIES, penalty_of, proximal_step_, strength_at
 from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, Target, select_targets
 from lightning_compress.errors import check_choice, check_number, check_str_list, config_error
 
 __all__ = ["SparseRegularizer"]
 
-_STATE_VERSION = 1
 _PENALTY_METRIC = "sparse_reg/penalty"
 _WEIGHTED_METRIC = "sparse_reg/weighted"
 
 
-class SparseRegularizer(Callback):
+class SparseRegularizer(CompressionCallback):
     r"""Add ``strength * sparse_penalty(model, penalty, include, exclude)`` to the training objective.
 
     The optimizer sees the gradient of ``loss + strength * penalty`` (as if ``training_step`` added
@@ -83,14 +82,13 @@ class SparseRegularizer(Callback):
         warmup_epochs: float = 0,
         verbose: int = 1,
     ) -> None:
-        super().__init__()
+        super().__init__(verbose)
         check_number("strength", strength, low=0.0)
         check_choice("penalty", penalty, PENALTIES)
         if not isinstance(proximal, bool):
             raise config_error("proximal", "a bool", proximal)
         check_number("start_epoch", start_epoch, low=0, integer=True)
         check_number("warmup_epochs", warmup_epochs, low=0.0)
-        check_choice("verbose", verbose, (0, 1))
         self.strength = float(strength)
         self.penalty = penalty
         self.proximal = proximal
@@ -98,7 +96,7 @@ class SparseRegularizer(Callback):
         self.exclude = check_str_list("exclude", exclude)
         self.start_epoch = start_epoch
         self.warmup_epochs = float(warmup_epochs)
-        self.verbose = verbose
+        self._warning_filters: list[Any] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -110,10 +108,19 @@ class SparseRegularizer(Callback):
         self._epochs_done = 0.0
         self._prox_pending: set[int] = set()  # ids of optimizers whose next step gets the proximal step
 
-    @property
     @override
-    def state_key(self) -> str:
-        return self._generate_state_key(penalty=self.penalty, include=self.include, exclude=self.exclude)
+    def _identity(self) -> dict[str, Any]:
+        return {"penalty": self.penalty, "include": self.include, "exclude": self.exclude}
+
+    @override
+    def _arguments(self) -> dict[str, Any]:
+        return {
+            "strength": self.strength,
+            "penalty": self.penalty,
+            "proximal": self.proximal,
+            "start_epoch": self.start_epoch,
+            "warmup_epochs": self.warmup_epochs,
+        }
 
     @property
     def current_strength(self) -> float:
@@ -131,12 +138,14 @@ class SparseRegularizer(Callback):
         if trainer.world_size > 1:
             # The penalty is computed from the (identical) parameters on every rank, so the epoch value needs
             # no sync; Lightning's advice to sync it would only add a barrier and an all-reduce per step.
+            # The filters live for this fit only: _release removes exactly the entries added here.
             for name in (_PENALTY_METRIC, _WEIGHTED_METRIC):
                 warnings.filterwarnings(
                     "ignore",
                     message=re.escape(f"It is recommended to use `self.log({name!r}, ..., sync_dist=True)`") + ".*",
                     category=PossibleUserWarning,
                 )
+                self._warning_filters.append(warnings.filters[0])
         if any(True for _ in pl_module.parameters()):  # layers made in configure_model are checked at fit start
             select_targets(pl_module, self.include, self.exclude)
 
@@ -170,7 +179,17 @@ class SparseRegularizer(Callback):
         if self.proximal:
             self._handles = [opt.register_step_post_hook(self._proximal_hook) for opt in trainer.optimizers]
 
+    @override
     def _release(self) -> None:
+        for entry in self._warning_filters:
+            filters: list[Any] = warnings.filters  # type: ignore[assignment]  # a list at run time
+            if entry in filters:
+                filters.remove(entry)
+        if self._warning_filters:
+            mutated = getattr(warnings, "_filters_mutated", None)  # drops the caches of the filter list
+            if mutated is not None:
+                mutated()
+        self._warning_filters = []
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -188,14 +207,6 @@ class SparseRegularizer(Callback):
                 f"SparseRegularizer({self.penalty}{', proximal' if self.proximal else ''}): penalty {value:.6g},"
                 f" {zeros:,} of {total:,} selected weights ({zeros / max(total, 1):.2%}) are exactly zero."
             )
-        self._release()
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._release()
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._release()
 
     # ------------------------------------------------------------------ training
@@ -272,38 +283,19 @@ class SparseRegularizer(Callback):
     # ------------------------------------------------------------------ checkpointing
 
     @override
-    def state_dict(self) -> dict[str, Any]:
+    def _state(self) -> dict[str, Any]:
         return {
-            "version": _STATE_VERSION,
-            "strength": self.strength,
-            "penalty": self.penalty,
-            "proximal": self.proximal,
-            "start_epoch": self.start_epoch,
-            "warmup_epochs": self.warmup_epochs,
+            **self._arguments(),  # kept at the top level too, as version 1 wrote them
             "current_strength": self._current_strength,
             "epochs_done": self._epochs_done,
             "steps": self._steps,
         }
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        version = state_dict.get("version")
-        if version != _STATE_VERSION:
-            rank_zero_warn(
-                f"SparseRegularizer: ignoring a checkpoint state of version {version!r} (this release reads"
-                f" version {_STATE_VERSION}); the penalty schedule restarts from the trainer's epoch."
-            )
-            return
-        changed = [
-            f"{name}={getattr(self, name)!r} (checkpoint: {state_dict[name]!r})"
-            for name in ("strength", "penalty", "proximal", "start_epoch", "warmup_epochs")
-            if state_dict[name] != getattr(self, name)
-        ]
-        if changed:
-            rank_zero_warn(f"SparseRegularizer: resuming with different arguments: {', '.join(changed)}.")
-        self._current_strength = float(state_dict["current_strength"])
-        self._epochs_done = float(state_dict["epochs_done"])
-        self._steps = int(state_dict["steps"])
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self._current_strength = float(state["current_strength"])
+        self._epochs_done = float(state["epochs_done"])
+        self._steps = int(state["steps"])
 
 
 def _pending_loss_scale(trainer: pl.Trainer, optimizer: Optimizer) -> float:

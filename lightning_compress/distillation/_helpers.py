@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lightning_compress._lightning_compat import data_source
 from lightning_compress.errors import CompressionConfigError, config_error
 
 # Where checkpoints written by common tools keep the weights, in the order they are tried.
@@ -178,12 +179,7 @@ def resolve_feature_pairs(pairs: Mapping[str, str] | None, student: nn.Module, t
 
 def probe_batch(trainer: pl.Trainer, stage: str) -> Any:
     """The first batch of the dataloader the trainer is about to run for ``stage`` (on the CPU)."""
-    loop = {
-        "fit": trainer.fit_loop,
-        "validate": trainer.validate_loop,
-        "test": trainer.test_loop,
-    }.get(stage)
-    source = getattr(loop, "_data_source", None)
+    source = data_source(trainer, stage)
     if source is None or source.instance is None or not source.is_defined():
         raise CompressionConfigError(
             f"Expected a {stage} dataloader to take one batch from at setup, but there is none. Pass"

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from typing_extensions import Self, override
 
+from lightning_compress._lightning_compat import given_by_cli
 from lightning_compress.core.distill import HintProjection, capture_outputs, distillation_loss, hint_loss
 from lightning_compress.distillation._helpers import (
     FeaturePair,
@@ -30,15 +31,6 @@ from lightning_compress.distillation._helpers import (
 from lightning_compress.errors import CompressionConfigError, check_number, config_error
 
 __all__ = ["DistillationModule"]
-
-
-def _given_by_cli() -> bool:
-    """Whether LightningCLI is instantiating this module (it then saves the config as hyperparameters)."""
-    try:
-        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-    except ImportError:  # pragma: no cover - older or newer Lightning without the hook
-        return False
-    return _given_hyperparameters.get() is not None
 
 
 class DistillationModule(pl.LightningModule):
@@ -125,7 +117,7 @@ class DistillationModule(pl.LightningModule):
                 raise config_error("teacher_checkpoint", "a path or None", teacher_checkpoint)
             teacher_checkpoint = os.fspath(teacher_checkpoint)  # a str in the hyperparameters (weights_only loads)
         # Under LightningCLI the hyperparameters are the config (class paths), which rebuilds both models.
-        self.save_hyperparameters(ignore=[] if _given_by_cli() else ["student", "teacher"])
+        self.save_hyperparameters(ignore=[] if given_by_cli() else ["student", "teacher"])
 
         self.student = student
         self.teacher = teacher

@@ -54,7 +54,9 @@ def _trainer(tmp_path, callbacks, **kwargs):
         ({"include": "Linear"}, r"Expected argument `include` to be a list of strings"),
         ({"exclude": [1]}, r"Expected argument `exclude` to be a list of strings"),
         ({"save_path": ""}, r"Expected argument `save_path` to be a non-empty path string or None"),
-        ({"verbose": -1}, r"Expected argument `verbose` to be an integer in \[0, inf\)"),
+        ({"verbose": -1}, r"Expected argument `verbose` to be an integer in \[0, 1\], but got -1"),
+        ({"verbose": 5}, r"Expected argument `verbose` to be an integer in \[0, 1\], but got 5"),
+        ({"verbose": 1.0}, r"Expected argument `verbose` to be an integer in \[0, 1\], but got 1.0"),
     ],
 )
 def test_bad_arguments_fail_in_the_constructor(kwargs, match):
@@ -101,9 +103,21 @@ def test_state_key_and_state_dict():
     )
     cb.report = {"layers_converted": 2}
     state = cb.state_dict()
-    assert state == {"version": 1, "report": {"layers_converted": 2}}
+    assert state == {
+        "version": 1,
+        "arguments": {
+            "mode": "static",
+            "per_channel": False,
+            "include": ["Linear", "Conv2d"],
+            "exclude": ["net.5"],
+            "calibration_batches": cb.calibration_batches,
+            "save_path": None,
+        },
+        "report": {"layers_converted": 2},
+    }
     other = QuantizeOnFitEnd()
-    other.load_state_dict(state)
+    with pytest.warns(UserWarning, match=r"resuming with different arguments: mode='dynamic' \(checkpoint: 'static'\)"):
+        other.load_state_dict(state)
     assert other.report == {"layers_converted": 2}
 
 

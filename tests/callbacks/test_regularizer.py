@@ -91,7 +91,8 @@ def _params(model: nn.Module) -> list[torch.Tensor]:
         ({"start_epoch": -1}, r"Expected argument `start_epoch` to be an integer in \[0, inf\), but got -1\."),
         ({"start_epoch": 1.5}, r"Expected argument `start_epoch` to be an integer, but got 1.5\."),
         ({"warmup_epochs": -2}, r"Expected argument `warmup_epochs` to be a number in \[0, inf\), but got -2\."),
-        ({"verbose": 2}, r"Expected argument `verbose` to be one of 0 or 1, but got 2\."),
+        ({"verbose": 2}, r"Expected argument `verbose` to be an integer in \[0, 1\], but got 2\."),
+        ({"verbose": True}, r"Expected argument `verbose` to be an integer in \[0, 1\], but got True\."),
         ({"include": "Linear"}, r"Expected argument `include` to be a list of strings, but got 'Linear'\."),
         ({"exclude": [1]}, r"Expected argument `exclude` to be a list of strings, but got \[1\]\."),
     ],
@@ -373,7 +374,9 @@ def test_state_dict_round_trip_and_version_check():
     assert target.state_dict() == source.state_dict()
     assert target.current_strength == 0.15
 
-    with pytest.warns(UserWarning, match="ignoring a checkpoint state of version 99"):
+    with pytest.raises(
+        CompressionConfigError, match="Expected a SparseRegularizer state of version 1, but got version 99"
+    ):
         SparseRegularizer().load_state_dict({"version": 99})
     with pytest.warns(UserWarning, match=r"resuming with different arguments: strength=0.1 \(checkpoint: 0.3\)"):
         SparseRegularizer(0.1, warmup_epochs=2).load_state_dict(source.state_dict())

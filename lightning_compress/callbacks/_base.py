@@ -1,0 +1,139 @@
+"""The base of every lightning-compress callback: identity, versioned state, ``verbose``, release.
+
+A callback subclasses :class:`CompressionCallback` and says three things:
+
+* ``_identity()``: the arguments that tell two instances apart in one checkpoint (they build
+  ``state_key``, as Lightning's ``EarlyStopping`` does);
+* ``_arguments()``: the arguments saved with the state and compared on resume;
+* ``_state()`` / ``_load_state(state)``: its own resumable state (plain, picklable values: numbers,
+  strings, CPU tensors), and ``_release()``: drop every reference to the model and every hook.
+
+**Versioned state, one policy.** ``state_dict()`` returns ``{"version": STATE_VERSION,
+"arguments": {...}, **_state()}``. ``load_state_dict`` accepts only the versions this release
+reads (:attr:`CompressionCallback.READS_VERSIONS`) and raises a
+:class:`~lightning_compress.CompressionConfigError` for any other, naming both. Why raise rather
+than warn and start over: the promise of these callbacks is that a resumed run ends with the same
+masks and weights as an uninterrupted one; silently restarting a schedule (or dropping masks)
+would hand the user a different model with no error. The message says what to do instead (resume
+with the release that wrote the checkpoint, or load only the model weights and start a new fit).
+
+**Arguments on resume.** When the saved arguments differ from the current ones, one warning
+(rank zero) lists every difference; the run goes on with the current arguments, which is what a
+user who changed them meant.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lightning_compress.errors import CompressionConfigError, check_verbose
+
+__all__ = ["CompressionCallback"]
+
+log = logging.getLogger(__name__)
+
+
+class CompressionCallback(Callback):
+    """Common base of ``PruningCallback``, ``SparseRegularizer`` and ``QuantizeOnFitEnd``."""
+
+    STATE_VERSION: ClassVar[int] = 1
+    """The version ``state_dict`` writes."""
+
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1,)
+    """The versions ``load_state_dict`` reads."""
+
+    VERBOSE_LEVELS: ClassVar[int] = 1
+    """The highest ``verbose`` level the callback knows (0 is always silent)."""
+
+    def __init__(self, verbose: int = 1) -> None:
+        super().__init__()
+        check_verbose(verbose, self.VERBOSE_LEVELS)
+        self.verbose = verbose
+        self._key_cache: tuple[tuple[Any, ...] | None, str] = (None, "")
+
+    # ------------------------------------------------------------------ what a subclass says
+
+    def _identity(self) -> dict[str, Any]:
+        """The arguments that identify this instance among others of its class in one checkpoint."""
+        return {}
+
+    def _arguments(self) -> dict[str, Any]:
+        """The arguments saved with the state and compared when a run resumes."""
+        return {}
+
+    def _state(self) -> dict[str, Any]:
+        """The resumable state, beside ``version`` and ``arguments``."""
+        return {}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`_state` returned (the version has been checked)."""
+
+    def _release(self) -> None:
+        """Drop every reference to the model and every hook (teardown, exceptions, a second fit)."""
+
+    # ------------------------------------------------------------------ Lightning's interface
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # Lightning reads the key around every hook call, so it is built once per distinct identity.
+        identity = self._identity()
+        frozen = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in identity.items())
+        if frozen != self._key_cache[0]:
+            self._key_cache = (frozen, self._generate_state_key(**identity))
+        return self._key_cache[1]
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": self.STATE_VERSION, "arguments": self._arguments(), **self._state()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        name = type(self).__name__
+        if not isinstance(state_dict, dict):
+            raise CompressionConfigError(
+                f"Expected the {name} state in the checkpoint to be a dict, but got {type(state_dict).__name__}."
+            )
+        version = state_dict.get("version")
+        if version not in self.READS_VERSIONS:
+            readable = ", ".join(str(v) for v in self.READS_VERSIONS)
+            raise CompressionConfigError(
+                f"Expected a {name} state of version {readable}, but got version {version!r}. This release cannot"
+                " resume it exactly: resume with the release that wrote the checkpoint, or load only the model"
+                " weights (`model.load_state_dict(torch.load(ckpt)['state_dict'])`) and start a new fit."
+            )
+        saved = state_dict.get("arguments", state_dict)  # 0.1 states kept some arguments at the top level
+        if isinstance(saved, dict):
+            self._warn_changed_arguments(saved)
+        self._load_state(state_dict)
+
+    def _warn_changed_arguments(self, saved: dict[str, Any]) -> None:
+        current = self._arguments()
+        changed = [
+            f"{key}={current[key]!r} (checkpoint: {saved[key]!r})"
+            for key in current
+            if key in saved and _differs(saved[key], current[key])
+        ]
+        if changed:
+            rank_zero_warn(f"{type(self).__name__}: resuming with different arguments: {', '.join(changed)}.")
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._release()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release()
+
+
+def _differs(saved: Any, current: Any) -> bool:
+    if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)):
+        return list(saved) != list(current)
+    return bool(saved != current)
