@@ -16,9 +16,10 @@ class Net(nn.Module):
 
 
 def test_default_selects_linear_and_conv_weights_including_subclasses():
-    names = [t.name for t in select_targets(Net())]
-    # out_proj is a NonDynamicallyQuantizableLinear, which is a Linear; the BatchNorm is never selected.
-    assert names == ["conv", "attn.out_proj", "classifier", "nobias"]
+    names = [t.param_name for t in select_targets(Net())]
+    # out_proj is a NonDynamicallyQuantizableLinear, which is a Linear; the attention's packed input
+    # projection counts as a Linear too; the BatchNorm is never selected.
+    assert names == ["conv.weight", "attn.in_proj_weight", "attn.out_proj.weight", "classifier.weight", "nobias.weight"]
 
 
 def test_param_name_matches_state_dict_keys():
@@ -26,7 +27,7 @@ def test_param_name_matches_state_dict_keys():
     keys = set(model.state_dict())
     for t in select_targets(model):
         assert t.param_name in keys
-        assert t.weight is t.module.weight
+        assert t.weight is getattr(t.module, t.attr) is model.get_parameter(t.param_name)
 
 
 def test_exclude_globs_and_qualified_type_names():
