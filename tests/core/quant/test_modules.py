@@ -3,6 +3,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_compress.core.quant import kernels
 from lightning_compress.core.quant.modules import Int8Conv2d, Int8Linear, int8_mm
 from lightning_compress.core.quant.primitives import quantize_rows
 
@@ -14,7 +15,7 @@ def _rel(a, b):
 def test_int8_linear_storage_layout():
     layer = nn.Linear(24, 10)
     q = Int8Linear.from_float(layer)
-    assert q.weight.dtype == torch.int8 and q.weight.shape == (10, 24) and q.weight.is_contiguous()
+    assert q.int8_weight.dtype == torch.int8 and q.int8_weight.shape == (10, 24) and q.int8_weight.is_contiguous()
     # weight.t() is the column-major [K, N] operand of torch._int_mm, with no copy.
     assert q.weight.t().stride() == (1, 24)
     assert q.weight_scale.dtype == torch.float32 and q.weight_scale.shape == (10,)
@@ -28,7 +29,7 @@ def test_int8_linear_storage_layout():
 def _reference_dynamic(x, q):
     """The dynamic int8 product written out in float64: sum_k (sx_m qx_mk) (sw_n qw_nk) + b_n."""
     xq, sx = quantize_rows(x)
-    w = q.weight.double() * q.weight_scale.double()[:, None]
+    w = q.int8_weight.double() * q.weight_scale.double()[:, None]
     return (xq.double() * sx.double()) @ w.t() + q.bias.double()
 
 
@@ -36,7 +37,9 @@ def test_dynamic_forward_equals_the_integer_product_written_another_way():
     layer = nn.Linear(40, 12)
     q = Int8Linear.from_float(layer, "dynamic")
     x = torch.randn(9, 40)
-    torch.testing.assert_close(q(x).double(), _reference_dynamic(x, q), rtol=1e-5, atol=1e-5)
+    with kernels.use_kernel("int_mm"):  # the s8 x s8 route; the others are tested in test_kernels.py
+        assert q.kernel == "int_mm"
+        torch.testing.assert_close(q(x).double(), _reference_dynamic(x, q), rtol=1e-5, atol=1e-5)
     assert _rel(q(x), layer(x)) < 0.02
 
 
@@ -48,11 +51,12 @@ def test_static_forward_uses_the_fixed_input_scale_and_saturates():
     assert "input_scale" in q.state_dict()
     x = torch.rand(5, 8) * 2 - 1
     xq = torch.round(x * 127).clamp(-127, 127)
-    w = q.weight.double() * q.weight_scale.double()[:, None]
+    w = q.int8_weight.double() * q.weight_scale.double()[:, None]
     expected = (xq.double() / 127) @ w.t() + q.bias.double()
-    torch.testing.assert_close(q(x).double(), expected, rtol=1e-5, atol=1e-5)
-    # Beyond the calibrated range the input saturates at +-1.
-    torch.testing.assert_close(q(x * 0 + 5.0), q(x * 0 + 1.0))
+    with kernels.use_kernel("int_mm"):
+        torch.testing.assert_close(q(x).double(), expected, rtol=1e-5, atol=1e-5)
+        # Beyond the calibrated range the input saturates at +-1.
+        torch.testing.assert_close(q(x * 0 + 5.0), q(x * 0 + 1.0))
     with pytest.raises(ValueError, match="needs an `input_scale`"):
         Int8Linear.from_float(layer, "static")
 
@@ -105,7 +109,7 @@ def test_casting_the_model_keeps_int8_weights_and_float32_scales():
     q = Int8Linear.from_float(nn.Linear(8, 4), "static", input_scale=torch.tensor(0.01))
     before = q.weight_scale.clone()
     q.to(torch.bfloat16)
-    assert q.weight.dtype == torch.int8
+    assert q.int8_weight.dtype == torch.int8
     assert q.weight_scale.dtype == torch.float32 and torch.equal(q.weight_scale, before)
     assert q.input_scale is not None and q.input_scale.dtype == torch.float32
     assert q.bias is not None and q.bias.dtype == torch.bfloat16
@@ -141,7 +145,7 @@ def test_configure_switches_mode_and_granularity():
 def test_int8_conv_equals_the_float_conv_with_the_dequantized_weight(kwargs):
     conv = nn.Conv2d(**kwargs)
     q = Int8Conv2d.from_float(conv)
-    assert q.weight.dtype == torch.int8 and q.weight.shape == conv.weight.shape
+    assert q.int8_weight.dtype == torch.int8 and q.weight.shape == conv.weight.shape
     x = torch.randn(2, conv.in_channels, 9, 9)
     ref = nn.Conv2d(**kwargs)
     with torch.no_grad():

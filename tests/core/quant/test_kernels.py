@@ -1,0 +1,203 @@
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.core.quant import kernels
+from lightning_compress.core.quant.modules import Int8Linear
+from lightning_compress.core.quant.primitives import QMAX
+
+needs_fbgemm = pytest.mark.skipif(not kernels.fbgemm_available(), reason="this torch/CPU has no fbgemm int8 Linear")
+
+
+def _int_reference(q, w):
+    """sum_k q_mk w_nk in int64, written as a broadcast multiply and sum (not a matmul)."""
+    return (q.long()[:, None, :] * w.long()[None, :, :]).sum(-1)
+
+
+def _layer(k, n, mode="dynamic", bias=True, scale=None):
+    torch.manual_seed(0)
+    return Int8Linear.from_float(nn.Linear(k, n, bias=bias), mode, input_scale=scale)
+
+
+def test_select_kernel_is_a_deterministic_rule_of_shape_mode_and_device():
+    assert kernels.select_kernel(64, 300, "dynamic", "cpu") == "float"  # digits MLP: float pays
+    assert kernels.select_kernel(100, 10, "static", "cpu") == "float"
+    big = kernels.select_kernel(4096, 4096, "dynamic", "cpu")
+    assert big == ("fbgemm_u8s8" if kernels.fbgemm_available() else big)
+    assert big in ("fbgemm_u8s8", "int_mm", "float")
+    assert [kernels.select_kernel(4096, 4096, "dynamic", "cpu") for _ in range(3)] == [big] * 3
+    assert kernels.select_kernel(4096, 4096, "weight_only", "cpu") == "dequant"
+    assert kernels.select_kernel(4096, 4096, "dynamic", "cuda") == "int_mm"
+    assert kernels.select_kernel(4096, 4096, "dynamic", "meta") == "dequant"
+    assert _layer(64, 30).kernel == "float"
+    with pytest.raises(ValueError, match="Expected `kernel` to be one of"), kernels.use_kernel("vnni"):
+        pass
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("k", [7, 64, 300])
+def test_u8s8_products_are_exact_integers(k):
+    qmax = kernels.activation_qmax()
+    assert qmax in (63, 127)
+    g = torch.Generator().manual_seed(k)
+    w = torch.randint(-127, 128, (13, k), dtype=torch.int8, generator=g)
+    w[0] = 127  # the saturating corner: largest activations times largest weights
+    q = torch.randint(-qmax, qmax + 1, (5, k), generator=g)
+    q[0] = qmax
+    packed = kernels.fbgemm_pack(w, torch.ones(13), None)
+    out = kernels.fbgemm_u8s8_mm(q.float(), packed, 1.0, qmax + 1)
+    assert torch.equal(out.double(), _int_reference(q, w).double())
+
+
+@needs_fbgemm
+def test_activation_qmax_matches_whether_full_range_u8_saturates():
+    k = 64
+    w = torch.full((8, k), QMAX, dtype=torch.int8)
+    packed = kernels.fbgemm_pack(w, torch.ones(8), None)
+    full = kernels.fbgemm_u8s8_mm(torch.full((2, k), 127.0), packed, 1.0, 128)
+    exact = bool((full == 127 * 127 * k).all())
+    assert kernels.activation_qmax() == (127 if exact else 63)
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_fbgemm_dynamic_equals_the_s8_product_of_the_same_integers(bias, per_channel):
+    torch.manual_seed(1)
+    float_layer = nn.Linear(96, 40, bias=bias)
+    layer = Int8Linear.from_float(float_layer, "dynamic", per_channel=per_channel)
+    x = torch.randn(2, 7, 96) * torch.logspace(-2, 2, 7)[:, None]  # rows of very different sizes
+    with kernels.use_kernel("fbgemm_u8s8"):
+        assert layer.kernel == "fbgemm_u8s8"
+        got = layer(x)
+    qmax = kernels.activation_qmax()
+    # The documented relation: per-row symmetric integers on the grid of qmax (63 without VNNI).
+    x2 = x.reshape(-1, 96)
+    amax = x2.abs().amax(1, keepdim=True)
+    q = torch.round(x2 * (qmax / amax)).long()
+    assert q.abs().max() <= qmax
+    acc = _int_reference(q, layer.int8_weight).double()
+    expected = acc * (amax.double() / qmax) * layer.weight_scale.double()
+    if bias:
+        expected = expected + layer.bias.double()
+    torch.testing.assert_close(got.reshape(-1, 40).double(), expected, rtol=2e-6, atol=1e-5)
+    assert got.shape == (2, 7, 40)
+    assert float((got - float_layer(x)).norm() / float_layer(x).norm()) < 0.03
+
+
+@needs_fbgemm
+def test_fbgemm_static_keeps_the_calibrated_range_and_saturates():
+    scale = torch.tensor(2.0 / QMAX)  # covers [-2, 2]
+    layer = _layer(64, 24, "static", scale=scale)
+    x = torch.rand(6, 64) * 4 - 2
+    with kernels.use_kernel("fbgemm_u8s8"):
+        got = layer(x)
+        qmax = kernels.activation_qmax()
+        step = 2.0 / qmax
+        q = torch.round(x / step).clamp(-qmax, qmax).long()
+        expected = _int_reference(q, layer.int8_weight).double() * step * layer.weight_scale.double()
+        torch.testing.assert_close(got.double(), expected + layer.bias.double(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(layer(x * 0 + 9.0), layer(x * 0 + 2.0))  # beyond the range: saturated
+
+
+@pytest.mark.parametrize("kernel", ["float", "fbgemm_u8s8", "int_mm", None])
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_nan_and_inf_inputs_propagate_like_float(kernel, mode):
+    if kernel == "fbgemm_u8s8" and not kernels.fbgemm_available():
+        pytest.skip("no fbgemm")
+    float_layer = nn.Linear(32, 16)
+    layer = Int8Linear.from_float(float_layer, mode, input_scale=torch.tensor(0.05))
+    x = torch.randn(4, 32)
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    x[3, 0] = -float("inf")
+    with kernels.use_kernel(kernel):
+        out = layer(x)
+    ref = float_layer(x)
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
+    assert torch.isfinite(out[0]).all() and not torch.isfinite(out[1:]).any()
+
+
+def test_float_kernel_caches_the_dequantized_weight_and_equals_weight_only():
+    layer = _layer(40, 12)
+    assert layer.kernel == "float"
+    x = torch.randn(5, 40)
+    expected = torch.nn.functional.linear(x, layer.dequantize_weight(), layer.bias)
+    assert torch.equal(layer(x), expected)
+    assert set(layer.state_dict()) == {"weight", "weight_scale", "bias"}
+    assert layer.state_dict()["weight"].dtype == torch.int8
+
+
+@pytest.mark.parametrize("kernel", ["float", "fbgemm_u8s8"])
+def test_cache_is_rebuilt_when_the_buffers_change(kernel):
+    if kernel == "fbgemm_u8s8" and not kernels.fbgemm_available():
+        pytest.skip("no fbgemm")
+    a, b = _layer(48, 20, "static", scale=torch.tensor(0.03)), None
+    torch.manual_seed(5)
+    b = Int8Linear.from_float(nn.Linear(48, 20), "static", input_scale=torch.tensor(0.02))
+    x = torch.randn(3, 48)
+    with kernels.use_kernel(kernel):
+        out_a, out_b = a(x), b(x)
+        assert not torch.equal(out_a, out_b)
+        a.load_state_dict(b.state_dict())  # in-place copies: versions change
+        assert torch.equal(a(x), out_b)
+        a.configure("dynamic", True)
+        a.load_state_dict({k: v for k, v in b.state_dict().items() if k != "input_scale"})
+        c = copy.deepcopy(b)
+        c.configure("dynamic", True)
+        c.load_state_dict({k: v for k, v in b.state_dict().items() if k != "input_scale"})
+        assert torch.equal(a(x), c(x))
+        with torch.no_grad():
+            a.int8_weight.mul_(-1)  # an in-place edit of the int8 weight
+        torch.testing.assert_close(a(x) - a.bias, -(c(x) - c.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_cache_never_reaches_state_dict_pickles_or_copies():
+    model = nn.Sequential(_layer(64, 600), nn.ReLU(), _layer(600, 500))
+    x = torch.randn(2, 64)
+    kinds = kernels.prepare_kernels(model)
+    assert kinds == {"0": "float", "2": model[2].kernel}
+    out = model(x)
+    assert all(v.dtype in (torch.int8, torch.float32) for v in model.state_dict().values())
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    assert set(state) == {"0.weight", "0.weight_scale", "0.bias", "2.weight", "2.weight_scale", "2.bias"}
+    fresh = nn.Sequential(Int8Linear(64, 600), nn.ReLU(), Int8Linear(600, 500))
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh(x), out)
+    buf = io.BytesIO()
+    torch.save(model, buf)  # a whole-module pickle drops the cache
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), out)
+    assert torch.equal(copy.deepcopy(model)(x), out)
+    assert (
+        kernels._ATTR not in copy.deepcopy(model)[0].__dict__ or copy.deepcopy(model)[0].__dict__[kernels._ATTR] is None
+    )
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_torch_export_keeps_working(mode):
+    model = nn.Sequential(
+        _layer(600, 500, mode, scale=torch.tensor(0.03)), nn.ReLU(), _layer(500, 8, mode, scale=torch.tensor(0.03))
+    )
+    x = torch.randn(3, 600)
+    program = torch.export.export(model, (x,))
+    with kernels.use_kernel("int_mm"):
+        expected = model(x)
+    torch.testing.assert_close(program.module()(x), expected)
+
+
+@pytest.mark.slow
+def test_torch_compile_runs_and_agrees_with_eager():
+    torch._dynamo.reset()
+    model = nn.Sequential(_layer(600, 500), nn.ReLU(), _layer(500, 10))
+    x = torch.randn(4, 600)
+    eager = model(x)
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(x), eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled(x * 2), model(x * 2), rtol=1e-4, atol=1e-4)
