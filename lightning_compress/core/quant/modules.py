@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 from typing_extensions import override
 
+from lightning_compress.core.quant import kernels
 from lightning_compress.core.quant.primitives import dequantize, quantize, quantize_rows, weight_scales
 
 __all__ = ["MODES", "Int8Conv2d", "Int8Linear", "int8_mm"]
@@ -206,10 +207,24 @@ class Int8Linear(Int8Module):
         new._set_from_float(module.weight, module.bias, input_scale)
         return new.to(device=module.weight.device)
 
+    @property
+    def kernel(self) -> str:
+        """How this layer computes on its device: one of :data:`~lightning_compress.core.quant.kernels.KERNELS`.
+
+        Decided by :func:`~lightning_compress.core.quant.kernels.select_kernel` from the shape, the mode,
+        the device and what this torch and CPU offer (float32 inputs; other dtypes use ``"dequant"``).
+        """
+        w = self._buffers["weight"]
+        assert w is not None  # registered in __init__
+        return kernels.select_kernel(self.in_features, self.out_features, self.mode, w.device)
+
     @override
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "weight_only" or x.numel() == 0:
             return self._float_forward(x)
+        out = kernels.linear_forward(self, x)
+        if out is not None:
+            return out
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.mode == "static":
@@ -228,6 +243,8 @@ class Int8Linear(Int8Module):
             out.mul_(self.weight_scale)
         else:
             out = torch.addcmul(self.bias.to(torch.float32), out, self.weight_scale)
+        if self.mode == "static":  # rounding makes a NaN / inf finite: 0 * sum(row) puts it back, as in float
+            out.add_(x2.sum(dim=1, keepdim=True).to(torch.float32).mul_(0.0))
         return out.to(x.dtype).reshape(*lead, self.out_features)
 
     def _float_forward(self, x: Tensor) -> Tensor:
