@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 
-from lightning_compress.core.prune.masks import METHODS, SCOPES, parse_nm
+from lightning_compress.core.prune.masks import SCOPES, parse_nm
+from lightning_compress.core.prune.patterns import describe_patterns, is_pattern
 from lightning_compress.core.prune.schedules import SCHEDULES
 from lightning_compress.errors import check_choice, check_number, config_error
 
@@ -25,9 +26,9 @@ def _check_arguments(
 ) -> None:
     """The constructor's checks: everything that does not need the Trainer."""
     check_number("target_sparsity", target_sparsity, low=0.0, high=1.0, high_inclusive=False)
-    if not isinstance(method, str) or (method not in ("magnitude", "channel") and parse_nm(method) is None):
-        quoted = [repr(m) for m in METHODS]
-        raise config_error("method", f"one of {', '.join(quoted[:-1])} or {quoted[-1]} such as '2:4'", method)
+    if not isinstance(method, str) or not is_pattern(method):
+        choices = describe_patterns()  # the table of mask patterns: built-ins and registered ones
+        raise config_error("method", f"one of {', '.join(choices[:-1])} or {choices[-1]}", method)
     nm = parse_nm(method)
     if nm is not None:
         n, m = nm

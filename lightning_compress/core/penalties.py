@@ -19,7 +19,8 @@ soft-thresholding :math:`v = \operatorname{sign}(w)\max(|w| - t, 0)` for ``l1`` 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -29,19 +30,18 @@ from lightning_compress.errors import check_choice
 
 __all__ = [
     "PENALTIES",
+    "Penalty",
     "group_lasso_penalty",
     "group_shrink_",
     "l1_penalty",
     "penalty_gradient",
+    "penalty_named",
     "penalty_of",
     "proximal_step_",
     "soft_threshold_",
     "sparse_penalty",
     "strength_at",
 ]
-
-PENALTIES: tuple[str, ...] = ("l1", "group_lasso")
-"""Names accepted by ``penalty`` arguments."""
 
 
 def _accumulation_dtype(weight: Tensor) -> torch.dtype:
@@ -87,8 +87,7 @@ def penalty_of(weights: Sequence[Tensor], penalty: str = "l1") -> Tensor:
     Raises:
         CompressionConfigError: for an unknown ``penalty``.
     """
-    check_choice("penalty", penalty, PENALTIES)
-    one = l1_penalty if penalty == "l1" else group_lasso_penalty
+    one = penalty_named(penalty).value
     floating = [w for w in weights if w.is_floating_point()]
     if not floating:
         return torch.zeros(())
@@ -136,7 +135,7 @@ def sparse_penalty(
         >>> sparse_penalty(model, "group_lasso", exclude=["2"])
         tensor(6., grad_fn=<SumBackward0>)
     """
-    check_choice("penalty", penalty, PENALTIES)
+    penalty_named(penalty)  # checked before selecting, so a bad name is named first
     weights = {id(t.weight): t.weight for t in select_targets(module, include, exclude)}  # a tied weight once
     return penalty_of(list(weights.values()), penalty)
 
@@ -152,9 +151,10 @@ def penalty_gradient(weight: Tensor, penalty: str = "l1") -> Tensor:
         tensor([[ 0.6000, -0.8000],
                 [ 0.0000,  0.0000]])
     """
-    check_choice("penalty", penalty, PENALTIES)
-    if penalty == "l1":
-        return weight.sign()
+    return penalty_named(penalty).gradient(weight)
+
+
+def _group_gradient(weight: Tensor) -> Tensor:
     rows = _channels(weight)
     norms = torch.linalg.vector_norm(rows, ord=2, dim=1, keepdim=True, dtype=_accumulation_dtype(weight))
     scale = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
@@ -205,10 +205,50 @@ def proximal_step_(weight: Tensor, penalty: str, threshold: float | Tensor) -> T
     ``threshold = lr * strength`` completes a proximal-gradient step on
     ``loss + strength * penalty`` (exact for plain SGD).
     """
-    check_choice("penalty", penalty, PENALTIES)
-    if penalty == "l1":
-        return soft_threshold_(weight, threshold)
-    return group_shrink_(weight, threshold)
+    return penalty_named(penalty).proximal(weight, threshold)
+
+
+@dataclass(frozen=True)
+class Penalty:
+    """One penalty of the table: its value, its (sub)gradient and its proximal step.
+
+    Attributes:
+        name: the name ``penalty`` arguments take.
+        value: ``weight -> 0-dim tensor`` (at least ``float32``), differentiable.
+        gradient: ``weight -> (sub)gradient`` of the weight's shape, in closed form.
+        proximal: ``(weight, threshold) -> weight``, the proximal operator of ``threshold * value``, in place.
+    """
+
+    name: str
+    value: Callable[[Tensor], Tensor]
+    gradient: Callable[[Tensor], Tensor]
+    proximal: Callable[[Tensor, float | Tensor], Tensor]
+
+
+_TABLE: dict[str, Penalty] = {
+    entry.name: entry
+    for entry in (
+        Penalty("l1", l1_penalty, torch.sign, soft_threshold_),
+        Penalty("group_lasso", group_lasso_penalty, _group_gradient, group_shrink_),
+    )
+}
+
+PENALTIES: tuple[str, ...] = tuple(_TABLE)
+"""Names accepted by ``penalty`` arguments."""
+
+
+def penalty_named(penalty: str) -> Penalty:
+    """The table's entry for ``penalty``.
+
+    Raises:
+        CompressionConfigError: for an unknown name (the message lists the known ones).
+
+    Example:
+        >>> penalty_named("l1").value(torch.tensor([1.0, -2.0]))
+        tensor(3.)
+    """
+    check_choice("penalty", penalty, _TABLE)
+    return _TABLE[penalty]
 
 
 def strength_at(strength: float, epochs_done: float, start_epoch: int = 0, warmup_epochs: float = 0.0) -> float:

@@ -82,6 +82,16 @@ def test_unknown_method() -> None:
         PruningCallback(0.5, method="l1")
 
 
+def test_a_registered_pattern_is_accepted_and_listed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_compress.core.prune import patterns
+
+    monkeypatch.setattr(patterns, "_PATTERNS", dict(patterns._PATTERNS))  # the entry leaves with the test
+    patterns.register_pattern("test_rows", lambda scores, sparsity, scope, previous: {})
+    assert PruningCallback(0.5, method="test_rows").method == "test_rows"
+    with pytest.raises(CompressionConfigError, match="one of 'magnitude', 'channel', 'test_rows' or 'N:M' such as"):
+        PruningCallback(0.5, method="l1")
+
+
 @pytest.mark.parametrize("method", ["4:2", "4:4", "0:4"])
 def test_nm_needs_n_below_m(method: str) -> None:
     with pytest.raises(

@@ -3,10 +3,12 @@ import torch
 from torch import nn
 
 from lightning_compress.core.penalties import (
+    PENALTIES,
     group_lasso_penalty,
     group_shrink_,
     l1_penalty,
     penalty_gradient,
+    penalty_named,
     penalty_of,
     proximal_step_,
     soft_threshold_,
@@ -169,3 +171,18 @@ def test_a_weight_shared_by_two_layers_counts_once():
     second.weight = first.weight
     tied = nn.Sequential(first, second)
     assert sparse_penalty(tied).item() == pytest.approx(_l1_reference(first.weight.detach()), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", PENALTIES)
+def test_the_penalty_table_holds_value_gradient_and_proximal_step(name):
+    entry = penalty_named(name)
+    w = torch.tensor([[3.0, -4.0], [0.0, 0.5]])
+    assert entry.name == name
+    assert torch.equal(entry.value(w), penalty_of([w], name))
+    assert torch.equal(entry.gradient(w), penalty_gradient(w, name))
+    assert torch.equal(entry.proximal(w.clone(), 0.6), proximal_step_(w.clone(), name, 0.6))
+
+
+def test_unknown_penalty_names_the_table():
+    with pytest.raises(CompressionConfigError, match="`penalty` to be one of 'l1' or 'group_lasso', but got 'l2'"):
+        penalty_named("l2")

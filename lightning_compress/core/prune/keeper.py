@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_compress.core.prune.masks import apply_masks_, mask_optimizer_state_
+__all__ = ["MaskKeeper", "apply_masks_", "mask_optimizer_state_", "preserves_zeros"]
 
 _ZERO_PRESERVING: tuple[type[Optimizer], ...] = (
     torch.optim.SGD,
@@ -48,6 +48,52 @@ _ZERO_PRESERVING: tuple[type[Optimizer], ...] = (
 )
 """Optimizers (exactly these classes, not subclasses) that never move an entry whose gradient and
 per-entry state are zero; tested one by one in ``tests/callbacks/test_pruning_keeper.py``."""
+
+
+@torch.no_grad()
+def apply_masks_(tensors: Sequence[Tensor], multipliers: Sequence[Tensor]) -> None:
+    """Multiply each tensor in place by its 0/1 multiplier: one fused kernel for the whole list.
+
+    ``multipliers`` are the masks converted to the tensors' dtype and device (a ``bool`` multiplier
+    would take a slow path). Pruned entries become exactly zero.
+
+    Example:
+        >>> import torch
+        >>> w = [torch.tensor([1.5, -2.0])]
+        >>> apply_masks_(w, [torch.tensor([0.0, 1.0])])
+        >>> w[0].abs().tolist()
+        [0.0, 2.0]
+    """
+    if tensors:
+        torch._foreach_mul_(list(tensors), list(multipliers))
+
+
+@torch.no_grad()
+def mask_optimizer_state_(optimizer: torch.optim.Optimizer, multipliers: Mapping[Tensor, Tensor]) -> int:
+    """Zero the optimizer state (momentum, Adam moments, ...) of pruned entries.
+
+    Every state tensor of a masked parameter with the parameter's shape (``momentum_buffer``,
+    ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``sum``, ...) is multiplied by the mask, so the
+    state cannot move a pruned weight later. Scalars such as ``step`` and factored states of another
+    shape are left alone.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``.
+        multipliers: ``parameter -> 0/1 multiplier`` of the parameter's shape.
+
+    Returns:
+        How many state tensors were masked.
+    """
+    masked = 0
+    for param, state in optimizer.state.items():
+        multiplier = multipliers.get(param)
+        if multiplier is None:
+            continue
+        for value in state.values():
+            if isinstance(value, Tensor) and value.shape == param.shape and value.is_floating_point():
+                value.mul_(multiplier.to(value.dtype))
+                masked += 1
+    return masked
 
 
 def preserves_zeros(optimizer: Optimizer) -> bool:

@@ -1,9 +1,17 @@
-"""Which weights to zero: magnitude, channel and N:M masks, and applying them in place.
+"""Which weights to zero: magnitude, channel and N:M masks, one table of mask patterns, and applying them.
 
 A *mask* is a ``bool`` tensor shaped like its weight, ``True`` where the weight is kept. Masks
 travel as a dict ``parameter name -> mask``. Every function here is deterministic: ties between
 equal scores are broken by position (layer order, then the flat index), so two processes with
 the same weights compute the same masks.
+
+A *mask pattern* decides which entries to zero from the weights' *scores*
+(:mod:`~lightning_compress.core.prune.scores`): ``"magnitude"`` zeroes the lowest-scored entries
+anywhere, ``"channel"`` whole output channels, ``"N:M"`` all but N of every M along the input.
+:func:`compute_masks` looks the ``method`` up in one table; a new pattern is one entry
+(:mod:`~lightning_compress.core.prune.patterns`: ``register_pattern``, or ``register_pattern_family`` for a
+parametrised one such as N:M). Applying masks in place lives with the mask keeper
+(:func:`~lightning_compress.core.prune.keeper.apply_masks_`, re-exported here).
 
 Masks are *monotone* when a ``previous`` mask is given: a weight pruned before stays pruned, which
 is what gradual pruning (Zhu & Gupta 2017) does, since a pruned weight is exactly zero.
@@ -13,15 +21,23 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor
 
-try:  # numpy ships with every torch wheel; fall back to torch.kthvalue if it is missing
-    import numpy as _np
-except ImportError:  # pragma: no cover
-    _np = None  # type: ignore[assignment]
+from lightning_compress.core.prune.keeper import apply_masks_, mask_optimizer_state_
+from lightning_compress.core.prune.patterns import (
+    MaskPattern,
+    pattern_for,
+    pattern_names,
+    prune_count,
+    rank_pruned_last,
+    register_pattern,
+    register_pattern_family,
+    smallest,
+)
+from lightning_compress.core.prune.scores import ScoreFn, magnitude_score, score_weights
 
 __all__ = [
     "METHODS",
@@ -36,9 +52,6 @@ __all__ = [
     "nm_masks",
     "parse_nm",
 ]
-
-METHODS: tuple[str, ...] = ("magnitude", "channel", "N:M")
-"""Pruning methods; ``"N:M"`` stands for any pattern such as ``"2:4"``."""
 
 SCOPES: tuple[str, ...] = ("global", "layer")
 """``global``: one ranking over all selected weights; ``layer``: each layer to the target."""
@@ -59,44 +72,8 @@ def parse_nm(method: str) -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
-def _count(sparsity: float, total: int) -> int:
-    """Number of entries to prune out of ``total`` (round half up, exact for representable fractions)."""
-    return min(max(math.floor(sparsity * total + 0.5), 0), total)
-
-
-def _kth_smallest(scores: Tensor, k: int) -> Tensor:
-    """The ``k``-th smallest value (1-based) of a 1-D float tensor, as a 0-d tensor on its device."""
-    if scores.device.type == "cpu" and _np is not None:
-        # numpy's introselect is about ten times faster than torch.kthvalue on the CPU
-        value = _np.partition(scores.numpy(), k - 1)[k - 1]
-        return torch.tensor(float(value), dtype=scores.dtype)
-    return torch.kthvalue(scores, k).values
-
-
-def _smallest(scores: Tensor, k: int) -> Tensor:
-    """Bool mask of the ``k`` smallest entries of a 1-D tensor; ties go to the lower index."""
-    n = scores.numel()
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=scores.device)
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=scores.device)
-    threshold = _kth_smallest(scores, k)
-    chosen = scores < threshold
-    missing = k - int(chosen.sum())
-    equal = scores == threshold
-    if int(equal.sum()) == missing:  # no tie to break (the usual case with real weights)
-        return chosen.logical_or_(equal)
-    ties = torch.nonzero(equal).flatten()
-    chosen[ties[:missing]] = True  # the first `missing` of the tied entries, by position
-    return chosen
-
-
-def _scores(weight: Tensor, previous: Tensor | None) -> Tensor:
-    """``|w|`` in float32, flattened, with previously pruned entries ranked below everything."""
-    score = weight.detach().abs().float().flatten()
-    if previous is not None:
-        score = score.masked_fill(~previous.to(score.device).flatten(), -1.0)
-    return score
+def _magnitudes(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {name: magnitude_score(w) for name, w in weights.items()}
 
 
 @torch.no_grad()
@@ -126,33 +103,43 @@ def magnitude_masks(
         >>> m["a"].tolist(), m["b"].tolist()
         ([[False, True], [True, True]], [[False, False]])
     """
+    return _unstructured_pattern(_magnitudes(weights), sparsity, scope, previous)
+
+
+def _unstructured_pattern(
+    scores: Mapping[str, Tensor], sparsity: float, scope: str, previous: Mapping[str, Tensor] | None
+) -> dict[str, Tensor]:
+    """The ``"magnitude"`` pattern: zero the lowest-scored entries (of all layers, or of each)."""
     prev = previous or {}
     if scope == "layer":
         return {
-            name: ~_smallest(_scores(w, prev.get(name)), _count(sparsity, w.numel())).view(w.shape)
-            for name, w in weights.items()
+            name: ~smallest(rank_pruned_last(s, prev.get(name)), prune_count(sparsity, s.numel())).view(s.shape)
+            for name, s in scores.items()
         }
-    if not weights:
+    if not scores:
         return {}
-    devices = {w.device for w in weights.values()}
+    devices = {s.device for s in scores.values()}
     device = next(iter(devices)) if len(devices) == 1 else torch.device("cpu")
-    flat = torch.cat([_scores(w, prev.get(name)).to(device) for name, w in weights.items()])
-    pruned = _smallest(flat, _count(sparsity, flat.numel()))
+    flat = torch.cat([rank_pruned_last(s, prev.get(name)).to(device) for name, s in scores.items()])
+    pruned = smallest(flat, prune_count(sparsity, flat.numel()))
     masks, offset = {}, 0
-    for name, w in weights.items():
-        masks[name] = (~pruned[offset : offset + w.numel()]).view(w.shape).to(w.device)
-        offset += w.numel()
+    for name, s in scores.items():
+        masks[name] = (~pruned[offset : offset + s.numel()]).view(s.shape).to(s.device)
+        offset += s.numel()
     return masks
 
 
-def _channel_scores(weight: Tensor, previous: Tensor | None) -> Tensor:
-    """RMS of each output channel (dim 0), with previously pruned channels ranked below everything."""
-    rows = weight.detach().float().reshape(weight.shape[0], -1)
-    score = rows.norm(dim=1) / math.sqrt(rows.shape[1])
+def _channel_scores(score: Tensor, previous: Tensor | None) -> Tensor:
+    """RMS of each output channel's scores (dim 0), with previously pruned channels ranked below everything.
+
+    For the magnitude score this is the RMS of the channel's weights, ``||w_c||_2 / sqrt(numel(w_c))``.
+    """
+    rows = score.reshape(score.shape[0], -1)
+    channel = rows.norm(dim=1) / math.sqrt(rows.shape[1])
     if previous is not None:
-        alive = previous.to(score.device).reshape(weight.shape[0], -1).any(dim=1)
-        score = score.masked_fill(~alive, -1.0)
-    return score
+        alive = previous.to(channel.device).reshape(score.shape[0], -1).any(dim=1)
+        channel = channel.masked_fill(~alive, -math.inf)
+    return channel
 
 
 def _expand_channels(keep: Tensor, weight: Tensor) -> Tensor:
@@ -192,30 +179,36 @@ def channel_masks(
         >>> channel_masks(w, 0.5)["fc"][:, 0].tolist()
         [True, False, True, False]
     """
+    return _channel_pattern(_magnitudes(weights), sparsity, scope, previous)
+
+
+def _channel_pattern(
+    scores: Mapping[str, Tensor], sparsity: float, scope: str, previous: Mapping[str, Tensor] | None
+) -> dict[str, Tensor]:
+    """The ``"channel"`` pattern: zero the output channels of least RMS score (see :func:`channel_masks`)."""
     prev = previous or {}
     if scope == "layer":
         masks = {}
-        for name, w in weights.items():
-            channels = w.shape[0]
-            k = min(_count(sparsity, channels), channels - 1)
-            keep = ~_smallest(_channel_scores(w, prev.get(name)), k)
-            masks[name] = _expand_channels(keep, w)
+        for name, s in scores.items():
+            channels = s.shape[0]
+            k = min(prune_count(sparsity, channels), channels - 1)
+            keep = ~smallest(_channel_scores(s, prev.get(name)), k)
+            masks[name] = _expand_channels(keep, s)
         return masks
-    if not weights:
+    if not scores:
         return {}
     # Candidates are every channel except the best one of each layer, which is never pruned.
-    scores, sizes, owners, protected = [], [], [], []
-    for i, (name, w) in enumerate(weights.items()):
-        score = _channel_scores(w, prev.get(name)).cpu()
-        protect = torch.zeros(score.numel(), dtype=torch.bool)
-        protect[int(torch.argmax(score))] = True
-        scores.append(score)
+    ranked, sizes, protected = [], [], []
+    for name, s in scores.items():
+        channel = _channel_scores(s, prev.get(name)).cpu()
+        protect = torch.zeros(channel.numel(), dtype=torch.bool)
+        protect[int(torch.argmax(channel))] = True
+        ranked.append(channel)
         protected.append(protect)
-        sizes.append(torch.full((score.numel(),), w[0].numel(), dtype=torch.int64))
-        owners.append(torch.full((score.numel(),), i, dtype=torch.int64))
-    score_all, size_all, protect_all = torch.cat(scores), torch.cat(sizes), torch.cat(protected)
-    total = sum(w.numel() for w in weights.values())
-    wanted = _count(sparsity, total)
+        sizes.append(torch.full((channel.numel(),), s[0].numel(), dtype=torch.int64))
+    score_all, size_all, protect_all = torch.cat(ranked), torch.cat(sizes), torch.cat(protected)
+    total = sum(s.numel() for s in scores.values())
+    wanted = prune_count(sparsity, total)
     candidates = torch.nonzero(~protect_all).flatten()
     order = candidates[torch.sort(score_all[candidates], stable=True).indices]
     cumulative = torch.cumsum(size_all[order], 0)
@@ -228,9 +221,9 @@ def channel_masks(
     pruned = torch.zeros(score_all.numel(), dtype=torch.bool)
     pruned[order[:n]] = True
     masks, offset = {}, 0
-    for name, w in weights.items():
-        channels = w.shape[0]
-        masks[name] = _expand_channels(~pruned[offset : offset + channels], w)
+    for name, s in scores.items():
+        channels = s.shape[0]
+        masks[name] = _expand_channels(~pruned[offset : offset + channels], s)
         offset += channels
     return masks
 
@@ -244,7 +237,7 @@ def nm_keep_per_group(sparsity: float, n: int, m: int) -> int:
         >>> [nm_keep_per_group(s, 2, 4) for s in (0.0, 0.1, 0.2, 0.4, 0.5)]
         [4, 4, 3, 2, 2]
     """
-    return max(n, m - _count(sparsity, m))
+    return max(n, m - prune_count(sparsity, m))
 
 
 def _reduction_last(weight: Tensor) -> Tensor:
@@ -295,12 +288,17 @@ def nm_masks(
         >>> nm_masks(w, 2, 4)["fc"].int().tolist()
         [[1, 0, 1, 0, 1, 1]]
     """
-    k = n if keep is None else keep
+    return _nm_pattern(_magnitudes(weights), n, m, n if keep is None else keep, previous)
+
+
+def _nm_pattern(
+    scores: Mapping[str, Tensor], n: int, m: int, k: int, previous: Mapping[str, Tensor] | None
+) -> dict[str, Tensor]:
+    """The N:M pattern on scores: keep the ``k`` best of every ``m`` along the input (see :func:`nm_masks`)."""
     prev = previous or {}
     masks = {}
-    for name, w in weights.items():
-        score = _scores(w, prev.get(name)).view(w.shape)
-        rows = _reduction_last(score)
+    for name, s in scores.items():
+        rows = _reduction_last(rank_pruned_last(s, prev.get(name)).view(s.shape))
         width = rows.shape[1]
         pad = (-width) % m
         if pad:
@@ -311,7 +309,7 @@ def nm_masks(
         kept.scatter_(-1, order[..., :k], True)
         kept &= groups > -math.inf  # padding is never kept
         flat = kept.view(rows.shape[0], -1)[:, :width]
-        mask = _from_reduction_last(flat, w.shape).contiguous()
+        mask = _from_reduction_last(flat, s.shape).contiguous()
         if name in prev:  # an entry pruned before stays pruned even where its group keeps spare room
             mask &= prev[name].to(mask.device)
         masks[name] = mask
@@ -324,19 +322,30 @@ def compute_masks(
     method: str = "magnitude",
     scope: str = "global",
     previous: Mapping[str, Tensor] | None = None,
+    *,
+    score: str | ScoreFn = "magnitude",
+    statistics: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Masks for ``method`` at ``sparsity``: the one entry point the callbacks use.
+
+    The weights are scored (:func:`~lightning_compress.core.prune.scores.score_weights`) and the
+    pattern registered for ``method`` decides from the scores.
 
     Args:
         weights: ``name -> weight``.
         sparsity: fraction to prune now. For an N:M method it sets the staircase step
             (:func:`nm_keep_per_group`); at ``1 - N/M`` the masks are exactly N:M.
-        method: ``"magnitude"``, ``"channel"`` or an N:M pattern such as ``"2:4"``.
+        method: ``"magnitude"``, ``"channel"``, an N:M pattern such as ``"2:4"``, or a registered one.
         scope: ``"global"`` or ``"layer"`` (ignored by N:M).
         previous: masks from the last update, kept pruned.
+        score: a registered score name or a score function (default ``|w|``).
+        statistics: ``name -> statistic`` the score needs (e.g. input norms for ``"wanda"``).
 
     Returns:
         ``name -> bool mask`` (``True`` = kept).
+
+    Raises:
+        ValueError: for an unknown ``method``.
 
     Example:
         >>> import torch
@@ -344,15 +353,32 @@ def compute_masks(
         >>> compute_masks(w, 0.5, method="2:4")["fc"].int().tolist()
         [[0, 0, 1, 1], [0, 0, 1, 1]]
     """
-    if method == "magnitude":
-        return magnitude_masks(weights, sparsity, scope, previous)
-    if method == "channel":
-        return channel_masks(weights, sparsity, scope, previous)
+    pattern = pattern_for(method)
+    with torch.no_grad():
+        return pattern(score_weights(weights, score, statistics), sparsity, scope, previous)
+
+
+def _nm_family(method: str) -> MaskPattern | None:
     nm = parse_nm(method)
     if nm is None:
-        raise ValueError(f"unknown pruning method {method!r}")
+        return None
     n, m = nm
-    return nm_masks(weights, n, m, keep=nm_keep_per_group(sparsity, n, m), previous=previous)
+
+    def pattern(
+        scores: Mapping[str, Tensor], sparsity: float, scope: str, previous: Mapping[str, Tensor] | None
+    ) -> dict[str, Tensor]:
+        return _nm_pattern(scores, n, m, nm_keep_per_group(sparsity, n, m), previous)
+
+    return pattern
+
+
+register_pattern("magnitude", _unstructured_pattern)
+register_pattern("channel", _channel_pattern)
+register_pattern_family("N:M", _nm_family, example="2:4")
+
+METHODS: tuple[str, ...] = pattern_names()
+"""The built-in pruning methods; ``"N:M"`` stands for any pattern such as ``"2:4"``
+(:func:`pattern_names` lists user-registered ones too)."""
 
 
 def masks_sparsity(masks: Iterable[Tensor]) -> float:
@@ -368,49 +394,3 @@ def masks_sparsity(masks: Iterable[Tensor]) -> float:
         total += mask.numel()
         pruned += mask.numel() - int(torch.count_nonzero(mask))
     return pruned / total if total else 0.0
-
-
-@torch.no_grad()
-def apply_masks_(tensors: Sequence[Tensor], multipliers: Sequence[Tensor]) -> None:
-    """Multiply each tensor in place by its 0/1 multiplier: one fused kernel for the whole list.
-
-    ``multipliers`` are the masks converted to the tensors' dtype and device (a ``bool`` multiplier
-    would take a slow path). Pruned entries become exactly zero.
-
-    Example:
-        >>> import torch
-        >>> w = [torch.tensor([1.5, -2.0])]
-        >>> apply_masks_(w, [torch.tensor([0.0, 1.0])])
-        >>> w[0].abs().tolist()
-        [0.0, 2.0]
-    """
-    if tensors:
-        torch._foreach_mul_(list(tensors), list(multipliers))
-
-
-@torch.no_grad()
-def mask_optimizer_state_(optimizer: torch.optim.Optimizer, multipliers: Mapping[Tensor, Tensor]) -> int:
-    """Zero the optimizer state (momentum, Adam moments, ...) of pruned entries.
-
-    Every state tensor of a masked parameter with the parameter's shape (``momentum_buffer``,
-    ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``sum``, ...) is multiplied by the mask, so the
-    state cannot move a pruned weight later. Scalars such as ``step`` and factored states of another
-    shape are left alone.
-
-    Args:
-        optimizer: any ``torch.optim.Optimizer``.
-        multipliers: ``parameter -> 0/1 multiplier`` of the parameter's shape.
-
-    Returns:
-        How many state tensors were masked.
-    """
-    masked = 0
-    for param, state in optimizer.state.items():
-        multiplier = multipliers.get(param)
-        if multiplier is None:
-            continue
-        for value in state.values():
-            if isinstance(value, Tensor) and value.shape == param.shape and value.is_floating_point():
-                value.mul_(multiplier.to(value.dtype))
-                masked += 1
-    return masked
