@@ -17,6 +17,8 @@ from typing_extensions import override
 from lightning_compress._lightning_compat import unwrap_optimizer
 from lightning_compress.callbacks._base import CompressionCallback
 from lightning_compress.callbacks._pruning_args import _check_arguments, _check_epochs
+from lightning_compress.callbacks._selection import warn_left_out
+from lightning_compress.core.layout import WeightLayout
 from lightning_compress.core.prune.keeper import MaskKeeper
 from lightning_compress.core.prune.masks import compute_masks
 from lightning_compress.core.prune.schedules import PruningWindow, place_window, sparsity_at
@@ -113,6 +115,7 @@ class PruningCallback(CompressionCallback):
         self._achieved: float | None = None  # zeros among the selected weights, last measured
         self._loaded: dict[str, Any] | None = None
         self._cut_off: set[str] = set()  # layers already reported as entirely pruned
+        self._layouts: dict[str, WeightLayout] = {}  # parameter name -> layout, set by _select
 
     # ------------------------------------------------------------------ public views
 
@@ -176,16 +179,16 @@ class PruningCallback(CompressionCallback):
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
         _check_epochs(self.start_epoch, self.end_epoch, max_epochs, trainer.max_steps)
         self._check_no_overlap(trainer, pl_module)
+        if any(True for _ in pl_module.parameters()):  # layers made in configure_model are not there yet
+            targets = select_targets(pl_module, self.include, self.exclude)
+            warn_left_out(
+                trainer, pl_module, targets, self.include, self.exclude, DEFAULT_PRUNE_TYPES, "PruningCallback"
+            )
 
     def _select(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        params: dict[str, Tensor] = {}
-        seen: set[int] = set()
-        for target in select_targets(pl_module, self.include, self.exclude):
-            weight = target.weight
-            if id(weight) not in seen:  # a tied weight is pruned once, under its first name
-                seen.add(id(weight))
-                params[target.param_name] = weight
-        return params
+        targets = select_targets(pl_module, self.include, self.exclude)  # a tied weight is one target
+        self._layouts = {t.param_name: t.layout for t in targets}  # Conv1D [in, out], packed q/k/v
+        return {t.param_name: t.weight for t in targets}
 
     def _check_no_overlap(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         mine = set(self._select(pl_module))
@@ -317,7 +320,9 @@ class PruningCallback(CompressionCallback):
         masks: dict[str, Tensor] | None = None
         if trainer.is_global_zero or trainer.world_size == 1:
             weights = {name: p.detach() for name, p in keeper.params.items()}
-            masks = compute_masks(weights, target, self.method, self.scope, previous=self._masks or None)
+            masks = compute_masks(
+                weights, target, self.method, self.scope, previous=self._masks or None, layouts=self._layouts
+            )
         if trainer.world_size > 1:
             # Rank 0 decides; every rank installs exactly the same masks.
             cpu = {k: v.cpu() for k, v in masks.items()} if masks is not None else None

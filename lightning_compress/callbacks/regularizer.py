@@ -25,6 +25,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_compress.callbacks._base import CompressionCallback
+from lightning_compress.callbacks._selection import warn_left_out
 from lightning_compress.core.penalties import PENALTIES, penalty_of, proximal_step_, strength_at
 from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, Target, select_targets
 from lightning_compress.errors import check_choice, check_number, check_str_list, config_error
@@ -147,14 +148,14 @@ class SparseRegularizer(CompressionCallback):
                 )
                 self._warning_filters.append(warnings.filters[0])
         if any(True for _ in pl_module.parameters()):  # layers made in configure_model are checked at fit start
-            select_targets(pl_module, self.include, self.exclude)
+            targets = select_targets(pl_module, self.include, self.exclude)
+            warn_left_out(
+                trainer, pl_module, targets, self.include, self.exclude, DEFAULT_PRUNE_TYPES, "SparseRegularizer"
+            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        unique: dict[int, Target] = {}
-        for target in select_targets(pl_module, self.include, self.exclude):
-            unique.setdefault(id(target.weight), target)  # a tied weight once, under its first name
-        self._targets = list(unique.values())
+        self._targets = select_targets(pl_module, self.include, self.exclude)  # a tied weight is one target
         weight_ids = {id(t.weight) for t in self._targets}
         trained = False
         for optimizer in trainer.optimizers:
@@ -202,7 +203,7 @@ class SparseRegularizer(CompressionCallback):
             weights = [t.weight.detach() for t in self._targets]
             total = sum(w.numel() for w in weights)
             zeros = sum(int((w == 0).sum()) for w in weights)
-            value = float(penalty_of(weights, self.penalty))
+            value = float(penalty_of(weights, self.penalty, [t.layout for t in self._targets]))
             rank_zero_info(
                 f"SparseRegularizer({self.penalty}{', proximal' if self.proximal else ''}): penalty {value:.6g},"
                 f" {zeros:,} of {total:,} selected weights ({zeros / max(total, 1):.2%}) are exactly zero."
@@ -241,18 +242,19 @@ class SparseRegularizer(CompressionCallback):
         lam = strength_at(self.strength, self._epochs_done, self.start_epoch, self.warmup_epochs)
         self._current_strength = lam
         weights = [t.weight for t in self._targets]
+        layouts = [t.layout for t in self._targets]  # group lasso along the true output channels
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         trained = [w for w in weights if id(w) in in_optimizer and w.requires_grad and w.is_floating_point()]
         if self.proximal or lam == 0 or not trained:
             with torch.no_grad():
-                value = penalty_of(weights, self.penalty)
+                value = penalty_of(weights, self.penalty, layouts)
             if self.proximal and lam > 0 and trained:
                 self._prox_pending.add(id(optimizer))
         else:
             # optimizer.step runs this hook under no_grad; the gradient is autograd's, of the public function.
             scale *= _pending_loss_scale(trainer, optimizer)
             with torch.enable_grad():
-                value = penalty_of(weights, self.penalty)
+                value = penalty_of(weights, self.penalty, layouts)
                 grads = torch.autograd.grad(value * (lam * scale), trained)
             _add_to_grads(trained, grads)
         if lam > 0:
@@ -269,16 +271,16 @@ class SparseRegularizer(CompressionCallback):
         found_inf = getattr(optimizer, "found_inf", None)  # set by GradScaler for optimizers that unscale
         if isinstance(found_inf, Tensor) and bool(found_inf):  # themselves (fused): this step was skipped
             return
-        weight_ids = {id(t.weight) for t in self._targets}
+        layouts = {id(t.weight): t.layout for t in self._targets}
         for group in optimizer.param_groups:
-            params = [p for p in group["params"] if id(p) in weight_ids and p.requires_grad]
+            params = [p for p in group["params"] if id(p) in layouts and p.requires_grad]
             if not params:
                 continue
             if "lr" not in group:  # a group added after fit start without a learning rate
                 raise config_error("proximal", "False for an optimizer without a learning rate", self.proximal)
             threshold = group["lr"] * self._current_strength
             for param in params:
-                proximal_step_(param.detach(), self.penalty, threshold)
+                proximal_step_(param.detach(), self.penalty, threshold, layouts[id(param)])
 
     # ------------------------------------------------------------------ checkpointing
 

@@ -90,7 +90,7 @@ def canonical_blocks(weight: Tensor, layout: WeightLayout | None) -> list[Tensor
         return [view]
     if sum(layout.blocks) != view.shape[0]:
         raise ValueError(f"blocks {layout.blocks} do not add up to the {view.shape[0]} output channels")
-    return list(view.split(list(layout.blocks), dim=0))
+    return list(view.split_with_sizes(list(layout.blocks), dim=0))
 
 
 def from_canonical_blocks(blocks: Sequence[Tensor], layout: WeightLayout | None) -> Tensor:

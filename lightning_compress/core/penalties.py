@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.core.layout import WeightLayout, from_out_first, out_first
 from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, select_targets
 from lightning_compress.errors import check_choice
 
@@ -74,7 +75,9 @@ def group_lasso_penalty(weight: Tensor) -> Tensor:
     return norms.sum()
 
 
-def penalty_of(weights: Sequence[Tensor], penalty: str = "l1") -> Tensor:
+def penalty_of(
+    weights: Sequence[Tensor], penalty: str = "l1", layouts: Sequence[WeightLayout | None] | None = None
+) -> Tensor:
     """The penalty summed over ``weights`` (a 0-dim tensor on the first weight's device).
 
     This is the function behind :func:`sparse_penalty` and :class:`~lightning_compress.SparseRegularizer`.
@@ -83,12 +86,16 @@ def penalty_of(weights: Sequence[Tensor], penalty: str = "l1") -> Tensor:
     Args:
         weights: the tensors to penalize; gradients flow to those that require them.
         penalty: ``"l1"`` or ``"group_lasso"``.
+        layouts: one layout per weight (:attr:`~lightning_compress.core.selection.Target.layout`), so that
+            ``group_lasso`` groups the true output channels (the columns of a Hugging Face ``Conv1D``
+            weight); ``None`` for ``(out, in, ...)`` weights.
 
     Raises:
         CompressionConfigError: for an unknown ``penalty``.
     """
     one = penalty_named(penalty).value
-    floating = [w for w in weights if w.is_floating_point()]
+    given = list(layouts) if layouts is not None else [None] * len(weights)
+    floating = [out_first(w, lay) for w, lay in zip(weights, given, strict=True) if w.is_floating_point()]
     if not floating:
         return torch.zeros(())
     device = floating[0].device
@@ -136,11 +143,11 @@ def sparse_penalty(
         tensor(6., grad_fn=<SumBackward0>)
     """
     penalty_named(penalty)  # checked before selecting, so a bad name is named first
-    weights = {id(t.weight): t.weight for t in select_targets(module, include, exclude)}  # a tied weight once
-    return penalty_of(list(weights.values()), penalty)
+    targets = select_targets(module, include, exclude)  # a tied weight is one target
+    return penalty_of([t.weight for t in targets], penalty, [t.layout for t in targets])
 
 
-def penalty_gradient(weight: Tensor, penalty: str = "l1") -> Tensor:
+def penalty_gradient(weight: Tensor, penalty: str = "l1", layout: WeightLayout | None = None) -> Tensor:
     """The (sub)gradient of the penalty of one weight, in closed form; what autograd computes.
 
     ``sign(w)`` for ``l1`` (``0`` at ``0``); ``w_c / ||w_c||`` per channel for ``group_lasso``
@@ -151,7 +158,7 @@ def penalty_gradient(weight: Tensor, penalty: str = "l1") -> Tensor:
         tensor([[ 0.6000, -0.8000],
                 [ 0.0000,  0.0000]])
     """
-    return penalty_named(penalty).gradient(weight)
+    return from_out_first(penalty_named(penalty).gradient(out_first(weight, layout)), layout)
 
 
 def _group_gradient(weight: Tensor) -> Tensor:
@@ -194,18 +201,23 @@ def group_shrink_(weight: Tensor, threshold: float | Tensor) -> Tensor:
     norms = torch.linalg.vector_norm(_channels(weight), ord=2, dim=1, dtype=_accumulation_dtype(weight))
     # A zero channel stays zero whatever its scale; the clamp keeps 0/0 from making it NaN.
     scale = (1.0 - threshold / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min(0.0)
-    # Scale through a broadcast view, so that non-contiguous (channels-last) weights change in place.
-    return weight.mul_(scale.to(weight.dtype).reshape(weight.shape[:1] + (1,) * (weight.dim() - 1)))
+    # Scale through a broadcast view, so that non-contiguous (channels-last) weights change in place;
+    # adding +0.0 turns the -0.0 of a zeroed negative weight into +0.0 and changes nothing else.
+    return weight.mul_(scale.to(weight.dtype).reshape(weight.shape[:1] + (1,) * (weight.dim() - 1))).add_(0.0)
 
 
-def proximal_step_(weight: Tensor, penalty: str, threshold: float | Tensor) -> Tensor:
+def proximal_step_(
+    weight: Tensor, penalty: str, threshold: float | Tensor, layout: WeightLayout | None = None
+) -> Tensor:
     """Apply the proximal operator of ``threshold * penalty`` to ``weight`` in place.
 
     After a gradient step with learning rate ``lr`` on the data loss, calling this with
     ``threshold = lr * strength`` completes a proximal-gradient step on
-    ``loss + strength * penalty`` (exact for plain SGD).
+    ``loss + strength * penalty`` (exact for plain SGD). ``layout`` says where the output channels
+    of ``weight`` are (for ``group_lasso``).
     """
-    return penalty_named(penalty).proximal(weight, threshold)
+    penalty_named(penalty).proximal(out_first(weight, layout), threshold)  # in place, through the view
+    return weight
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ __all__ = [
 DEFAULT_PRUNE_TYPES: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 """Module types whose ``weight`` is pruned or penalized by default."""
 
-DEFAULT_QUANT_TYPES: tuple[str, ...] = ("Linear", "Conv2d")
+DEFAULT_QUANT_TYPES: tuple[str, ...] = ("Linear", "Conv2d", "Embedding")
 """Module types converted to int8 by default."""
 
 ROOT_ATTRIBUTE = "compression_submodule"
@@ -280,13 +280,19 @@ def select_targets(
 
 
 def left_out_message(
-    model: nn.Module, targets: Sequence[Target], *, threshold: float = LEFT_OUT_FRACTION, top: int = 5
+    model: nn.Module,
+    targets: Sequence[Target],
+    exclude: Sequence[str] = (),
+    *,
+    threshold: float = LEFT_OUT_FRACTION,
+    top: int = 5,
 ) -> str | None:
     """What a selection leaves out, when it is more than ``threshold`` of the model's parameters; else ``None``.
 
     Counted over the compression root (a ``compression_submodule``): the parameters of modules that own
     no selected weight (a selected layer's bias is covered by its layer), by module, largest first.
-    The callbacks say it once, on rank zero, for their default selection.
+    Modules that ``exclude`` names were left out on purpose and are not counted as left out.
+    The callbacks say it once, on rank zero, for their default ``include``.
 
     Example:
         >>> model = nn.Sequential(nn.Embedding(100, 8), nn.Linear(8, 2))
@@ -315,7 +321,7 @@ def left_out_message(
                     ties.setdefault(owner, []).append(full)
                 continue
             total += param.numel()
-            if full not in covered:
+            if full not in covered and not _excluded(name, full, exclude):
                 kind, count = left.get(full, (type(module).__name__, 0))
                 left[full] = (kind, count + param.numel())
     missing = sum(count for _, count in left.values())

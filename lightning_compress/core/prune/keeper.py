@@ -55,17 +55,21 @@ def apply_masks_(tensors: Sequence[Tensor], multipliers: Sequence[Tensor]) -> No
     """Multiply each tensor in place by its 0/1 multiplier: one fused kernel for the whole list.
 
     ``multipliers`` are the masks converted to the tensors' dtype and device (a ``bool`` multiplier
-    would take a slow path). Pruned entries become exactly zero.
+    would take a slow path). Pruned entries become exactly ``+0.0``: a negative weight times ``0`` is
+    ``-0.0``, so ``+0.0`` is added after the product (``-0.0 + 0.0 == +0.0``; every other value is
+    unchanged), one more fused pass.
 
     Example:
         >>> import torch
         >>> w = [torch.tensor([1.5, -2.0])]
         >>> apply_masks_(w, [torch.tensor([0.0, 1.0])])
-        >>> w[0].abs().tolist()
-        [0.0, 2.0]
+        >>> w[0].tolist(), torch.signbit(w[0]).tolist()
+        ([0.0, -2.0], [False, True])
     """
     if tensors:
-        torch._foreach_mul_(list(tensors), list(multipliers))
+        tensors = list(tensors)
+        torch._foreach_mul_(tensors, list(multipliers))
+        torch._foreach_add_(tensors, 0.0)
 
 
 @torch.no_grad()

@@ -26,7 +26,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from lightning_compress.core.prune.keeper import apply_masks_, mask_optimizer_state_
+from lightning_compress.core.layout import LayoutPlan, WeightLayout
+from lightning_compress.core.prune.keeper import apply_masks_, mask_optimizer_state_  # noqa: F401  (their old home)
 from lightning_compress.core.prune.patterns import (
     MaskPattern,
     pattern_for,
@@ -42,11 +43,9 @@ from lightning_compress.core.prune.scores import ScoreFn, magnitude_score, score
 __all__ = [
     "METHODS",
     "SCOPES",
-    "apply_masks_",
     "channel_masks",
     "compute_masks",
     "magnitude_masks",
-    "mask_optimizer_state_",
     "masks_sparsity",
     "nm_keep_per_group",
     "nm_masks",
@@ -325,11 +324,16 @@ def compute_masks(
     *,
     score: str | ScoreFn = "magnitude",
     statistics: Mapping[str, Tensor] | None = None,
+    layouts: Mapping[str, WeightLayout | None] | None = None,
 ) -> dict[str, Tensor]:
     """Masks for ``method`` at ``sparsity``: the one entry point the callbacks use.
 
     The weights are scored (:func:`~lightning_compress.core.prune.scores.score_weights`) and the
-    pattern registered for ``method`` decides from the scores.
+    pattern registered for ``method`` decides from the scores. A weight with a non-standard
+    ``layout`` is first viewed as ``(out, in, ...)`` projections (:class:`~lightning_compress.core.layout.LayoutPlan`):
+    a Hugging Face ``Conv1D``'s ``[in, out]`` weight transposed, a ``MultiheadAttention``
+    ``in_proj_weight`` split into its query, key and value blocks, each pruned as a layer of its own;
+    the masks come back in the stored layout.
 
     Args:
         weights: ``name -> weight``.
@@ -340,6 +344,8 @@ def compute_masks(
         previous: masks from the last update, kept pruned.
         score: a registered score name or a score function (default ``|w|``).
         statistics: ``name -> statistic`` the score needs (e.g. input norms for ``"wanda"``).
+        layouts: ``name -> layout`` (:attr:`~lightning_compress.core.selection.Target.layout`); missing
+            names are standard ``(out, in, ...)`` weights.
 
     Returns:
         ``name -> bool mask`` (``True`` = kept).
@@ -354,8 +360,11 @@ def compute_masks(
         [[0, 0, 1, 1], [0, 0, 1, 1]]
     """
     pattern = pattern_for(method)
+    plan = LayoutPlan(weights, layouts)
     with torch.no_grad():
-        return pattern(score_weights(weights, score, statistics), sparsity, scope, previous)
+        stats = plan.repeat(statistics) if statistics is not None else None
+        scores = score_weights(plan.split(weights), score, stats)
+        return plan.join(pattern(scores, sparsity, scope, plan.split(previous) if previous is not None else None))
 
 
 def _nm_family(method: str) -> MaskPattern | None:
