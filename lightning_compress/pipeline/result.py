@@ -2,19 +2,73 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lightning_compress.core.files import atomic_write_text
 from lightning_compress.core.report import _human_bytes
 from lightning_compress.pipeline.measure import Measurement
 
-__all__ = ["REPORT_VERSION", "ComparisonResult", "atomic_write_text"]
+__all__ = ["INCOMPLETE_MARKER", "REPORT_VERSION", "ComparisonResult", "check_run_folder", "file_record"]
 
 REPORT_VERSION = 1
 """The ``"version"`` entry of ``report.json``."""
+
+INCOMPLETE_MARKER = "INCOMPLETE"
+"""A file that ``compress`` puts in the run folder while its files are not all from one finished run.
+
+It is written before the first artifact of a run (or, when the folder holds an earlier run's report,
+before any training), and removed only after ``report.json`` (written last, atomically) names the
+sizes and SHA-256 digests of the artifacts beside it."""
+
+
+def file_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``{"path", "bytes", "sha256"}`` of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": os.fspath(path), "bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def check_run_folder(folder: str | os.PathLike[str]) -> list[str]:
+    """What is wrong with a run folder of ``compress``; an empty list when it is one finished run.
+
+    A folder is complete when it has no :data:`INCOMPLETE_MARKER`, its ``report.json`` reads, and
+    every artifact that the report lists has the size and SHA-256 digest the report gives it.
+
+    Example:
+        >>> import tempfile
+        >>> check_run_folder(tempfile.mkdtemp())
+        ['no report.json: the run did not finish']
+    """
+    folder = Path(folder)
+    problems = []
+    if (folder / INCOMPLETE_MARKER).exists():
+        problems.append(f"{INCOMPLETE_MARKER} is present: a run started here and did not finish")
+    try:
+        report = json.loads((folder / "report.json").read_text())
+    except FileNotFoundError:
+        return [*problems, "no report.json: the run did not finish"]
+    except (OSError, ValueError) as err:
+        return [*problems, f"report.json cannot be read: {err}"]
+    artifacts = report.get("artifacts") if isinstance(report, dict) else None
+    if not isinstance(artifacts, dict) or not artifacts:
+        return [*problems, "report.json names no artifacts (written before lightning-compress 0.2)"]
+    for role, record in artifacts.items():
+        name = Path(str(record.get("path", ""))).name if isinstance(record, dict) else ""
+        path = folder / name
+        if not name or not path.is_file():
+            problems.append(f"{role}: {name or '?'} is missing")
+            continue
+        now = file_record(path)
+        if (now["bytes"], now["sha256"]) != (record.get("bytes"), record.get("sha256")):
+            problems.append(f"{role}: {name} is not the file report.json describes (another size or SHA-256)")
+    return problems
 
 
 def _ratio(new: float, old: float) -> float | None:
@@ -31,6 +85,7 @@ class ComparisonResult:
         compressed: numbers of the model after the compression fit.
         settings: how the run was made (epochs, callbacks, batch size, threads, versions).
         files: paths of what the run wrote (artifacts, report, figure), by role.
+        artifacts: :func:`file_record` of each artifact, by role: what ties ``report.json`` to them.
     """
 
     metric: str
@@ -38,6 +93,7 @@ class ComparisonResult:
     compressed: Measurement
     settings: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ratios(self) -> dict[str, float | None]:
@@ -105,6 +161,7 @@ class ComparisonResult:
             "ratios": self.ratios,
             "settings": self.settings,
             "files": self.files,
+            "artifacts": self.artifacts,
         }
 
     def write_json(self, path: str | os.PathLike[str]) -> None:

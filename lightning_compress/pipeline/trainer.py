@@ -18,12 +18,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_compress.__about__ import __version__
 from lightning_compress._warnings import lightning_info_filtered, quiet_known_warnings
-from lightning_compress.core.files import atomic_write_text
+from lightning_compress.core.files import atomic_write_text, folder_problem
 from lightning_compress.core.selection import compression_root
 from lightning_compress.errors import CompressionConfigError, check_choice, check_number, config_error
 from lightning_compress.pipeline.figure import MATPLOTLIB_HINT, matplotlib_available, write_figure
 from lightning_compress.pipeline.measure import batch_input, measure, measure_latencies
-from lightning_compress.pipeline.result import ComparisonResult
+from lightning_compress.pipeline.result import INCOMPLETE_MARKER, ComparisonResult, file_record
 
 __all__ = ["DEFAULT_CALLBACKS", "DEFAULT_COMPRESS_EPOCHS", "CompressTrainer", "default_callbacks"]
 
@@ -144,10 +144,45 @@ class CompressTrainer(pl.Trainer):
                 self.num_devices * self.num_nodes,
                 "Use `fit` to train on several devices, then `compress --dense_epochs 0` from the checkpoint.",
             )
+        if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
+            raise config_error("run_dir", "the path of a folder", run_dir)
+        self._check_run_folder(run_dir)
         from lightning_compress.demo import DigitsDataModule
 
         with quiet_known_warnings(in_memory_data=isinstance(datamodule, DigitsDataModule)):
             return self._compress(model, datamodule, dense_epochs, run_dir, stage, metric, latency_repeats, figure)
+
+    def _run_folder(self, run_dir: str | os.PathLike[str] | None) -> Path:
+        return Path(run_dir if run_dir is not None else (self.log_dir or self.default_root_dir))
+
+    def _check_run_folder(self, run_dir: str | os.PathLike[str] | None) -> None:
+        """Before any training: the run folder can be written, and no saved config of an earlier run is in the way."""
+        folder = self._run_folder(run_dir)
+        problem = folder_problem(folder)
+        if problem is not None:
+            raise config_error(
+                "run_dir" if run_dir is not None else "trainer.default_root_dir",
+                "a folder that can be created and written to",
+                os.fspath(folder),
+                f"It cannot: {problem}.",
+            )
+        for callback in self.callbacks:  # type: ignore[attr-defined]
+            # LightningCLI's SaveConfigCallback refuses, at the setup of the compression fit (after the dense
+            # training), to overwrite the config.yaml of an earlier run in the same log folder.
+            name, overwrite = getattr(callback, "config_filename", None), getattr(callback, "overwrite", True)
+            if type(callback).__name__ != "SaveConfigCallback" or overwrite or not isinstance(name, str):
+                continue
+            log_dir = self.log_dir or self.default_root_dir
+            if (Path(log_dir) / name).is_file():
+                raise CompressionConfigError(
+                    f"Expected the log folder {os.fspath(log_dir)!r} to hold no {name} of an earlier run, but it"
+                    f" does, and Lightning's SaveConfigCallback would refuse to overwrite it after the dense"
+                    f" training. Give `--trainer.default_root_dir` a new folder, keep a logger (each run gets its"
+                    f" own version_N), or delete {name}."
+                )
+        if (folder / "report.json").exists():
+            # An earlier run's report: until this run's report replaces it, the folder is not one run.
+            _mark_incomplete(folder)
 
     def _compress(
         self,
@@ -169,7 +204,7 @@ class CompressTrainer(pl.Trainer):
                 " the two models compared will be alike."
             )
         # Written to after the compression fit, so that the logger finds its folder empty when it starts.
-        folder = Path(run_dir if run_dir is not None else (self.log_dir or self.default_root_dir))
+        folder = self._run_folder(run_dir)
         seconds: dict[str, float] = {}
         start = time.perf_counter()
 
@@ -209,6 +244,7 @@ class CompressTrainer(pl.Trainer):
         from lightning_compress.core.serialize import load_compressed, save_compressed
 
         folder.mkdir(parents=True, exist_ok=True)
+        _mark_incomplete(folder)
         files = {"original": str(folder / "original.pt"), "compressed": str(folder / "compressed.pt")}
         save_compressed(original, files["original"])
         save_compressed(compressed, files["compressed"])
@@ -244,13 +280,15 @@ class CompressTrainer(pl.Trainer):
             compressed=measure(compressed, compressed_accuracy, files["compressed"], latencies[1]),
             settings=settings,
             files=files,
+            artifacts={role: file_record(files[role]) for role in ("original", "compressed")},
         )
-        result.write_json(files["report_json"])
         atomic_write_text(files["report_txt"], result.table() + "\n")
         if "figure" in files:
             write_figure(result, files["figure"])
         elif figure:
             rank_zero_info(f"lightning-compress: no report.png: {MATPLOTLIB_HINT}")
+        result.write_json(files["report_json"])  # last: it names the sizes and digests of the artifacts
+        (folder / INCOMPLETE_MARKER).unlink(missing_ok=True)
         if roundtrip_error:
             rank_zero_warn(
                 f"The artifact {files['compressed']} reloads with outputs that differ from the compressed model's"
@@ -258,6 +296,16 @@ class CompressTrainer(pl.Trainer):
             )
         rank_zero_info(f"\n{result.table()}\n\nRun folder: {os.fspath(folder)}")
         return result
+
+
+def _mark_incomplete(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(
+        folder / INCOMPLETE_MARKER,
+        f"A lightning-compress `compress` run started here at {time.strftime('%Y-%m-%d %H:%M:%S')} and has not"
+        " finished: the files in this folder may come from different runs. report.json, written last, names the"
+        " size and SHA-256 digest of each artifact of a finished run; this file is removed after it.\n",
+    )
 
 
 def _evaluate(
