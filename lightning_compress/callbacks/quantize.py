@@ -15,6 +15,7 @@ from typing_extensions import override
 from lightning_compress._lightning_compat import data_source
 from lightning_compress.callbacks._base import CompressionCallback
 from lightning_compress.core.quant.convert import int8_layers, quantizable_targets, quantize_model, record_input_ranges
+from lightning_compress.core.quant.fake import FakeQuantSession
 from lightning_compress.core.quant.modules import MODES
 from lightning_compress.core.report import compression_report
 from lightning_compress.core.selection import DEFAULT_QUANT_TYPES, Target, compression_root
@@ -93,6 +94,11 @@ class QuantizeOnFitEnd(CompressionCallback):
         exclude: ``fnmatch`` globs of module names that stay float (e.g. ``["classifier"]``).
         save_path: if given, rank zero writes the compressed artifact there
             (:func:`~lightning_compress.save_compressed` of the compressed module).
+        qat_epochs: the last ``qat_epochs`` epochs of the fit train with fake quantization
+            (quantization-aware training, :mod:`~lightning_compress.core.quant.fake`): weights on the
+            int8 grid (per channel or per tensor as ``per_channel`` says) and, for ``"static"``, each
+            static Linear's input with a moving min/max range, which the conversion then uses as its
+            input scale. ``quant/qat`` is logged (1 in QAT epochs, 0 before). ``0``: no QAT.
         verbose: ``1`` prints the report on rank zero; ``0`` stays quiet.
 
     After fit, :attr:`report` is a plain dict: ``layers_converted``, ``layers`` (name -> mode),
@@ -118,6 +124,7 @@ class QuantizeOnFitEnd(CompressionCallback):
         include: list[str] = list(DEFAULT_QUANT_TYPES),  # noqa: B006 - never mutated; a list for the CLI
         exclude: list[str] = [],  # noqa: B006
         save_path: str | None = None,
+        qat_epochs: int = 0,
         verbose: int = 1,
     ) -> None:
         super().__init__(verbose)
@@ -129,6 +136,10 @@ class QuantizeOnFitEnd(CompressionCallback):
         self.exclude = check_str_list("exclude", exclude)
         if save_path is not None and (not isinstance(save_path, str) or not save_path):
             raise config_error("save_path", "a non-empty path string or None", save_path)
+        check_number("qat_epochs", qat_epochs, low=0, integer=True)
+        self.qat_epochs = qat_epochs
+        self._qat: FakeQuantSession | None = None
+        self._qat_state: dict[str, Any] = {}
         self.mode = mode
         self.per_channel = per_channel
         self.calibration_batches = calibration_batches
@@ -142,7 +153,12 @@ class QuantizeOnFitEnd(CompressionCallback):
 
     @override
     def _arguments(self) -> dict[str, Any]:
-        return {**self._identity(), "calibration_batches": self.calibration_batches, "save_path": self.save_path}
+        return {
+            **self._identity(),
+            "calibration_batches": self.calibration_batches,
+            "save_path": self.save_path,
+            "qat_epochs": self.qat_epochs,
+        }
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -162,6 +178,7 @@ class QuantizeOnFitEnd(CompressionCallback):
                 self.include,
                 "The selected layers all stay float (see `quantizable_targets`).",
             )
+        self._check_qat_epochs(trainer)
         if self.mode == "static":
             source = data_source(trainer, "fit")
             if source is None or not source.is_defined() or trainer.limit_train_batches == 0:
@@ -185,7 +202,12 @@ class QuantizeOnFitEnd(CompressionCallback):
         was_training = root.training
         root.eval()
         batches = self._calibration_batches(trainer)
-        ranges, float_outputs = self._float_pass(trainer, root, targets, batches)
+        if self._qat is not None:  # QAT: the reference is the fake-quantized model, the ranges QAT's own
+            self._qat.attach()
+            ranges, float_outputs = self._qat.input_ranges(), self._float_pass(trainer, root, [], batches)[1]
+            self._stop_qat()
+        else:
+            ranges, float_outputs = self._float_pass(trainer, root, targets, batches)
         result = quantize_model(pl_module, targets, self.mode, self.per_channel, ranges)
         agreement = self._agreement(trainer, root, batches, float_outputs)
         root.train(was_training)
@@ -207,6 +229,7 @@ class QuantizeOnFitEnd(CompressionCallback):
             "model_bytes_after": compression_report(root).bytes,
             **agreement,
             "save_path": self.save_path,
+            "qat_epochs": self.qat_epochs,
         }
         if self.save_path is not None:
             if trainer.is_global_zero:
@@ -327,8 +350,73 @@ class QuantizeOnFitEnd(CompressionCallback):
 
     @override
     def _state(self) -> dict[str, Any]:
-        return {"report": dict(self.report)}
+        qat = self._qat.state() if self._qat is not None else self._qat_state
+        return {"report": dict(self.report), "qat": {n: dict(v) for n, v in qat.items()}}
 
     @override
     def _load_state(self, state: dict[str, Any]) -> None:
         self.report = dict(state.get("report", {}))
+        self._qat_state = dict(state.get("qat", {}))
+        if self._qat is not None:
+            self._qat.load_state(self._qat_state)
+
+    # ------------------------------------------------------------------ quantization-aware training
+
+    def _check_qat_epochs(self, trainer: pl.Trainer) -> None:
+        if not self.qat_epochs:
+            return
+        max_epochs = trainer.max_epochs
+        if max_epochs is None or max_epochs < 0 or self.qat_epochs > max_epochs:
+            raise CompressionConfigError(
+                f"Expected argument `qat_epochs` to be at most the fit's `max_epochs` ({max_epochs}), but got"
+                f" {self.qat_epochs}. QAT trains the last `qat_epochs` epochs, so the Trainer needs a finite"
+                " `max_epochs` at least that large."
+            )
+
+    def _qat_due(self, trainer: pl.Trainer) -> bool:
+        start = int(trainer.max_epochs or 0) - self.qat_epochs
+        return bool(self.qat_epochs) and not self._skip and trainer.current_epoch >= start
+
+    def _start_qat(self, pl_module: pl.LightningModule) -> None:
+        if self._qat is None:
+            targets, _ = quantizable_targets(pl_module, self.include, self.exclude)
+            layers = {t.name: t.module for t in targets}
+            layers.update(static_input_modules(pl_module, targets))
+            self._qat = FakeQuantSession(layers, self.mode, self.per_channel)
+            self._qat.load_state(self._qat_state)
+        self._qat.attach()
+
+    def _stop_qat(self) -> None:
+        if self._qat is not None:
+            self._qat_state = self._qat.state()
+            self._qat.detach()
+            self._qat = None
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.qat_epochs or self._skip:
+            return
+        if self._qat_due(trainer):
+            self._start_qat(pl_module)
+        pl_module.log("quant/qat", 1.0 if self._qat is not None else 0.0, on_step=False, on_epoch=True)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._qat is None and self._qat_due(trainer):  # a resume in the middle of a QAT epoch
+            self._start_qat(pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._qat is not None and trainer.world_size > 1:  # every rank holds the widest range of any rank
+            device = trainer.strategy.root_device
+            self._qat.reduce_ranges(lambda t: trainer.strategy.all_gather(t.to(device)))
+
+    @override
+    def _release(self) -> None:
+        if self._qat is not None:
+            self._qat.detach()
+            self._qat = None

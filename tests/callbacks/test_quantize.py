@@ -112,8 +112,10 @@ def test_state_key_and_state_dict():
             "exclude": ["net.5"],
             "calibration_batches": cb.calibration_batches,
             "save_path": None,
+            "qat_epochs": 0,
         },
         "report": {"layers_converted": 2},
+        "qat": {},
     }
     other = QuantizeOnFitEnd()
     with pytest.warns(UserWarning, match=r"resuming with different arguments: mode='dynamic' \(checkpoint: 'static'\)"):
