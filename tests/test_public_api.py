@@ -1,4 +1,10 @@
-"""The public contract of DESIGN.md: names, argument kinds and defaults that users and configs rely on."""
+"""The public contract: names, argument kinds and defaults that users and configs rely on.
+
+These signatures are promised to users (a LightningCLI config names them), so renaming one or
+changing a default is a breaking change: this test pins each one. The list is the contract itself,
+written out here; the user-facing pages (``docs/api.rst`` and the per-method pages) document the
+same arguments.
+"""
 
 from __future__ import annotations
 
@@ -99,3 +105,29 @@ def test_arguments_and_defaults_match_the_contract(name):
 
 def test_configuration_error_is_a_value_error():
     assert issubclass(lightning_compress.CompressionConfigError, ValueError)
+
+
+def _modules() -> list[tuple[str, bool]]:
+    import pkgutil
+
+    return [(m.name, m.ispkg) for m in pkgutil.walk_packages(lightning_compress.__path__, "lightning_compress.")]
+
+
+@pytest.mark.parametrize(("module_name", "is_package"), _modules())
+def test_every_module_lists_only_its_own_names_in_all(module_name, is_package):
+    """``__all__`` names what the module defines: a name imported from elsewhere belongs to its own module's list.
+
+    (``pipeline/result.py`` once listed ``atomic_write_text``, which lives in ``core/files.py``.) Packages
+    may gather their rooms' names.
+    """
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:  # an optional dependency (onnx, transformers, ...) that is not installed
+        pytest.skip(f"{module_name} needs {error.name}")
+    for name in getattr(module, "__all__", ()):
+        assert hasattr(module, name), f"{module_name}.__all__ lists {name!r}, which it does not define"
+        obj = getattr(module, name)
+        if not is_package and (inspect.isfunction(obj) or inspect.isclass(obj)):
+            assert obj.__module__ == module_name, f"{module_name}.__all__ lists {name!r} from {obj.__module__}"

@@ -41,7 +41,6 @@ __all__ = [
     "LEFT_OUT_FRACTION",
     "ROOT_ATTRIBUTE",
     "Target",
-    "WeightLayout",
     "compression_root",
     "is_hf_conv1d",
     "left_out_message",
