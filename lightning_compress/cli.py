@@ -14,6 +14,7 @@ a Lightning misconfiguration, a missing optional dependency) ends the command wi
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,6 +73,7 @@ class CompressCLI(LightningCLI):
 
     @override
     def before_instantiate_classes(self) -> None:
+        self._keep_the_models_own_loaders()
         if self.subcommand != "compress":
             return
         trainer = self.config["compress"]["trainer"]
@@ -86,8 +88,44 @@ class CompressCLI(LightningCLI):
             # Parsed like user input, so the saved config.yaml lists them in full and reloads.
             self.config = self.parser.parse_object({"compress": {"trainer": given}}, self.config)
 
+    def _keep_the_models_own_loaders(self) -> None:
+        """No demo data for a named model that brings its own loaders (``BoringModel``), as in plain LightningCLI.
+
+        The demo data is injected only where the user names no data and the model has no loader of its
+        own for the subcommand's stage (``train_dataloader`` for ``fit`` and ``compress``).
+        """
+        if "data" in self._given:
+            return
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model, data = config.get("model"), config.get("data")
+        class_path = model.get("class_path") if model is not None else None
+        if data is None or not isinstance(class_path, str) or class_path == _DEMO_CLASSES["model"]:
+            return
+        model_class = _import_class(class_path)
+        hook = _LOADER_OF_STAGE.get(self.subcommand or "fit", "train_dataloader")
+        if model_class is not None and getattr(model_class, hook, None) is not getattr(pl.LightningModule, hook):
+            config["data"] = None
+
 
 _DEMO_CLASSES = {"model": "lightning_compress.demo.Classifier", "data": "lightning_compress.demo.DigitsDataModule"}
+
+_LOADER_OF_STAGE = {
+    "fit": "train_dataloader",
+    "compress": "train_dataloader",
+    "validate": "val_dataloader",
+    "test": "test_dataloader",
+    "predict": "predict_dataloader",
+}
+"""The loader a model must bring for each subcommand to run without data."""
+
+
+def _import_class(class_path: str) -> type | None:
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return None  # jsonargparse has resolved the class already; nothing to decide without it
+    return found if isinstance(found, type) else None
 
 
 def _classes_given(argv: Sequence[str]) -> set[str]:
@@ -159,7 +197,7 @@ def main(args: Sequence[str] | None = None) -> None:
         try:
             CompressCLI(
                 pl.LightningModule,
-                pl.LightningDataModule,
+                None,  # `--data` is optional, as in plain LightningCLI: a model may bring its own loaders
                 subclass_mode_model=True,
                 subclass_mode_data=True,
                 args=list(args) if args is not None else None,
