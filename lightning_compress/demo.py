@@ -245,6 +245,9 @@ class DigitsDataModule(_SplitDataModule):
             torchvision's ``resnet18``).
     """
 
+    in_memory_data = True
+    """The sets are tensors in memory (:class:`~lightning_compress.pipeline.PipelineData`): no workers needed."""
+
     def __init__(
         self,
         batch_size: int = 64,

@@ -314,3 +314,35 @@ def test_the_dense_phase_runs_like_the_compression_fit(tmp_path):
     assert not any(isinstance(c, QuantizeOnFitEnd) for c in dense.callbacks)
     quiet = CompressTrainer(enable_progress_bar=False, default_root_dir=tmp_path)._sibling()
     assert quiet.progress_bar_callback is None
+
+
+def test_a_data_module_says_whether_its_data_are_in_memory(tmp_path, monkeypatch):
+    """``compress`` asks the data module (``in_memory_data``, the PipelineData protocol), never its type."""
+    from contextlib import contextmanager
+
+    import lightning_compress.pipeline.trainer as pipeline_trainer
+    from lightning_compress.pipeline import PipelineData
+
+    class Tensors(pl.LightningDataModule):
+        in_memory_data = True
+
+    class Files(pl.LightningDataModule):
+        pass
+
+    class Unclear(pl.LightningDataModule):
+        in_memory_data = "yes"  # only True counts
+
+    seen = []
+
+    @contextmanager
+    def recording(in_memory_data=False):
+        seen.append(in_memory_data)
+        yield
+
+    monkeypatch.setattr(pipeline_trainer, "quiet_known_warnings", recording)
+    monkeypatch.setattr(CompressTrainer, "_compress", lambda self, *args: "compressed")
+    for data in (DigitsDataModule(), Tensors(), Files(), Unclear(), None):
+        assert _trainer(tmp_path).compress(_model(), data, run_dir=str(tmp_path / "run")) == "compressed"
+    assert seen == [True, True, False, False, False]
+    assert isinstance(DigitsDataModule(), PipelineData) and isinstance(Tensors(), PipelineData)
+    assert not isinstance(Files(), PipelineData)

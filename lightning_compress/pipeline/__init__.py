@@ -11,6 +11,7 @@ from lightning_compress.pipeline.trainer import (
     DEFAULT_CALLBACKS,
     DEFAULT_COMPRESS_EPOCHS,
     CompressTrainer,
+    PipelineData,
     default_callbacks,
 )
 
@@ -20,6 +21,7 @@ __all__ = [
     "ComparisonResult",
     "CompressTrainer",
     "Measurement",
+    "PipelineData",
     "default_callbacks",
     "measure",
     "measure_latencies",

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import importlib
+import logging
 import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import lightning
 import lightning.pytorch as pl
@@ -25,7 +26,9 @@ from lightning_compress.pipeline.figure import MATPLOTLIB_HINT, matplotlib_avail
 from lightning_compress.pipeline.measure import batch_input, measure, measure_latencies
 from lightning_compress.pipeline.result import INCOMPLETE_MARKER, ComparisonResult, file_record
 
-__all__ = ["DEFAULT_CALLBACKS", "DEFAULT_COMPRESS_EPOCHS", "CompressTrainer", "default_callbacks"]
+__all__ = ["DEFAULT_CALLBACKS", "DEFAULT_COMPRESS_EPOCHS", "CompressTrainer", "PipelineData", "default_callbacks"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CALLBACKS: tuple[dict[str, Any], ...] = (
     {"class_path": "lightning_compress.PruningCallback", "init_args": {"target_sparsity": 0.9}},
@@ -47,6 +50,37 @@ _COMPRESSION_CALLBACKS = (
     "lightning_compress.callbacks.regularizer.SparseRegularizer",
     "lightning_compress.callbacks.quantize.QuantizeOnFitEnd",
 )
+
+
+@runtime_checkable
+class PipelineData(Protocol):
+    """What :meth:`CompressTrainer.compress` asks a data module beyond Lightning's own hooks.
+
+    Every attribute is optional: a plain ``LightningDataModule`` works as it is, and the pipeline
+    assumes the default where one is missing. A data module states a property by setting the
+    attribute (a class attribute is enough), never by its type, so a user's own data module is
+    treated like the demo's.
+
+    Attributes:
+        in_memory_data: ``True`` when the data sets are tensors already in memory, so DataLoader
+            worker processes would only add start-up time; the pipeline then silences Lightning's
+            "does not have many workers" warning. Default ``False``;
+            :class:`~lightning_compress.demo.DigitsDataModule` sets it.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> class Tensors(pl.LightningDataModule):
+        ...     in_memory_data = True
+        >>> isinstance(Tensors(), PipelineData), _in_memory_data(Tensors()), _in_memory_data(None)
+        (True, True, False)
+    """
+
+    in_memory_data: bool
+
+
+def _in_memory_data(datamodule: object) -> bool:
+    """The data module's ``in_memory_data`` (:class:`PipelineData`), ``False`` where it says nothing."""
+    return getattr(datamodule, "in_memory_data", False) is True
 
 
 def _import(path: str) -> Any:
@@ -147,9 +181,9 @@ class CompressTrainer(pl.Trainer):
         if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
             raise config_error("run_dir", "the path of a folder", run_dir)
         self._check_run_folder(run_dir)
-        from lightning_compress.demo import DigitsDataModule
-
-        with quiet_known_warnings(in_memory_data=isinstance(datamodule, DigitsDataModule)):
+        in_memory = _in_memory_data(datamodule)
+        log.debug("compress: %s in_memory_data=%s", type(datamodule).__name__, in_memory)
+        with quiet_known_warnings(in_memory_data=in_memory):
             return self._compress(model, datamodule, dense_epochs, run_dir, stage, metric, latency_repeats, figure)
 
     def _run_folder(self, run_dir: str | os.PathLike[str] | None) -> Path:
@@ -252,6 +286,7 @@ class CompressTrainer(pl.Trainer):
         roundtrip_error = _max_output_difference(compressed, restored, inputs)
         latencies = measure_latencies([original, compressed], inputs, repeats=latency_repeats)
         seconds["measure"] = time.perf_counter() - start
+        log.debug("compress: seconds per phase %s", seconds)
         settings = {
             "dense_epochs": dense_epochs,
             "compress_epochs": self.max_epochs,
