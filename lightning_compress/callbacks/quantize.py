@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,7 +14,16 @@ from typing_extensions import override
 
 from lightning_compress._lightning_compat import data_source
 from lightning_compress.callbacks._base import CompressionCallback
-from lightning_compress.core.quant.convert import int8_layers, quantizable_targets, quantize_model, record_input_ranges
+from lightning_compress.callbacks._selection import warn_left_out
+from lightning_compress.core.batches import call_model, check_model_call, first_loader, first_tensor
+from lightning_compress.core.quant.agreement import is_poor, layer_errors, poor_agreement_message
+from lightning_compress.core.quant.convert import (
+    int8_layers,
+    quantizable_targets,
+    quantize_model,
+    record_input_ranges,
+    static_input_modules,
+)
 from lightning_compress.core.quant.fake import FakeQuantSession
 from lightning_compress.core.quant.modules import MODES
 from lightning_compress.core.report import compression_report
@@ -25,60 +34,43 @@ from lightning_compress.errors import CompressionConfigError, check_choice, chec
 __all__ = ["QuantizeOnFitEnd"]
 
 
-def _batch_input(batch: Any) -> Any:
-    """The model input of a batch: the batch itself (a tensor), its first entry, or its ``"x"``/``"input"``."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch:
-        return batch[0]
-    if isinstance(batch, dict):
-        for key in ("x", "input", "inputs", "image", "images", "input_ids"):
-            if key in batch:
-                return batch[key]
-    raise TypeError(
-        f"Cannot find the model input in a batch of type {type(batch).__name__}: QuantizeOnFitEnd calls the model"
-        " on a tensor batch, on the first entry of a tuple/list batch, or on the 'x'/'input' entry of a dict."
-    )
+def _owned_bytes(*modules: nn.Module) -> int:
+    """Bytes of the tensors the modules own themselves, each tensor counted once (a tied weight is one)."""
+    tensors = {id(t): t for m in modules for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _first_tensor(output: Any) -> Tensor | None:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (list, tuple)):
-        for item in output:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    if isinstance(output, dict):
-        for item in output.values():
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    return None
-
-
-def _owned_bytes(module: nn.Module) -> int:
-    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _first_loader(loaders: Any) -> Iterable[Any] | None:
-    if loaders is None:
-        return None
-    if isinstance(loaders, (list, tuple)):
-        return _first_loader(loaders[0]) if loaders else None
-    if isinstance(loaders, dict):
-        return _first_loader(next(iter(loaders.values()))) if loaders else None
-    return loaders
+def _float_layers(model: nn.Module, targets: Sequence[Target]) -> dict[str, nn.Module]:
+    """``{name: float module}`` of the targets and their tied partners, before they are converted."""
+    layers = {t.name: t.module for t in targets}
+    for t in targets:
+        for key in getattr(t, "tied", ()):
+            name = key.rpartition(".")[0]
+            try:
+                layers.setdefault(name, model.get_submodule(name))
+            except AttributeError:
+                continue
+    return layers
 
 
 class QuantizeOnFitEnd(CompressionCallback):
     r"""Convert the selected layers to int8 when fit ends, report the agreement, and save the artifact.
 
-    In ``on_fit_end`` every selected ``Linear`` and ``Conv2d`` (subclasses, grouped and depthwise
-    convolutions included) of the LightningModule, or of the submodule its
+    In ``on_fit_end`` every selected ``Linear`` (Hugging Face ``Conv1D`` and the packed input
+    projection of ``nn.MultiheadAttention`` included), ``Conv2d`` (grouped and depthwise included)
+    and ``Embedding`` (one scale per row) of the LightningModule, or of the submodule its
     ``compression_submodule`` names, is replaced by an int8 layer: weights stored as ``torch.int8``
-    with symmetric float32 scales (a pruned zero stays exactly zero). ``trainer.validate(model)``
+    with symmetric float32 scales (a pruned zero stays exactly zero); a tied weight (GPT-2's
+    ``lm_head`` and token embedding) stays one int8 tensor. The int8 layers' ``.weight`` reads as a
+    float tensor, so model code that casts its inputs to ``weight.dtype`` keeps computing in float.
+
+    The model is called on the calibration batches the way a training step calls it (a tensor, a
+    tuple whose first item is the input, a dict as ``model(**batch)`` without ``labels``, or the
+    first items of a tuple when ``forward`` requires several; see :mod:`lightning_compress.core.batches`).
+    That this call fits ``forward``'s signature is checked when training starts, so a model that
+    cannot be driven fails with a ``CompressionConfigError`` before the first step. When the
+    agreement is poor (relative error above 0.05 or top-1 agreement under 99 %), a warning names the
+    layers with the largest own int8 error and the remedies (report entry ``worst_layers``). ``trainer.validate(model)``
     and ``trainer.test(model)`` afterwards run the int8 model.
 
     Args:
@@ -102,6 +94,7 @@ class QuantizeOnFitEnd(CompressionCallback):
         verbose: ``1`` prints the report on rank zero; ``0`` stays quiet.
 
     After fit, :attr:`report` is a plain dict: ``layers_converted``, ``layers`` (name -> mode),
+    ``kernels`` (name -> how the layer computes here, see :mod:`lightning_compress.core.quant.kernels`),
     ``fallbacks``, ``skipped``, ``weight_bytes_before`` / ``weight_bytes_after`` /
     ``weight_bytes_ratio`` (the converted layers), ``model_bytes_before`` / ``model_bytes_after``,
     ``calibration_batches``, ``relative_error`` (:math:`\lVert y_{int8} - y\rVert_2 / \lVert y\rVert_2`
@@ -178,6 +171,9 @@ class QuantizeOnFitEnd(CompressionCallback):
                 self.include,
                 "The selected layers all stay float (see `quantizable_targets`).",
             )
+        warn_left_out(
+            trainer, pl_module, targets, self.include, self.exclude, DEFAULT_QUANT_TYPES, "QuantizeOnFitEnd", "float"
+        )
         self._check_qat_epochs(trainer)
         if self.mode == "static":
             source = data_source(trainer, "fit")
@@ -196,7 +192,7 @@ class QuantizeOnFitEnd(CompressionCallback):
         device = trainer.strategy.root_device
         pl_module.to(device)  # the trainer moved it to the CPU in its teardown
         targets, skipped = quantizable_targets(pl_module, self.include, self.exclude)
-        weight_before = sum(_owned_bytes(t.module) for t in targets)
+        weight_before = _owned_bytes(*(t.module for t in targets))
         model_before = compression_report(root).bytes
 
         was_training = root.training
@@ -208,18 +204,31 @@ class QuantizeOnFitEnd(CompressionCallback):
             self._stop_qat()
         else:
             ranges, float_outputs = self._float_pass(trainer, root, targets, batches)
+        originals = _float_layers(pl_module, targets)
         result = quantize_model(pl_module, targets, self.mode, self.per_channel, ranges)
         agreement = self._agreement(trainer, root, batches, float_outputs)
+        worst: dict[str, float] = {}
+        if batches and is_poor(agreement["relative_error"], agreement["top1_agreement"]):
+            worst = layer_errors(pl_module, originals, lambda: self._call(trainer, root, batches[0]))
+            rank_zero_warn(
+                poor_agreement_message(
+                    "QuantizeOnFitEnd", agreement["relative_error"], agreement["top1_agreement"], worst
+                )
+            )
+        del originals
         root.train(was_training)
 
         layers = int8_layers(pl_module)
-        weight_after = sum(_owned_bytes(layers[name]) for name in result.converted)
+        weight_after = _owned_bytes(*(layers[name] for name in result.converted))
         self.report = {
             "mode": self.mode,
             "per_channel": self.per_channel,
             "compressed_module": prefix or "(the LightningModule)",
             "layers_converted": len(result.converted),
             "layers": dict(result.converted),
+            # How each int8 layer computes on its current device (core/quant/kernels.py): int8 or, where int8
+            # does not pay on this CPU, float from the cached dequantized weight.
+            "kernels": {name: str(getattr(layer, "kernel", "dequant")) for name, layer in layers.items()},
             "fallbacks": dict(result.fallbacks),
             "skipped": dict(skipped),
             "weight_bytes_before": weight_before,
@@ -228,6 +237,7 @@ class QuantizeOnFitEnd(CompressionCallback):
             "model_bytes_before": model_before,
             "model_bytes_after": compression_report(root).bytes,
             **agreement,
+            "worst_layers": dict(list(worst.items())[:10]),
             "save_path": self.save_path,
             "qat_epochs": self.qat_epochs,
         }
@@ -240,7 +250,7 @@ class QuantizeOnFitEnd(CompressionCallback):
 
     def _calibration_batches(self, trainer: pl.Trainer) -> list[Any]:
         """The first ``calibration_batches`` batches, kept where the loader made them (the CPU, usually)."""
-        loader = _first_loader(trainer.train_dataloader)
+        loader = first_loader(trainer.train_dataloader)
         if loader is None:
             if self.mode == "static":
                 rank_zero_warn(
@@ -255,20 +265,40 @@ class QuantizeOnFitEnd(CompressionCallback):
         return batches
 
     @staticmethod
-    def _model_input(trainer: pl.Trainer, batch: Any) -> Any:
-        return _batch_input(trainer.strategy.batch_to_device(batch))
+    def _call(trainer: pl.Trainer, root: nn.Module, batch: Any) -> Tensor | None:
+        """The prediction of ``root`` on ``batch``, called as a training step calls it (see ``core.batches``)."""
+        return first_tensor(call_model(root, trainer.strategy.batch_to_device(batch)))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check, before the first step, that the model can be called on a training batch as fit end will call it.
+
+        The check binds the batch to ``forward``'s signature (no forward pass, the global random state
+        is restored), so a model that cannot be driven fails now with a ``CompressionConfigError``
+        instead of after the whole fit. It runs here rather than in ``setup`` because the train
+        dataloader exists only once every ``setup`` hook has run.
+        """
+        if self._skip:
+            return
+        loader = first_loader(trainer.train_dataloader)
+        if loader is None:
+            return
+        with torch.random.fork_rng(devices=[]):
+            try:
+                batch = next(iter(loader))
+            except StopIteration:
+                return
+        check_model_call(compression_root(pl_module)[1], batch, "QuantizeOnFitEnd")
 
     @torch.no_grad()
     def _float_pass(
         self, trainer: pl.Trainer, root: nn.Module, targets: Sequence[Target], batches: list[Any]
     ) -> tuple[dict[str, tuple[Tensor, Tensor]], list[Tensor | None]]:
-        modules = (
-            {t.name: t.module for t in targets if isinstance(t.module, nn.Linear)} if self.mode == "static" else {}
-        )
+        modules = static_input_modules(trainer.lightning_module, targets) if self.mode == "static" else {}
         outputs: list[Tensor | None] = []
         with record_input_ranges(modules) as observers:
             for batch in batches:
-                out = _first_tensor(root(self._model_input(trainer, batch)))
+                out = self._call(trainer, root, batch)
                 outputs.append(None if out is None else out.detach().float().cpu())
         if not modules:
             return {}, outputs
@@ -290,7 +320,7 @@ class QuantizeOnFitEnd(CompressionCallback):
     ) -> dict[str, Any]:
         sums = torch.zeros(5, dtype=torch.float64)  # squared error, squared norm, top-1 agreeing, rows, batches
         for batch, ref in zip(batches, float_outputs, strict=True):
-            out = _first_tensor(root(self._model_input(trainer, batch)))
+            out = self._call(trainer, root, batch)
             if out is None or ref is None:
                 continue
             out = out.detach().float().cpu()

@@ -145,6 +145,15 @@ def _zeros(t: Tensor) -> int:
     return int(t.numel() - torch.count_nonzero(t.detach()).item())
 
 
+def _stored(module: nn.Module, attr: str) -> Tensor | None:
+    """The tensor stored under ``attr``: an int8 layer's buffer (its ``weight`` attribute is a float-typed view)."""
+    stored = module._buffers.get(attr)
+    if isinstance(stored, Tensor):
+        return stored
+    found = getattr(module, attr, None)
+    return found if isinstance(found, Tensor) else None
+
+
 @torch.no_grad()
 def compression_report(module: nn.Module) -> CompressionReport:
     """Count parameters, exact zeros and bytes of ``module``, per layer and in total.
@@ -165,7 +174,7 @@ def compression_report(module: nn.Module) -> CompressionReport:
     """
     layers = []
     for name, sub in module.named_modules():
-        weight = getattr(sub, "weight", None)
+        weight = _stored(sub, "weight")
         if not isinstance(weight, Tensor) or weight.dim() < 2:
             continue
         owned = [t for t in (*sub.parameters(recurse=False), *sub.buffers(recurse=False)) if t is not None]
@@ -182,7 +191,7 @@ def compression_report(module: nn.Module) -> CompressionReport:
         )
     seen: set[int] = set()
     params = zeros = nbytes = 0
-    layer_weights = {id(getattr(sub, "weight", None)) for sub in module.modules()}
+    layer_weights = {id(_stored(sub, attr)) for sub in module.modules() for attr in ("weight", "in_proj_weight")}
     for is_param, tensors in ((True, module.parameters()), (False, module.buffers())):
         for t in tensors:
             if id(t) in seen:

@@ -98,7 +98,7 @@ def test_static_without_training_batches_fails_before_training(tmp_path):
 def test_state_key_and_state_dict():
     cb = QuantizeOnFitEnd("static", per_channel=False, exclude=["net.5"])
     assert cb.state_key == (
-        "QuantizeOnFitEnd{'mode': 'static', 'per_channel': False, 'include': ['Linear', 'Conv2d'],"
+        "QuantizeOnFitEnd{'mode': 'static', 'per_channel': False, 'include': ['Linear', 'Conv2d', 'Embedding'],"
         " 'exclude': ['net.5']}"
     )
     cb.report = {"layers_converted": 2}
@@ -108,7 +108,7 @@ def test_state_key_and_state_dict():
         "arguments": {
             "mode": "static",
             "per_channel": False,
-            "include": ["Linear", "Conv2d"],
+            "include": ["Linear", "Conv2d", "Embedding"],
             "exclude": ["net.5"],
             "calibration_batches": cb.calibration_batches,
             "save_path": None,
@@ -134,7 +134,7 @@ def test_fit_ends_with_an_int8_model_that_validate_and_test_run(tmp_path, mode):
     trainer.fit(model, _loader())
     layers = int8_layers(model)
     assert set(layers) == {"backbone.features.0", "backbone.features.2", "backbone.classifier"}
-    assert all(m.weight.dtype == torch.int8 and m.mode == mode for m in layers.values())
+    assert all(m.int8_weight.dtype == torch.int8 and m.mode == mode for m in layers.values())
     assert isinstance(model.backbone.features[0], Int8Conv2d)
     assert model.device.type == "cpu"
 
@@ -147,6 +147,8 @@ def test_fit_ends_with_an_int8_model_that_validate_and_test_run(tmp_path, mode):
 
     r = cb.report
     assert r["layers_converted"] == 3 and r["layers"] == dict.fromkeys(layers, mode)
+    assert r["kernels"] == {name: getattr(m, "kernel", "dequant") for name, m in layers.items()}
+    assert all(k in ("float", "fbgemm_u8s8", "int_mm", "dequant") for k in r["kernels"].values())
     expected_before = sum(
         4 * (m.weight.numel() + m.bias.numel()) for m in layers.values()
     )  # float32 weights and biases

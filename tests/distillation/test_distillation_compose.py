@@ -58,7 +58,7 @@ def test_prune_while_distilling_then_quantize_leaves_the_teacher_untouched(tmp_p
     # ... and quantized at the end, its zeros kept in int8.
     layers = [module.student.net[1], module.student.net[3]]
     assert all(isinstance(layer, Int8Linear) for layer in layers)
-    assert all(layer.weight.dtype == torch.int8 for layer in layers)
+    assert all(layer.int8_weight.dtype == torch.int8 for layer in layers)
     zeros = sum(int((layer.weight == 0).sum()) for layer in layers)
     assert zeros / sum(layer.weight.numel() for layer in layers) >= 0.75 - 0.01
     # The feature projection is not part of the student: neither pruned nor quantized.

@@ -30,6 +30,9 @@ __all__ = [
     "quantizable_targets",
     "quantize_model",
     "record_input_ranges",
+    "static_input_modules",
+    "tie_int8_weights",
+    "tied_weight_groups",
 ]
 
 
@@ -68,17 +71,27 @@ def quantizable_targets(
     """
     targets: list[Target] = []
     skipped: dict[str, str] = {}
+    seen: set[int] = set()
     for target in select_targets(model, include, exclude, allow_empty=allow_empty):
         module = target.module
         kind = type(module).__name__
         kind_entry = int8_kind_for(module)
+        attr = getattr(target, "attr", "weight")
+        refusal = None if kind_entry is None or kind_entry.refusal is None else kind_entry.refusal(module)
+        if id(module) in seen:
+            continue
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
             skipped[target.name] = f"{kind} is not initialized yet"
         elif isinstance(module, Int8Module):
             skipped[target.name] = "already int8"
+        elif refusal is not None:
+            skipped[target.name] = refusal
+        elif kind_entry is not None and attr not in ("weight", "in_proj_weight"):
+            skipped[f"{target.name}.{attr}"] = f"{kind}.{attr} has no int8 version; it stays float"
         elif kind_entry is not None:
             if kind_entry.forward_is_own(module):
                 targets.append(target)
+                seen.add(id(module))
             else:
                 skipped[target.name] = f"{kind} overrides {kind_entry.float_type.__name__}.forward"
         else:
@@ -135,6 +148,10 @@ class ConversionResult:
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    if new is model:  # converted in place (a MultiheadAttention), the model itself included
+        return
+    if not name:
+        raise TypeError(f"Cannot replace the model itself ({type(model).__name__}) by an int8 layer; wrap it.")
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -168,32 +185,118 @@ def quantize_model(
         >>> targets, _ = quantizable_targets(model)
         >>> quantize_model(model, targets).converted
         {'0': 'dynamic', '2': 'dynamic'}
-        >>> model[0].weight.dtype
-        torch.int8
+        >>> model[0].int8_weight.dtype, model[0].weight.dtype
+        (torch.int8, torch.float32)
     """
     check_choice("mode", mode, MODES)
     result = ConversionResult()
     ranges = input_ranges or {}
     for target in targets:
-        module = target.module
-        layer_mode = mode
-        scale: Tensor | None = None
-        entry = int8_kind_for(module)
-        if entry is None:
-            raise TypeError(f"`{target.name}` is a {type(module).__name__}, which has no int8 version.")
-        if entry.static_input and mode == "static":
-            if target.name in ranges:
-                scale = scale_from_range(*ranges[target.name])
-            if scale is None or not bool(scale > 0):
-                layer_mode = "dynamic"
-                reason = "input never observed" if target.name not in ranges else "input was all zeros"
-                result.fallbacks[target.name] = f"dynamic ({reason} during calibration)"
-        new = entry.int8_type.from_float(module, layer_mode, per_channel, scale)  # type: ignore[attr-defined]
-        new.train(module.training)
-        _set_submodule(model, target.name, new)
-        result.converted[target.name] = layer_mode
+        first = _convert_one(model, target.name, target.module, mode, per_channel, ranges, result)
+        for tied_key in getattr(target, "tied", ()):
+            name = tied_key.rpartition(".")[0]
+            try:
+                partner = model.get_submodule(name)
+            except AttributeError:
+                continue
+            entry = int8_kind_for(partner)
+            why = None if entry is None or entry.refusal is None else entry.refusal(partner)
+            if isinstance(partner, Int8Module) or entry is None or why is not None or not entry.forward_is_own(partner):
+                result.fallbacks[name] = f"float: tied to `{target.name}`, but it has no int8 version here"
+                continue
+            second = _convert_one(model, name, partner, mode, per_channel, ranges, result)
+            _share_weight(first, second, name, result)
     result.adapted = adapt_parents(model)
     return result
+
+
+def _convert_one(
+    model: nn.Module,
+    name: str,
+    module: nn.Module,
+    mode: str,
+    per_channel: bool,
+    ranges: Mapping[str, tuple[Tensor, Tensor]],
+    result: ConversionResult,
+) -> Int8Module:
+    layer_mode = mode
+    scale: Tensor | None = None
+    entry = int8_kind_for(module)
+    if entry is None:
+        raise TypeError(f"`{name}` is a {type(module).__name__}, which has no int8 version.")
+    if entry.static_input and mode == "static":
+        if name in ranges:
+            scale = scale_from_range(*ranges[name])
+        if scale is None or not bool(scale > 0):
+            layer_mode = "dynamic"
+            reason = "input never observed" if name not in ranges else "input was all zeros"
+            result.fallbacks[name] = f"dynamic ({reason} during calibration)"
+    new: Int8Module = entry.int8_type.from_float(module, layer_mode, per_channel, scale)  # type: ignore[attr-defined]
+    new.train(module.training)
+    _set_submodule(model, name, new)
+    result.converted[name] = layer_mode
+    return new
+
+
+def _share_weight(first: Int8Module, second: Int8Module, name: str, result: ConversionResult) -> None:
+    """Make ``second`` hold ``first``'s int8 weight and scales (a tied weight stays one tensor)."""
+    a, b = first._buffers, second._buffers
+    wa, wb, sa, sb = a.get("weight"), b.get("weight"), a.get("weight_scale"), b.get("weight_scale")
+    if wa is None or wb is None or sa is None or sb is None or wa.shape != wb.shape or sa.shape != sb.shape:
+        result.fallbacks[name] = "int8, but not tied: its weight is stored apart from its partner's"
+        return
+    b["weight"], b["weight_scale"] = wa, sa
+
+
+def tie_int8_weights(model: nn.Module, groups: Sequence[Sequence[str]]) -> None:
+    """Make the int8 layers named in each group share the first one's int8 weight and scales.
+
+    ``groups`` lists module names whose float weights were one tensor (a tied ``lm_head`` and token
+    embedding); layers that are not int8, or whose weights differ in shape, are left as they are.
+    """
+    scratch = ConversionResult()
+    for group in groups:
+        layers = [m for n in group if isinstance(m := _get(model, n), Int8Module)]
+        for other in layers[1:]:
+            _share_weight(layers[0], other, "", scratch)
+
+
+def _get(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def tied_weight_groups(model: nn.Module) -> list[list[str]]:
+    """Names of the modules that own one and the same ``weight`` parameter, for each parameter owned twice or more.
+
+    Example:
+        >>> emb, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+        >>> head.weight = emb.weight
+        >>> tied_weight_groups(nn.ModuleDict({"emb": emb, "head": head}))
+        [['emb', 'head']]
+    """
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            names = owners.setdefault(id(weight), [])
+            if name not in names:
+                names.append(name)
+    return [names for names in owners.values() if len(names) > 1]
+
+
+def static_input_modules(model: nn.Module, targets: Sequence[Target]) -> dict[str, nn.Module]:
+    """The modules whose input ranges ``mode="static"`` needs: targets of a static kind and their tied partners."""
+    modules: dict[str, nn.Module] = {}
+    for target in targets:
+        for name in (target.name, *(k.rpartition(".")[0] for k in getattr(target, "tied", ()))):
+            module = target.module if name == target.name else _get(model, name)
+            entry = None if module is None else int8_kind_for(module)
+            if module is not None and entry is not None and entry.static_input:
+                modules[name] = module
+    return modules
 
 
 def int8_layers(model: nn.Module) -> dict[str, Int8Module]:

@@ -39,6 +39,7 @@ from typing_extensions import override
 
 from lightning_compress.core.quant import kernels
 from lightning_compress.core.quant.primitives import dequantize, quantize, quantize_rows, weight_scales
+from lightning_compress.core.quant.view import Int8WeightView
 
 __all__ = ["MODES", "Int8Conv2d", "Int8Linear", "int8_mm"]
 
@@ -83,12 +84,29 @@ def int8_mm(xq: Tensor, weight: Tensor) -> Tensor | None:
 
 
 class Int8Module(nn.Module):
-    """Shared storage and bookkeeping of the int8 layers."""
+    """Shared storage and bookkeeping of the int8 layers.
 
-    weight: Tensor
+    The int8 weight is the buffer ``weight`` (``self._buffers["weight"]``, also :attr:`int8_weight`):
+    it is what the layer computes with and what ``state_dict()`` and artifacts hold, as
+    ``torch.int8``. The ``weight`` *attribute* is an
+    :class:`~lightning_compress.core.quant.view.Int8WeightView` that reports the layer's float
+    :attr:`compute_dtype` (and its device and float shape), so that model code that casts its inputs
+    to ``layer.weight.dtype`` keeps computing in float; any operation on it runs on the dequantized
+    weight. ``layer.half()`` / ``.to(torch.bfloat16)`` change :attr:`compute_dtype`, never the int8
+    weight or the float32 scales.
+    """
+
     weight_scale: Tensor
     input_scale: Tensor | None
     bias: nn.Parameter | None
+    compute_dtype: torch.dtype
+    """The float dtype the layer stands in for (that of the float layer it was made from)."""
+
+    _float32_buffers: tuple[str, ...] = ("weight_scale", "input_scale")
+    """Buffers that stay float32 whatever dtype the model is cast to."""
+
+    _weight_axis: int = 0
+    """The axis of the float weight (as ``.weight`` shows it) that the scales run along."""
 
     def __init__(
         self, weight_shape: tuple[int, ...], bias: bool, mode: str, per_channel: bool, static_input: bool
@@ -98,6 +116,7 @@ class Int8Module(nn.Module):
             raise ValueError(f"Expected `mode` to be one of {MODES}, but got {mode!r}.")
         self.mode = mode
         self.per_channel = bool(per_channel)
+        self.compute_dtype = torch.get_default_dtype()
         self.register_buffer("weight", torch.zeros(weight_shape, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.zeros(weight_shape[0] if per_channel else 1))
         # A static Linear owns its input scale; other layers have none (it is not in their state_dict).
@@ -107,8 +126,10 @@ class Int8Module(nn.Module):
     @torch.no_grad()
     def _set_from_float(self, weight: Tensor, bias: Tensor | None, input_scale: Tensor | None) -> None:
         scale = weight_scales(weight, self.per_channel)
-        self.weight = quantize(weight, scale, axis=0).contiguous()
+        self._buffers["weight"] = quantize(weight, scale, axis=0).contiguous()
         self.weight_scale = scale.to(weight.device)
+        if weight.is_floating_point():
+            self.compute_dtype = weight.dtype
         if self.bias is not None and bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         if self.input_scale is not None:
@@ -123,31 +144,52 @@ class Int8Module(nn.Module):
         """Switch to another mode / scale granularity; the int8 weight and scales are then to be loaded."""
         if mode not in MODES:
             raise ValueError(f"Expected `mode` to be one of {MODES}, but got {mode!r}.")
-        device = self.weight.device
+        device = self.int8_weight.device
         self.mode = mode
         if bool(per_channel) != self.per_channel:
             self.per_channel = bool(per_channel)
-            self.weight_scale = torch.zeros(self.weight.shape[0] if per_channel else 1, device=device)
+            self.weight_scale = torch.zeros(self.int8_weight.shape[0] if per_channel else 1, device=device)
         wants_input = mode in self._static_input_modes
         if wants_input and self.input_scale is None:
             self.input_scale = torch.zeros((), device=device)
         elif not wants_input:
             self.input_scale = None
 
+    @property
+    def int8_weight(self) -> Tensor:
+        """The stored int8 weight (the ``weight`` buffer itself, no copy), row-major ``[out, ...]``."""
+        return self._buffers["weight"]  # type: ignore[return-value]
+
+    @property
+    def weight(self) -> Tensor:
+        """A float-typed :class:`~lightning_compress.core.quant.view.Int8WeightView` of the int8 weight."""
+        buffers: dict[str, Tensor | None] = self.__dict__.get("_buffers") or {}
+        q, scale = buffers.get("weight"), buffers.get("weight_scale")
+        if q is None or scale is None:  # before `register_buffer` in __init__: no attribute yet
+            raise AttributeError("weight")
+        view = q.t() if self._weight_axis == 1 else q
+        return Int8WeightView(view, scale, self._weight_axis, self.compute_dtype)
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:  # reached only when `weight` is not a buffer yet
+        self.register_buffer("weight", value)
+
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The float weight this layer computes with: ``weight_scale * weight`` in ``dtype``."""
-        return dequantize(self.weight, self.weight_scale, axis=0, dtype=dtype)
+        """The float weight this layer computes with: ``weight_scale * weight`` in ``dtype``, stored layout."""
+        return dequantize(self.int8_weight, self.weight_scale, axis=0, dtype=dtype)
 
     @override
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Any:
         # `.half()` / `.to(torch.bfloat16)` must move the scales but never round them: keep them float32.
-        kept = {
-            name: getattr(self, name) for name in ("weight_scale", "input_scale") if getattr(self, name) is not None
-        }
+        kept = {name: t for name in self._float32_buffers if (t := self._buffers.get(name)) is not None}
+        # The compute dtype follows what `fn` does to a float tensor (`.half()` -> float16, `.cuda()` -> same).
+        probe = fn(torch.empty(0, dtype=self.compute_dtype))
+        if isinstance(probe, Tensor) and probe.is_floating_point():
+            self.compute_dtype = probe.dtype
         result = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         for name, saved in kept.items():
-            moved = getattr(self, name)
-            if moved.dtype != torch.float32:
+            moved = self._buffers[name]
+            if moved is not None and moved.dtype != torch.float32:
                 self._buffers[name] = saved.to(device=moved.device)
         return result
 
@@ -173,8 +215,10 @@ class Int8Linear(Int8Module):
     Example:
         >>> layer = nn.Linear(16, 4)
         >>> q = Int8Linear.from_float(layer)
-        >>> q.weight.dtype, tuple(q.weight.shape), tuple(q.weight_scale.shape)
+        >>> q.int8_weight.dtype, tuple(q.weight.shape), tuple(q.weight_scale.shape)
         (torch.int8, (4, 16), (4,))
+        >>> q.weight.dtype  # what model code that casts its inputs to the weight's dtype sees
+        torch.float32
         >>> x = torch.randn(8, 16)
         >>> bool((q(x) - layer(x)).abs().max() < 0.05)
         True
@@ -233,7 +277,7 @@ class Int8Linear(Int8Module):
             xq = quantize(x2, x_scale)
         else:
             xq, x_scale = quantize_rows(x2)
-        acc = int8_mm(xq, self.weight)
+        acc = int8_mm(xq, self._buffers["weight"])  # type: ignore[arg-type]
         if acc is None:
             return self._float_forward(x)
         # Two passes over the [M, N] result: int32 -> float32 times the row scales, then
@@ -284,7 +328,7 @@ class Int8Conv2d(Int8Module):
         >>> conv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
         >>> q = Int8Conv2d.from_float(conv)
         >>> x = torch.randn(2, 8, 5, 5)
-        >>> q.weight.dtype, bool((q(x) - conv(x)).abs().max() < 0.05)
+        >>> q.int8_weight.dtype, bool((q(x) - conv(x)).abs().max() < 0.05)
         (torch.int8, True)
     """
 

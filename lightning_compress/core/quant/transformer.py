@@ -17,9 +17,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from typing_extensions import override
 
-from lightning_compress.core.quant.modules import Int8Linear
+from lightning_compress.core.quant.hf import guard_save_pretrained
+from lightning_compress.core.quant.modules import MODES, Int8Linear, Int8Module
+from lightning_compress.core.quant.primitives import dequantize, quantize, weight_scales
+from lightning_compress.core.quant.view import Int8WeightView
 
-__all__ = ["Int8MultiheadAttention", "Int8TransformerEncoderLayer", "adapt_parents"]
+__all__ = ["Int8InProjMultiheadAttention", "Int8MultiheadAttention", "Int8TransformerEncoderLayer", "adapt_parents"]
 
 
 def _canonical_masks(
@@ -44,8 +47,8 @@ class Int8MultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose ``out_proj`` is an :class:`Int8Linear`.
 
     Always takes PyTorch's reference (slow) path, with the ``out_proj`` weight dequantized for the
-    call. Its ``in_proj_weight`` is a plain parameter of the attention module (not a ``Linear``), so
-    it stays in floating point.
+    call. Its ``in_proj_weight`` stays a float parameter here; :class:`Int8InProjMultiheadAttention`
+    stores it in int8 as well.
     """
 
     @override
@@ -64,6 +67,7 @@ class Int8MultiheadAttention(nn.MultiheadAttention):
             raise ValueError("An int8 MultiheadAttention does not take nested tensors.")
         out_proj = self.out_proj
         out_weight = out_proj.dequantize_weight(query.dtype) if isinstance(out_proj, Int8Linear) else out_proj.weight
+        in_proj_weight = self._in_proj_for(query.dtype)
         out_bias = out_proj.bias
         is_batched = query.dim() == 3
         key_padding_mask, attn_mask = _canonical_masks(
@@ -85,7 +89,7 @@ class Int8MultiheadAttention(nn.MultiheadAttention):
             value,
             self.embed_dim,
             self.num_heads,
-            self.in_proj_weight,
+            in_proj_weight,
             self.in_proj_bias,
             self.bias_k,
             self.bias_v,
@@ -107,6 +111,108 @@ class Int8MultiheadAttention(nn.MultiheadAttention):
         if self.batch_first and is_batched:
             return attn_output.transpose(1, 0), attn_weights
         return attn_output, attn_weights
+
+    def _in_proj_for(self, dtype: torch.dtype) -> Tensor | None:
+        """The packed input projection to compute with (``None`` when q/k/v have their own weights)."""
+        return self.in_proj_weight
+
+
+class Int8InProjMultiheadAttention(Int8MultiheadAttention, Int8Module):
+    """``nn.MultiheadAttention`` whose packed ``in_proj_weight`` is int8 (its ``out_proj`` may be int8 too).
+
+    The ``in_proj_weight`` buffer (``state_dict`` key unchanged) is ``torch.int8`` ``[3E, E]`` with an
+    ``in_proj_weight_scale`` ``[3E]``: one scale per row (``per_channel``), or one per projection
+    (query, key, value) repeated over its rows. The ``in_proj_weight`` attribute is a float-typed
+    :class:`~lightning_compress.core.quant.view.Int8WeightView`; the attention computes with the
+    dequantized projection on PyTorch's reference path. Made in place from a float module by
+    :meth:`from_float` (the table's ``Int8InProjMultiheadAttention`` entry), never built from scratch.
+
+    Example:
+        >>> mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+        >>> x = torch.randn(2, 5, 8)
+        >>> ref = mha(x, x, x)[0]
+        >>> q = Int8InProjMultiheadAttention.from_float(mha, per_channel=False)
+        >>> q.state_dict()["in_proj_weight"].dtype, tuple(q.in_proj_weight_scale.unique().shape)
+        (torch.int8, (3,))
+        >>> bool((q(x, x, x)[0] - ref).abs().max() < 0.05), q.in_proj_weight.dtype
+        (True, torch.float32)
+    """
+
+    in_proj_weight_scale: Tensor
+    _float32_buffers = ("in_proj_weight_scale",)
+
+    @property
+    def in_proj_weight(self) -> Tensor:  # type: ignore[override]
+        """A float-typed view of the int8 packed projection."""
+        buffers = self.__dict__.get("_buffers", {})
+        q = buffers.get("in_proj_weight")
+        if q is None:
+            raise AttributeError("in_proj_weight")
+        return Int8WeightView(q, buffers["in_proj_weight_scale"], 0, self.compute_dtype)
+
+    @override
+    def _in_proj_for(self, dtype: torch.dtype) -> Tensor | None:
+        q = self._buffers["in_proj_weight"]
+        assert q is not None  # set by from_float
+        return dequantize(q, self.in_proj_weight_scale, axis=0, dtype=dtype)
+
+    @override
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        out = self._in_proj_for(dtype)
+        assert out is not None
+        return out
+
+    @property
+    @override
+    def int8_weight(self) -> Tensor:
+        return self._buffers["in_proj_weight"]  # type: ignore[return-value]
+
+    @override
+    def configure(self, mode: str, per_channel: bool) -> None:
+        if mode not in MODES:
+            raise ValueError(f"Expected `mode` to be one of {MODES}, but got {mode!r}.")
+        self.mode = mode
+        self.per_channel = bool(per_channel)
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(
+        cls,
+        module: nn.MultiheadAttention,
+        mode: str = "dynamic",
+        per_channel: bool = True,
+        input_scale: Tensor | None = None,
+    ) -> Int8InProjMultiheadAttention:
+        """Quantize ``module``'s packed ``in_proj_weight`` in place and return ``module``, now of this class."""
+        if isinstance(module, Int8InProjMultiheadAttention):
+            module.configure(mode, per_channel)
+            return module
+        if mode not in MODES:
+            raise ValueError(f"Expected `mode` to be one of {MODES}, but got {mode!r}.")
+        weight = module.in_proj_weight
+        if not module._qkv_same_embed_dim or not isinstance(weight, Tensor):
+            raise TypeError("Only a MultiheadAttention with one packed `in_proj_weight` has an int8 version.")
+        size = module.embed_dim
+        if per_channel:
+            scale = weight_scales(weight, True)
+        else:
+            blocks = torch.split(weight.detach(), size)
+            scale = torch.cat([weight_scales(block, False).expand(size) for block in blocks])
+        q = quantize(weight.detach(), scale, axis=0).contiguous()
+        del module._parameters["in_proj_weight"]
+        module._buffers["in_proj_weight"] = q
+        module._buffers["in_proj_weight_scale"] = scale.to(weight.device).contiguous()
+        module._buffers["input_scale"] = None
+        module.__class__ = cls
+        new: Int8InProjMultiheadAttention = module  # type: ignore[assignment]
+        new.mode = mode
+        new.per_channel = bool(per_channel)
+        new.compute_dtype = weight.dtype
+        return new
+
+    @override
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, int8 in_proj_weight, {self._extra()}"
 
 
 class Int8TransformerEncoderLayer(nn.TransformerEncoderLayer):
@@ -134,7 +240,7 @@ class Int8TransformerEncoderLayer(nn.TransformerEncoderLayer):
 
 
 def _has_int8(*modules: nn.Module | None) -> bool:
-    return any(isinstance(m, Int8Linear) for m in modules)
+    return any(isinstance(m, Int8Module) for m in modules)
 
 
 @torch.no_grad()
@@ -145,6 +251,8 @@ def adapt_parents(model: nn.Module) -> list[str]:
     :class:`Int8MultiheadAttention`, of an ``nn.TransformerEncoderLayer`` with an int8
     ``linear1``/``linear2``/``out_proj`` to :class:`Int8TransformerEncoderLayer` (state and keys are
     unchanged), and turns off the nested-tensor path of an ``nn.TransformerEncoder`` above them.
+    A Hugging Face model that holds int8 layers gets a ``save_pretrained`` that refuses with what to
+    do instead (:func:`~lightning_compress.core.quant.hf.guard_save_pretrained`).
 
     Returns:
         The names of the modules that were changed.
@@ -155,10 +263,11 @@ def adapt_parents(model: nn.Module) -> list[str]:
             module.__class__ = Int8MultiheadAttention
             changed.append(name)
         elif type(module) is nn.TransformerEncoderLayer and _has_int8(
-            module.linear1, module.linear2, module.self_attn.out_proj
+            module.linear1, module.linear2, module.self_attn, module.self_attn.out_proj
         ):
             module.__class__ = Int8TransformerEncoderLayer
             changed.append(name)
+    guard_save_pretrained(model, (Int8Module,))
     for name, module in model.named_modules():
         if (
             isinstance(module, nn.TransformerEncoder)

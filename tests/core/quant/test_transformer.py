@@ -5,7 +5,12 @@ import torch
 from torch import nn
 
 from lightning_compress.core.quant.convert import int8_layers, quantizable_targets, quantize_model
-from lightning_compress.core.quant.transformer import Int8MultiheadAttention, Int8TransformerEncoderLayer, adapt_parents
+from lightning_compress.core.quant.transformer import (
+    Int8InProjMultiheadAttention,
+    Int8MultiheadAttention,
+    Int8TransformerEncoderLayer,
+    adapt_parents,
+)
 
 # The float reference models take PyTorch's nested-tensor fast path, which warns that it is a prototype.
 pytestmark = [
@@ -30,12 +35,14 @@ def test_transformer_encoder_converts_runs_and_agrees(batch_first, train, mode):
     enc = _encoder(batch_first)
     ref = copy.deepcopy(enc)
     targets, _ = quantizable_targets(enc)
-    assert len(targets) == 6  # out_proj, linear1, linear2 in each layer
+    assert len(targets) == 8  # in_proj_weight (the attention), out_proj, linear1, linear2 in each layer
     result = quantize_model(enc, targets, mode=mode)
-    assert len(int8_layers(enc)) == 6
+    assert len(int8_layers(enc)) == 8
+    assert isinstance(enc.layers[0].self_attn, Int8InProjMultiheadAttention)
+    assert enc.layers[0].self_attn.state_dict()["in_proj_weight"].dtype == torch.int8
     assert isinstance(enc.layers[0], Int8TransformerEncoderLayer)
     assert isinstance(enc.layers[0].self_attn, Int8MultiheadAttention)
-    assert enc.layers[0].self_attn.out_proj.weight.dtype == torch.int8
+    assert enc.layers[0].self_attn.out_proj.int8_weight.dtype == torch.int8
     assert "layers.0" in result.adapted
     enc.train(train)
     ref.train(train)
@@ -93,8 +100,8 @@ def test_decoder_layers_and_excluded_out_proj():
         assert _rel(dec(tgt, mem), ref(tgt, mem)) < 0.02
     enc = _encoder(batch_first=True).eval()
     ref = copy.deepcopy(enc)
-    quantize_model(enc, quantizable_targets(enc, exclude=["*.out_proj"])[0])
-    assert type(enc.layers[0].self_attn) is nn.MultiheadAttention  # its out_proj stayed float
+    quantize_model(enc, quantizable_targets(enc, exclude=["*.out_proj", "*.self_attn"])[0])
+    assert type(enc.layers[0].self_attn) is nn.MultiheadAttention  # its in_proj and out_proj stayed float
     assert isinstance(enc.layers[0], Int8TransformerEncoderLayer)  # linear1/linear2 are int8
     with torch.no_grad():
         assert _rel(enc(torch.ones(2, 3, 32)), ref(torch.ones(2, 3, 32))) < 0.02
@@ -104,3 +111,31 @@ def test_adapt_parents_leaves_float_models_alone():
     enc = _encoder(batch_first=True)
     assert adapt_parents(enc) == []
     assert type(enc.layers[0]) is nn.TransformerEncoderLayer and enc.use_nested_tensor
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_packed_in_proj_weight_is_int8_with_scales_per_row_or_per_projection(per_channel):
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    with torch.no_grad():  # make the three projections of very different sizes, so one scale would not fit all
+        mha.in_proj_weight[16:32] *= 10
+        mha.in_proj_weight[32:] *= 0.1
+    ref = copy.deepcopy(mha)
+    targets, _ = quantizable_targets(mha, include=["MultiheadAttention"], exclude=["out_proj"])
+    quantize_model(mha, targets, per_channel=per_channel)
+    assert isinstance(mha, Int8InProjMultiheadAttention)
+    state = mha.state_dict()
+    assert state["in_proj_weight"].dtype == torch.int8 and state["in_proj_weight"].shape == (48, 16)
+    scale = state["in_proj_weight_scale"]
+    float_w = ref.in_proj_weight.detach()
+    if per_channel:
+        torch.testing.assert_close(scale, float_w.abs().amax(1) / 127)
+    else:  # one scale per projection, repeated over its rows
+        want = torch.stack([b.abs().max() / 127 for b in float_w.split(16)]).repeat_interleave(16)
+        torch.testing.assert_close(scale, want)
+    assert mha.in_proj_weight.dtype == torch.float32  # what code that reads the dtype sees
+    torch.testing.assert_close(mha.in_proj_weight.dequantize(), float_w, atol=float(scale.max()) / 2 + 1e-7, rtol=0)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert _rel(mha(x, x, x)[0], ref(x, x, x)[0]) < 0.02
+    mha.half()
+    assert mha.in_proj_weight_scale.dtype == torch.float32 and mha.in_proj_weight.dtype == torch.float16

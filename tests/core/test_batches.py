@@ -1,0 +1,128 @@
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.core.batches import (
+    ModelCall,
+    call_model,
+    check_model_call,
+    first_loader,
+    first_tensor,
+    model_call,
+)
+from lightning_compress.errors import CompressionConfigError
+
+
+class Kwargs(nn.Module):  # the standard Hugging Face LightningModule pattern
+    def forward(self, **inputs):
+        return {"keys": sorted(inputs), "logits": inputs["input_ids"] * 2.0}
+
+
+class Named(nn.Module):
+    def forward(self, input_ids, attention_mask=None):
+        return input_ids if attention_mask is None else input_ids * attention_mask
+
+
+class NeedsLabels(nn.Module):
+    def forward(self, x, labels):
+        return x + labels
+
+
+class TwoInputs(nn.Module):  # Lightning's LightningTransformer: forward(inputs, target)
+    def forward(self, inputs, target):
+        return inputs - target
+
+
+def test_a_tensor_batch_is_the_input_and_a_tuple_gives_its_first_item():
+    x, y = torch.ones(2, 3), torch.zeros(2)
+    assert model_call(nn.Linear(3, 1), x).args[0] is x
+    call = model_call(nn.Linear(3, 1), (x, y))
+    assert call.args == (x,) and call.kwargs == {}
+    assert model_call(nn.Linear(3, 1), [x, y]).args == (x,)
+
+
+def test_a_forward_that_requires_several_positional_arguments_gets_the_first_items():
+    a, b, extra = torch.ones(2), torch.full((2,), 3.0), torch.zeros(2)
+    call = model_call(TwoInputs(), (a, b, extra))
+    assert len(call.args) == 2 and call(TwoInputs()).tolist() == [-2.0, -2.0]
+
+
+def test_a_dict_batch_is_keyword_arguments_without_labels_unless_required():
+    ids, mask, labels = torch.ones(2, 4), torch.zeros(2, 4), torch.ones(2)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "label": labels}
+    out = call_model(Kwargs(), batch)
+    assert out["keys"] == ["attention_mask", "input_ids"]  # **kwargs takes everything but the labels
+    assert model_call(Named(), {**batch, "token_type_ids": ids}).kwargs.keys() == {"input_ids", "attention_mask"}
+    assert torch.equal(call_model(Named(), batch), ids * mask)
+    assert torch.equal(call_model(NeedsLabels(), {"x": ids, "labels": ids}), ids * 2)  # required: kept
+
+
+def test_hf_batch_encoding_is_a_mapping():
+    transformers = pytest.importorskip("transformers")
+    batch = transformers.BatchEncoding({"input_ids": torch.ones(1, 2), "labels": torch.ones(1)})
+    assert list(model_call(Kwargs(), batch).kwargs) == ["input_ids"]
+
+
+def test_example_inputs_for_export():
+    x = torch.ones(1)
+    assert ModelCall((x,), {}).example_inputs() is x
+    assert ModelCall((x, x), {}).example_inputs() == (x, x)
+    assert ModelCall((), {"input_ids": x}).example_inputs() == {"input_ids": x}
+
+
+def test_batches_of_no_known_structure_are_refused():
+    with pytest.raises(TypeError, match="Cannot make a model call from a batch of type int"):
+        model_call(nn.Identity(), 3)
+    with pytest.raises(TypeError, match="tuple"):
+        model_call(nn.Identity(), ())
+
+
+def test_check_model_call_binds_the_signature_without_running_the_model():
+    calls = []
+
+    class Counting(nn.Module):
+        def forward(self, input_ids, attention_mask):
+            calls.append(1)
+            return input_ids
+
+    state = torch.get_rng_state()
+    call = check_model_call(Counting(), {"input_ids": 1, "attention_mask": 2, "labels": 3}, "QuantizeOnFitEnd")
+    assert call.kwargs == {"input_ids": 1, "attention_mask": 2} and calls == []
+    assert torch.equal(state, torch.get_rng_state())
+    with pytest.raises(
+        CompressionConfigError,
+        match=r"QuantizeOnFitEnd cannot call Counting on the training batches: the batch was read as 0 positional.*"
+        r"keyword argument\(s\) input_ids.*missing a required argument: 'attention_mask'",
+    ):
+        check_model_call(Counting(), {"input_ids": 1}, "QuantizeOnFitEnd")
+    with pytest.raises(CompressionConfigError, match=r"cannot call Identity on the training batches: Cannot make"):
+        check_model_call(nn.Identity(), None, "QuantizeOnFitEnd")
+    with pytest.raises(CompressionConfigError, match=r"read as 1 positional.*`TwoInputs.forward\(inputs, target\)`"):
+        check_model_call(TwoInputs(), torch.ones(1), "QuantizeOnFitEnd")
+
+
+def test_first_tensor_prefers_logits_over_the_loss_in_mappings_and_hf_outputs():
+    loss, logits, hidden = torch.tensor(1.0), torch.ones(2, 3), torch.zeros(2, 4)
+    assert first_tensor({"loss": loss, "logits": logits}) is logits
+    assert first_tensor({"loss": loss, "other": hidden}) is hidden
+    assert first_tensor({"loss": loss}) is loss
+    assert first_tensor([None, (hidden, logits)]) is hidden
+    assert first_tensor(("no", 1)) is None
+    transformers = pytest.importorskip("transformers")
+    out = transformers.modeling_outputs.SequenceClassifierOutput(loss=loss, logits=logits)
+    assert first_tensor(out) is logits
+    base = transformers.modeling_outputs.BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=logits)
+    assert first_tensor(base) is hidden
+
+
+def test_first_loader_of_lists_and_dicts_of_loaders():
+    a, b = torch.utils.data.DataLoader(torch.ones(4, 2)), torch.utils.data.DataLoader(torch.zeros(4, 2))
+    assert first_loader(a) is a
+    assert first_loader([a, b]) is a
+    assert first_loader({"x": b, "y": a}) is b
+    assert first_loader({"x": [b]}) is b
+    assert first_loader([]) is None and first_loader({}) is None and first_loader(None) is None
+    assert first_loader(5) is None
+    random.seed(0)
