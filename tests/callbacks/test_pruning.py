@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from fixtures import TinyNet, adamw, classification_loader, mlp, sgd
 from helpers import quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
@@ -22,34 +23,16 @@ from lightning_compress.core.prune.schedules import PruningWindow, sparsity_at
 BATCHES = 10
 
 
-class Net(pl.LightningModule):
-    """A small MLP whose optimizer is chosen by name; counts its training steps."""
+class Net(TinyNet):
+    """A small MLP whose optimizer is chosen by name (``"adamw"`` or ``"sgd"``)."""
 
     def __init__(self, optimizer: str = "adamw") -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU())
-        self.head = nn.Linear(24, 4)
-        self.optimizer_name = optimizer
-        self.steps_run = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x))
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        self.steps_run += 1
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.optimizer_name == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
-        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
+        chosen = sgd(0.1, momentum=0.9, weight_decay=1e-2) if optimizer == "sgd" else adamw(1e-2, weight_decay=0.1)
+        super().__init__(mlp(8, 32, 24), nn.Linear(24, 4), optimizer=chosen)
 
 
 def _loader(batches: int = BATCHES) -> DataLoader:
-    g = torch.Generator().manual_seed(1)
-    data = TensorDataset(torch.randn(8 * batches, 8, generator=g), torch.randint(0, 4, (8 * batches,), generator=g))
-    return DataLoader(data, batch_size=8)
+    return classification_loader(8 * batches, 8, 4)
 
 
 def _trainer(tmp_path, callbacks, max_epochs: int = 3, **kwargs: Any) -> pl.Trainer:

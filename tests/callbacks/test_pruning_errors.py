@@ -7,32 +7,20 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from fixtures import TinyNet, classification_loader, sgd
 from helpers import quiet_trainer
-from torch import Tensor, nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_compress import CompressionConfigError, PruningCallback
 
 
-class Net(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.LayerNorm(16))
-        self.head = nn.Linear(16, 4)
-        self.steps_run = 0
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        self.steps_run += 1
-        x, y = batch
-        return F.cross_entropy(self.head(self.body(x)), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+def Net() -> TinyNet:
+    return TinyNet(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.LayerNorm(16)), nn.Linear(16, 4), optimizer=sgd(0.1))
 
 
 def _loader() -> DataLoader:
-    return DataLoader(TensorDataset(torch.randn(40, 8), torch.randint(0, 4, (40,))), batch_size=8)
+    return classification_loader(40, 8, 4, seed=None)
 
 
 def _fit_raises(tmp_path, callback: PruningCallback, match: str, loader: Any = None, **trainer_kwargs: Any) -> None:

@@ -9,6 +9,7 @@ import logging
 import lightning.pytorch as pl
 import pytest
 import torch
+from fixtures import TinyNet, adam, classification_data, mlp
 from helpers import quiet_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
@@ -22,40 +23,25 @@ from lightning_compress.core.penalties import proximal_step_, strength_at
 BATCHES = 10
 
 
-class Net(pl.LightningModule):
+def _two_rates(module: nn.Module):
+    """Two groups with different learning rates, halved every epoch: the proximal threshold must use
+    each group's current rate."""
+    optimizer = torch.optim.SGD(
+        [{"params": module.body.parameters(), "lr": 0.2}, {"params": module.head.parameters()}], lr=0.05
+    )
+    return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)]
+
+
+class Net(TinyNet):
+    """``hand``: ``(strength, penalty, exclude)`` terms added to the loss by hand."""
+
     def __init__(self, optimizer: str = "sgd", hand: list[tuple[float, str, list[str]]] | None = None) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
-        self.head = nn.Linear(16, 3)
-        self.optimizer_name = optimizer
-        self.hand = hand or []  # (strength, penalty, exclude) terms added to the loss by hand
-        self.steps_run = 0
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-    def training_step(self, batch, batch_idx):
-        self.steps_run += 1
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        for strength, penalty, exclude in self.hand:
-            loss = loss + strength * sparse_penalty(self, penalty, exclude=exclude)
-        return loss
-
-    def configure_optimizers(self):
-        if self.optimizer_name == "adam":
-            return torch.optim.Adam(self.parameters(), lr=1e-2)
-        # Two groups with different learning rates, halved every epoch: the proximal threshold must
-        # use each group's current rate.
-        optimizer = torch.optim.SGD(
-            [{"params": self.body.parameters(), "lr": 0.2}, {"params": self.head.parameters()}], lr=0.05
-        )
-        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)]
+        chosen = adam(1e-2) if optimizer == "adam" else _two_rates
+        super().__init__(mlp(6, 16, 16), nn.Linear(16, 3), optimizer=chosen, penalties=hand or [])
 
 
 def _data() -> TensorDataset:
-    g = torch.Generator().manual_seed(1)
-    return TensorDataset(torch.randn(8 * BATCHES, 6, generator=g), torch.randint(0, 3, (8 * BATCHES,), generator=g))
+    return classification_data(8 * BATCHES, 6, 3)
 
 
 def _trainer(tmp_path, callbacks, max_epochs=2, **kwargs) -> pl.Trainer:
@@ -91,6 +77,12 @@ def _params(model: nn.Module) -> list[torch.Tensor]:
         ({"start_epoch": -1}, r"Expected argument `start_epoch` to be an integer in \[0, inf\), but got -1\."),
         ({"start_epoch": 1.5}, r"Expected argument `start_epoch` to be an integer, but got 1.5\."),
         ({"warmup_epochs": -2}, r"Expected argument `warmup_epochs` to be a number in \[0, inf\), but got -2\."),
+        (
+            {"strength": float("inf")},
+            r"`strength` to be a number in \[0, inf\), but got inf\. Infinity and NaN are not",
+        ),
+        ({"warmup_epochs": float("inf")}, r"`warmup_epochs` to be a number in \[0, inf\), but got inf\. Infinity"),
+        ({"verbose": 1.0}, r"Expected argument `verbose` to be an integer in \[0, 1\], but got 1\.0\."),
         ({"verbose": 2}, r"Expected argument `verbose` to be an integer in \[0, 1\], but got 2\."),
         ({"verbose": True}, r"Expected argument `verbose` to be an integer in \[0, 1\], but got True\."),
         ({"include": "Linear"}, r"Expected argument `include` to be a list of strings, but got 'Linear'\."),
@@ -329,7 +321,7 @@ def test_two_regularizers_on_different_layers_add_up(tmp_path):
     assert body.state_key != head.state_key
     model = Net("adam")
     by_hand = copy.deepcopy(model)
-    by_hand.hand = [(0.02, "l1", ["head"]), (0.05, "group_lasso", ["body.*"])]
+    by_hand.penalties = [(0.02, "l1", ["head"]), (0.05, "group_lasso", ["body.*"])]
     _fit(model, [body, head], tmp_path)
     _fit(by_hand, [], tmp_path)
     for p, q in zip(model.parameters(), by_hand.parameters(), strict=True):

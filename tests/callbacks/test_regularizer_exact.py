@@ -12,49 +12,54 @@ import copy
 import lightning.pytorch as pl
 import pytest
 import torch
+from fixtures import TinyNet, adam, classification_loader, mlp, sgd
 from helpers import quiet_trainer
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_compress import SparseRegularizer, sparse_penalty
 
 STRENGTH = 0.01
 
 
-class Net(pl.LightningModule):
-    """Two trained layers, a frozen one in the path, and a layer the loss never reaches."""
+def _frozen() -> nn.Linear:
+    layer = nn.Linear(16, 16)
+    return layer.requires_grad_(False)
+
+
+class Net(TinyNet):
+    """Two trained layers, a frozen one in the path, and a layer the loss never reaches.
+
+    Setting ``hand_strength`` adds ``hand_strength * sparse_penalty(self, penalty)`` to the loss by hand.
+    """
 
     def __init__(self, optimizer: str = "sgd", penalty: str = "l1", hand_strength: float | None = None) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
-        self.frozen = nn.Linear(16, 16)
-        self.frozen.requires_grad_(False)
-        self.unused = nn.Linear(4, 4)  # trainable, but no data gradient: grad is None before the penalty
-        self.head = nn.Linear(16, 3)
-        self.optimizer_name = optimizer
+        super().__init__(
+            body=mlp(6, 16, 16),
+            frozen=_frozen(),
+            unused=nn.Linear(4, 4),  # trainable, but no data gradient: grad is None before the penalty
+            head=nn.Linear(16, 3),
+            optimizer=sgd(0.1, momentum=0.9) if optimizer == "sgd" else adam(1e-2),
+        )
         self.penalty = penalty
         self.hand_strength = hand_strength
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self.head(torch.relu(self.frozen(self.body(x)))), y)
-        if self.hand_strength is not None:
-            loss = loss + self.hand_strength * sparse_penalty(self, self.penalty)
-        return loss
+    @property
+    def hand_strength(self) -> float | None:
+        return self.penalties[0][0] if self.penalties else None
 
-    def configure_optimizers(self):
-        if self.optimizer_name == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
+    @hand_strength.setter
+    def hand_strength(self, strength: float | None) -> None:
+        self.penalties = [] if strength is None else [(strength, self.penalty, [])]
+
+    def forward(self, x):
+        return self.head(torch.relu(self.frozen(self.body(x))))
 
 
 def _loader() -> DataLoader:
-    g = torch.Generator().manual_seed(1)
     # 10 batches: with accumulate_grad_batches=4 the last window of each epoch holds only 2.
-    data = TensorDataset(torch.randn(80, 6, generator=g), torch.randint(0, 3, (80,), generator=g))
-    return DataLoader(data, batch_size=8)
+    return classification_loader(80, 6, 3)
 
 
 def _fit(model: pl.LightningModule, callbacks: list, tmp_path, **trainer_kwargs) -> pl.LightningModule:

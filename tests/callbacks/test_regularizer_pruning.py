@@ -2,36 +2,21 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import pytest
-import torch
+from fixtures import TinyNet, adam, classification_loader, mlp
 from helpers import quiet_trainer
 from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import PruningCallback, SparseRegularizer
 
 
-class Net(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
-        self.head = nn.Linear(32, 3)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self.head(self.body(x)), y)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
+def Net() -> TinyNet:
+    return TinyNet(mlp(8, 32, 32), nn.Linear(32, 3), optimizer=adam(1e-2))
 
 
 def _fit(model, callbacks, tmp_path):
-    g = torch.Generator().manual_seed(1)
-    data = TensorDataset(torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g))
     trainer = quiet_trainer(tmp_path, max_epochs=4, accelerator="cpu", callbacks=callbacks)
-    trainer.fit(model, DataLoader(data, batch_size=8))
+    trainer.fit(model, classification_loader(64, 8, 3))
     return trainer
 
 

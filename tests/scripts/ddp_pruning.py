@@ -17,31 +17,24 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared fixtures and helpers
+
+from fixtures import TinyNet, classification_loader, sgd
+from helpers import quiet_trainer
 
 from lightning_compress import PruningCallback
 from lightning_compress.core.files import atomic_torch_save
 
 
-class Net(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)  # the same initial weights in every fit and on every rank
-        self.body = nn.Sequential(nn.Conv1d(4, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8, 32))
-        self.head = nn.Linear(32, 3)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self.head(torch.relu(self.body(x))), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+def Net() -> TinyNet:
+    torch.manual_seed(0)  # the same initial weights in every fit and on every rank
+    body = nn.Sequential(nn.Conv1d(4, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8, 32), nn.ReLU())
+    return TinyNet(body, nn.Linear(32, 3), optimizer=sgd(0.05, momentum=0.9))
 
 
 class Diverge(pl.Callback):
@@ -65,23 +58,19 @@ def _callbacks(name: str) -> dict[str, PruningCallback]:
 
 
 def _fit(name: str, out: Path) -> None:
-    g = torch.Generator().manual_seed(1)
-    data = TensorDataset(torch.randn(160, 4, 8, generator=g), torch.randint(0, 3, (160,), generator=g))
+    data = classification_loader(160, (4, 8), 3)
     model = Net()
     pruning = _callbacks(name)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
+        out,
         strategy="ddp",
         devices=2,
         accelerator="cpu",
         max_epochs=3,
         accumulate_grad_batches=2,
         callbacks=[Diverge(), *pruning.values()] if name == "diverged" else list(pruning.values()),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
-    trainer.fit(model, DataLoader(data, batch_size=8))
+    trainer.fit(model, data)
     windows = {(cb.window.start, cb.window.end) for cb in pruning.values() if cb.window is not None}
     result = {
         "masks": {k: v for cb in pruning.values() for k, v in cb.masks.items()},

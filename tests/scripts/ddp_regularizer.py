@@ -18,51 +18,36 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_compress import SparseRegularizer, sparse_penalty
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared fixtures and helpers
+
+from fixtures import TinyNet, adam, classification_loader, mlp
+from helpers import quiet_trainer
+
+from lightning_compress import SparseRegularizer
 from lightning_compress.core.files import atomic_torch_save
 
 TERMS = [(0.01, "l1", ["head"]), (0.05, "group_lasso", ["body.*"])]
 
 
-class Net(pl.LightningModule):
-    def __init__(self, by_hand: bool = False) -> None:
-        super().__init__()
-        torch.manual_seed(0)  # the same initial weights in every fit and on every rank
-        self.body = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU())
-        self.head = nn.Linear(16, 3)
-        self.by_hand = by_hand
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self.head(self.body(x)), y)
-        if self.by_hand:
-            for strength, penalty, exclude in TERMS:
-                loss = loss + strength * sparse_penalty(self, penalty, exclude=exclude)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
+def Net(by_hand: bool = False) -> TinyNet:
+    """``by_hand``: the TERMS added to the loss in ``training_step``."""
+    torch.manual_seed(0)  # the same initial weights in every fit and on every rank
+    return TinyNet(mlp(6, 32, 16), nn.Linear(16, 3), optimizer=adam(1e-2), penalties=TERMS if by_hand else ())
 
 
-def _fit(model: Net, callbacks: list) -> pl.Trainer:
-    g = torch.Generator().manual_seed(1)
-    data = TensorDataset(torch.randn(128, 6, generator=g), torch.randint(0, 3, (128,), generator=g))
-    trainer = pl.Trainer(
+def _fit(model: TinyNet, callbacks: list) -> pl.Trainer:
+    data = classification_loader(128, 6, 3)
+    trainer = quiet_trainer(
+        Path.cwd(),
         strategy="ddp",
         devices=2,
         accelerator="cpu",
         max_epochs=2,
         accumulate_grad_batches=2,
         callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
-    trainer.fit(model, DataLoader(data, batch_size=8))
+    trainer.fit(model, data)
     return trainer
 
 

@@ -7,11 +7,10 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from fixtures import TinyNet, adam, classification_loader, mlp
 from helpers import quiet_trainer
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import PruningCallback
 from lightning_compress.core.prune.keeper import _ZERO_PRESERVING, MaskKeeper, preserves_zeros
@@ -112,18 +111,9 @@ def test_guard_all_registers_the_hook_and_close_removes_it() -> None:
 # ------------------------------------------------------------------ in a Trainer
 
 
-class Net(pl.LightningModule):
+class Net(TinyNet):
     def __init__(self) -> None:
-        super().__init__()
-        self.layer = nn.Linear(8, 16)
-        self.head = nn.Linear(16, 2)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self.head(torch.relu(self.layer(x))), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=0.05)
+        super().__init__(mlp(8, 16), nn.Linear(16, 2), optimizer=adam(0.05))
 
 
 class NoisyGradients(Net):
@@ -148,8 +138,7 @@ class Guarded(Callback):
 
 
 def _fit(model: pl.LightningModule, callbacks: list[Callback], tmp_path) -> None:
-    data = TensorDataset(torch.randn(48, 8), torch.randint(0, 2, (48,)))
-    quiet_trainer(tmp_path, max_epochs=2, callbacks=callbacks).fit(model, DataLoader(data, batch_size=8))
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=callbacks).fit(model, classification_loader(48, 8, 2, seed=None))
 
 
 @pytest.mark.parametrize(
