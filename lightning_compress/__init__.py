@@ -17,9 +17,11 @@ if TYPE_CHECKING:
     from lightning_compress.callbacks.quantize import QuantizeOnFitEnd
     from lightning_compress.callbacks.regularizer import SparseRegularizer
     from lightning_compress.core.penalties import sparse_penalty
+    from lightning_compress.core.prune.surgery import remove_channels
     from lightning_compress.core.report import CompressionReport, compression_report
     from lightning_compress.core.serialize import load_compressed, save_compressed
     from lightning_compress.distillation import DistillationModule
+    from lightning_compress.export.onnx import export_onnx
 
 __all__ = [
     "CompressionConfigError",
@@ -30,7 +32,9 @@ __all__ = [
     "SparseRegularizer",
     "__version__",
     "compression_report",
+    "export_onnx",
     "load_compressed",
+    "remove_channels",
     "save_compressed",
     "sparse_penalty",
 ]
@@ -42,7 +46,9 @@ _LAZY: dict[str, str] = {
     "QuantizeOnFitEnd": "lightning_compress.callbacks.quantize",
     "SparseRegularizer": "lightning_compress.callbacks.regularizer",
     "compression_report": "lightning_compress.core.report",
+    "export_onnx": "lightning_compress.export.onnx",
     "load_compressed": "lightning_compress.core.serialize",
+    "remove_channels": "lightning_compress.core.prune.surgery",
     "save_compressed": "lightning_compress.core.serialize",
     "sparse_penalty": "lightning_compress.core.penalties",
 }

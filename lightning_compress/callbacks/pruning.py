@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lightning_compress._lightning_compat import unwrap_optimizer
 from lightning_compress.callbacks._base import CompressionCallback
+from lightning_compress.callbacks._channel_removal import ChannelRemoval
 from lightning_compress.callbacks._pruning_args import _check_arguments, _check_epochs
 from lightning_compress.callbacks._selection import warn_left_out
 from lightning_compress.core.layout import WeightLayout
@@ -24,7 +25,7 @@ from lightning_compress.core.prune.masks import compute_masks
 from lightning_compress.core.prune.schedules import PruningWindow, place_window, sparsity_at
 from lightning_compress.core.report import compression_report
 from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, compression_root, select_targets
-from lightning_compress.errors import CompressionConfigError, check_str_list
+from lightning_compress.errors import CompressionConfigError, check_str_list, config_error
 
 __all__ = ["PruningCallback"]
 
@@ -64,6 +65,11 @@ class PruningCallback(CompressionCallback):
         update_every_n_steps: optimizer steps between two mask updates (default 10).
         include: module type names whose ``weight`` is pruned (subclasses count).
         exclude: ``fnmatch`` globs of module names left dense, e.g. ``["classifier.*"]``.
+        remove_channels: with ``method="channel"``: prune whole units of coupled channel groups (traced
+            on the first training batch: residual adds, depthwise convolutions, concatenations, norms,
+            attention heads), zero their bias and norm entries too, and at the end of training
+            physically remove them (:func:`~lightning_compress.remove_channels`), before
+            ``QuantizeOnFitEnd`` converts. ``trainer.validate`` / ``test`` then run the slim model.
         verbose: 0 silent; 1 prints the per-layer table at the end of fit; 2 also a line per update.
 
     Example:
@@ -88,9 +94,20 @@ class PruningCallback(CompressionCallback):
         update_every_n_steps: int = DEFAULT_UPDATE_EVERY_N_STEPS,
         include: list[str] = list(DEFAULT_PRUNE_TYPES),  # noqa: B006 - never mutated; a plain list for the CLI
         exclude: list[str] = [],  # noqa: B006
+        remove_channels: bool = False,
         verbose: int = 1,
     ) -> None:
         super().__init__(verbose)
+        if not isinstance(remove_channels, bool):
+            raise config_error("remove_channels", "True or False", remove_channels)
+        if remove_channels and method != "channel":
+            raise config_error(
+                "remove_channels",
+                "False unless method='channel'",
+                remove_channels,
+                f"Only whole channels can be removed; method={method!r} zeroes single weights.",
+            )
+        self.remove_channels = remove_channels
         _check_arguments(
             target_sparsity, method, scope, schedule, initial_sparsity, start_epoch, end_epoch, update_every_n_steps
         )
@@ -116,6 +133,7 @@ class PruningCallback(CompressionCallback):
         self._loaded: dict[str, Any] | None = None
         self._cut_off: set[str] = set()  # layers already reported as entirely pruned
         self._layouts: dict[str, WeightLayout] = {}  # parameter name -> layout, set by _select
+        self._channels: ChannelRemoval | None = ChannelRemoval() if self.remove_channels else None
 
     # ------------------------------------------------------------------ public views
 
@@ -138,6 +156,7 @@ class PruningCallback(CompressionCallback):
             "start_epoch": self.start_epoch,
             "end_epoch": self.end_epoch,
             "update_every_n_steps": self.update_every_n_steps,
+            "remove_channels": self.remove_channels,
         }
 
     @property
@@ -244,6 +263,9 @@ class PruningCallback(CompressionCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self._channels is not None and not self._channels.ready and self._keeper is not None:
+            guard = _may_touch_gradients(self, trainer, pl_module)
+            self._channels.prepare(pl_module, batch, self._keeper, guard, self._masks)
         self._maybe_update(trainer, pl_module, after_step=False)
 
     @override
@@ -258,6 +280,8 @@ class PruningCallback(CompressionCallback):
     ) -> None:
         if self._keeper is not None:
             self._keeper.mask_gradients(unwrap_optimizer(optimizer))
+        if self._channels is not None:
+            self._channels.mask_gradients(unwrap_optimizer(optimizer))
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -268,8 +292,21 @@ class PruningCallback(CompressionCallback):
         pl_module.log("pruning/target", self._applied or 0.0, on_step=False, on_epoch=True, sync_dist=True)
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # before any on_fit_end, so QuantizeOnFitEnd converts the slim model whatever the callback order
+        if self._channels is not None:
+            if self._keeper is not None:
+                self._achieved = self._keeper.zeros_fraction()
+            self._channels.remove(trainer, pl_module)
+
+    @property
+    def removed_channels(self) -> Mapping[str, tuple[int, ...]]:
+        """``{layer name: new weight shape}`` of the layers ``remove_channels=True`` shrank (after fit)."""
+        return MappingProxyType(self._channels.removed if self._channels is not None else {})
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._keeper is not None:
+        if self._keeper is not None and not (self._channels is not None and self._channels.removed):
             self._achieved = self._keeper.zeros_fraction()
         if self.verbose >= 1 and trainer.is_global_zero:
             prefix, root = compression_root(pl_module)
@@ -287,6 +324,8 @@ class PruningCallback(CompressionCallback):
         if self._keeper is not None:
             self._keeper.close()
             self._keeper = None
+        if self._channels is not None:
+            self._channels.close()
         self._loaded = None
 
     # ------------------------------------------------------------------ mask updates
@@ -320,9 +359,12 @@ class PruningCallback(CompressionCallback):
         masks: dict[str, Tensor] | None = None
         if trainer.is_global_zero or trainer.world_size == 1:
             weights = {name: p.detach() for name, p in keeper.params.items()}
-            masks = compute_masks(
-                weights, target, self.method, self.scope, previous=self._masks or None, layouts=self._layouts
-            )
+            if self._channels is not None and self._channels.ready:
+                masks = self._channels.compute(weights, target, self.scope, self._masks or None)
+            else:
+                masks = compute_masks(
+                    weights, target, self.method, self.scope, previous=self._masks or None, layouts=self._layouts
+                )
         if trainer.world_size > 1:
             # Rank 0 decides; every rank installs exactly the same masks.
             cpu = {k: v.cpu() for k, v in masks.items()} if masks is not None else None
@@ -330,6 +372,8 @@ class PruningCallback(CompressionCallback):
         assert masks is not None
         keeper.set_masks(masks)
         self._masks = keeper.masks
+        if self._channels is not None:
+            self._channels.set_masks(self._masks)
         self._applied = target
         self._warn_cut_off(trainer.global_step)
         self._achieved = keeper.zeros_fraction()

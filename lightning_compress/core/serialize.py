@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.files import atomic_torch_save
+from lightning_compress.core.prune.slim_io import apply_slim_shapes, check_slim_shapes, slim_shapes
 from lightning_compress.core.quant.convert import int8_layers, tie_int8_weights, tied_weight_groups
 from lightning_compress.core.quant.modules import MODES, Int8Module
 from lightning_compress.core.quant.table import int8_kind_named, int8_kind_of
@@ -116,6 +117,7 @@ def _encode(t: Tensor) -> tuple[str, Any]:
 
 def _identity(t: Tensor) -> tuple[Any, ...]:
     """Equal for two tensors that are views of the same memory with the same shape, strides and dtype."""
+    where: tuple[Any, ...]
     try:
         where = (t.device, t.untyped_storage().data_ptr(), t.storage_offset())
     except (RuntimeError, NotImplementedError, TypeError):  # a tensor without plain storage (a subclass)
@@ -176,6 +178,9 @@ def save_compressed(module: nn.Module, path: str | os.PathLike[str]) -> None:
         "tensors": tensors,
         "packed": packed,
     }
+    shapes = slim_shapes(module)  # layer widths of a channel-removed model (core/prune/slim_io.py)
+    if shapes:
+        artifact[SHAPES_ENTRY] = shapes
     atomic_torch_save(artifact, Path(path))
 
 
@@ -517,6 +522,17 @@ def _restore(snapshot: _Snapshot) -> None:
             getattr(m, name).update(table)
 
 
+def _apply_slim_shapes(module: nn.Module, obj: Mapping[str, Any], path: str) -> None:
+    """Shrink ``module`` to the artifact's ``"shapes"`` entry (``core/prune/slim_io.py``), validated first."""
+    shapes = obj.get(SHAPES_ENTRY) if isinstance(obj, Mapping) else None
+    if shapes is None:
+        return
+    problems = check_slim_shapes(module, shapes)
+    if problems:
+        raise ValueError(f"{path!r}: entry {SHAPES_ENTRY!r} does not match the model: " + "; ".join(problems[:8]))
+    apply_slim_shapes(module, shapes)
+
+
 @torch.no_grad()
 def load_compressed(path: str | os.PathLike[str], module: nn.Module) -> nn.Module:
     """Restore an artifact of :func:`save_compressed` into ``module`` and return it.
@@ -547,10 +563,17 @@ def load_compressed(path: str | os.PathLike[str], module: nn.Module) -> nn.Modul
     """
     where = os.fspath(path)
     obj = _read(where)
-    plan = _plan(obj, module, where)
+    snapshot = _snapshot(module)
+    try:
+        # slim layer widths first (checked, then bounded by the model's own sizes), so that the checks below
+        # compare the artifact with the model it rebuilds; any refusal puts the module back as it was
+        _apply_slim_shapes(module, obj, where)
+        plan = _plan(obj, module, where)
+    except BaseException:
+        _restore(snapshot)
+        raise
     state: dict[str, Tensor] = dict(obj["tensors"])
     state.update({key: _decode(entry) for key, entry in obj["packed"].items()})
-    snapshot = _snapshot(module)
     try:
         _apply(module, plan)
         module.load_state_dict(state, strict=True)
