@@ -5,11 +5,13 @@ The steps are plain functions so that a callback, a script or a test can run the
 :func:`record_input_ranges` observes their inputs on calibration batches (for ``mode="static"``),
 :func:`quantize_model` swaps them for :class:`~lightning_compress.core.quant.modules.Int8Linear` /
 :class:`~lightning_compress.core.quant.modules.Int8Conv2d`, and :func:`int8_layers` lists what a model holds.
+:func:`quantize` runs the three in the order ``QuantizeOnFitEnd`` does (select, calibrate, convert), for
+scripts and benchmarks that convert a model outside a Trainer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +29,9 @@ from lightning_compress.errors import CompressionConfigError, check_choice
 __all__ = [
     "ConversionResult",
     "int8_layers",
+    "observed_ranges",
     "quantizable_targets",
+    "quantize",
     "quantize_model",
     "record_input_ranges",
     "static_input_modules",
@@ -145,6 +149,81 @@ class ConversionResult:
     converted: dict[str, str] = field(default_factory=dict)
     fallbacks: dict[str, str] = field(default_factory=dict)
     adapted: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Selected layers left float, with the reason (filled by :func:`quantize`)."""
+
+
+def observed_ranges(observers: Mapping[str, MinMaxObserver]) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{name: (min, max)}`` of the observers that saw an input; a layer never called gets no range.
+
+    Such a layer is then converted ``"dynamic"`` by :func:`quantize_model`, which says why in
+    ``fallbacks`` (``QuantizeOnFitEnd`` does the same).
+
+    Example:
+        >>> a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+        >>> with record_input_ranges({"a": a, "b": b}) as obs:
+        ...     _ = a(torch.ones(1, 2))
+        >>> list(observed_ranges(obs))
+        ['a']
+    """
+    return {name: (o.min_val, o.max_val) for name, o in observers.items() if o.count > 0}
+
+
+def _call(model: nn.Module, inputs: Any) -> None:
+    if isinstance(inputs, Mapping):
+        model(**inputs)
+    elif isinstance(inputs, tuple | list):
+        model(*inputs)
+    else:
+        model(inputs)
+
+
+@torch.no_grad()
+def quantize(
+    model: nn.Module,
+    mode: str = "dynamic",
+    per_channel: bool = True,
+    *,
+    calibration: Iterable[Any] = (),
+    include: Sequence[str] = DEFAULT_QUANT_TYPES,
+    exclude: Sequence[str] = (),
+) -> ConversionResult:
+    """Select, calibrate and convert, in place: what ``QuantizeOnFitEnd`` does at fit end, in one process.
+
+    Args:
+        model: the model (its ``compression_submodule`` attribute is honoured).
+        mode: ``"dynamic"``, ``"static"`` or ``"weight_only"``.
+        per_channel: one weight scale per output channel; otherwise one per tensor.
+        calibration: for ``"static"``, the model inputs to observe (a tensor is called as
+            ``model(x)``, a tuple or list as ``model(*x)``, a dict as ``model(**x)``), run in eval mode;
+            a layer they never reach is converted ``"dynamic"`` (listed in ``fallbacks``).
+        include: module type names to convert.
+        exclude: ``fnmatch`` globs of module names left float.
+
+    Returns:
+        The :class:`ConversionResult`; selected layers that stay float are in ``result.skipped``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> quantize(model, "static", calibration=[torch.randn(3, 4)]).converted
+        {'0': 'static', '2': 'static'}
+    """
+    check_choice("mode", mode, MODES)
+    targets, skipped = quantizable_targets(model, include, exclude)
+    ranges: dict[str, tuple[Tensor, Tensor]] = {}
+    if mode == "static":
+        was_training = model.training
+        model.eval()
+        try:
+            with record_input_ranges(static_input_modules(model, targets)) as observers:
+                for inputs in calibration:
+                    _call(model, inputs)
+        finally:
+            model.train(was_training)
+        ranges = observed_ranges(observers)
+    result = quantize_model(model, targets, mode, per_channel, ranges)
+    result.skipped.update(skipped)
+    return result
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

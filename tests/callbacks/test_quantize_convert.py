@@ -1,0 +1,33 @@
+"""QuantizeOnFitEnd and the core's ``quantize`` make the same conversion (benchmarks use the latter)."""
+
+from __future__ import annotations
+
+import copy
+
+from fixtures import TinyNet, classification_loader, mlp
+from helpers import quiet_trainer
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_compress import QuantizeOnFitEnd
+from lightning_compress.core.quant.convert import quantize
+
+
+class Snapshot(Callback):
+    """The float model as training left it (``on_train_end`` runs before the callback's ``on_fit_end``)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.model = copy.deepcopy(pl_module).cpu()
+
+
+def test_the_callback_and_quantize_agree_on_a_never_called_linear(tmp_path):
+    model = TinyNet(body=mlp(6, 8), unused=nn.Linear(4, 4), head=nn.Linear(8, 3))
+    loader = classification_loader(32, 6, 3)
+    snapshot, callback = Snapshot(), QuantizeOnFitEnd("static", calibration_batches=4, verbose=0)
+    quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[snapshot, callback]).fit(model, loader)
+    result = quantize(snapshot.model, "static", calibration=[x for x, _ in list(loader)[:4]])
+    assert result.converted == callback.report["layers"] == {"body.0": "static", "unused": "dynamic", "head": "static"}
+    assert result.fallbacks == callback.report["fallbacks"]
+    assert result.fallbacks == {"unused": "dynamic (input never observed during calibration)"}
+    for (name, mine), theirs in zip(snapshot.model.state_dict().items(), model.state_dict().values(), strict=True):
+        assert mine.equal(theirs), name  # the same int8 weights and scales
