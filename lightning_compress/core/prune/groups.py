@@ -314,10 +314,7 @@ class _Propagation:
         if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
             depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
             if depthwise:
-                if src is None:
-                    slots = self.slots.new(module.out_channels, blocked=True)
-                else:
-                    slots = src.slots
+                slots = self.slots.new(module.out_channels, blocked=True) if src is None else src.slots
                 self.space[node] = _Space(1, slots)
                 self.add("depthwise", name, slots)
                 return
