@@ -24,6 +24,7 @@ def warn_left_out(
     exclude: Sequence[str],
     default: Sequence[str],
     who: str,
+    left_as: str = "dense",
 ) -> str | None:
     """Warn, on rank zero and once per Trainer, when the default ``include`` leaves much of ``model`` out.
 
@@ -35,7 +36,7 @@ def warn_left_out(
     """
     if list(include) != list(default):
         return None
-    message = left_out_message(model, targets, exclude)
+    message = left_out_message(model, targets, exclude, left_as=left_as)
     if message is None:
         return None
     said = _SAID.setdefault(trainer, set())

@@ -285,12 +285,14 @@ def left_out_message(
     *,
     threshold: float = LEFT_OUT_FRACTION,
     top: int = 5,
+    left_as: str = "dense",
 ) -> str | None:
     """What a selection leaves out, when it is more than ``threshold`` of the model's parameters; else ``None``.
 
     Counted over the compression root (a ``compression_submodule``): the parameters of modules that own
     no selected weight (a selected layer's bias is covered by its layer), by module, largest first.
     Modules that ``exclude`` names were left out on purpose and are not counted as left out.
+    ``left_as`` says what they stay (``"dense"``, or ``"float"`` for quantization).
     The callbacks say it once, on rank zero, for their default ``include``.
 
     Example:
@@ -333,7 +335,7 @@ def left_out_message(
         parts.append(f"{name or '(root)'} ({kind}, {count:,}{tied})")
     more = f" and {len(ranked) - top} more" if len(ranked) > top else ""
     return (
-        f"The default selection leaves {missing:,} of {total:,} parameters ({missing / total:.2%}) dense, in"
+        f"The default selection leaves {missing:,} of {total:,} parameters ({missing / total:.2%}) {left_as}, in"
         f" modules it does not select: {', '.join(parts)}{more}. Add their types to `include` to compress them"
         " too, or pass `include` explicitly to silence this."
     )

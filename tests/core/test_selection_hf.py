@@ -73,6 +73,10 @@ def test_left_out_message_names_the_largest_unselected_modules_first() -> None:
     assert message.startswith("The default selection leaves 33,344 of 58,496 parameters (57.00%) dense")
     assert "transformer.wte (Embedding, 32,000, tied to lm_head), transformer.wpe (Embedding, 1,024)" in message
     assert left_out_message(model, select_targets(model, include=["Linear", "Embedding"])) is None
+    assert "(57.00%) float, in modules" in str(left_out_message(model, select_targets(model), left_as="float"))
+    # modules that `exclude` names are left out on purpose: not reported
+    excluded = left_out_message(model, select_targets(model), ["transformer.wte", "transformer.wpe"])
+    assert excluded is None
     small = tiny_gpt2(vocab_size=100)  # 4,224 of 29,696 parameters left out: under 20 %
     assert left_out_message(small, select_targets(small)) is None
 
