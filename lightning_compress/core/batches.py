@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_compress.errors import CompressionConfigError
@@ -36,6 +37,8 @@ __all__ = [
     "LABEL_KEYS",
     "OUTPUT_KEYS",
     "ModelCall",
+    "batch_size",
+    "batch_to",
     "call_model",
     "check_model_call",
     "first_loader",
@@ -270,3 +273,39 @@ def first_loader(loaders: Any) -> Iterable[Any] | None:
             return first_loader(head)
         return loaders
     return loaders if isinstance(loaders, Iterable) else None
+
+
+def batch_to(batch: Any, device: torch.device | str) -> Any:
+    """``batch`` with every tensor in it (nested tuples, lists and mappings too) moved to ``device``.
+
+    Example:
+        >>> out = batch_to({"ids": torch.ones(1), "meta": ("a", [torch.zeros(1)])}, "cpu")
+        >>> out["meta"][0], out["meta"][1][0].device.type
+        ('a', 'cpu')
+    """
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: batch_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
+        return type(batch)(*(batch_to(v, device) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(batch_to(v, device) for v in batch)
+    return batch
+
+
+def batch_size(batch: Any) -> int | None:
+    """The leading size of the first tensor in ``batch`` (``None`` if it holds none).
+
+    Example:
+        >>> batch_size({"input_ids": torch.ones(4, 7)}), batch_size((torch.ones(3, 2), torch.ones(3))), batch_size(1)
+        (4, 3, None)
+    """
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    for item in items:
+        size = batch_size(item)
+        if size is not None:
+            return size
+    return None

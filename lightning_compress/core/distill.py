@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from torch.nn.parameter import UninitializedParameter
 from torch.utils.hooks import RemovableHandle
 
+from lightning_compress.core.batches import first_tensor
 from lightning_compress.errors import CompressionConfigError, check_number
 
 __all__ = [
@@ -311,21 +312,14 @@ class HintProjection(nn.Module):
         )
 
 
-def _first_tensor(output: Any) -> Tensor | None:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    return None
-
-
 @contextmanager
 def capture_outputs(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
     """Record the outputs of ``modules`` during the forward passes run inside the ``with`` block.
 
     Forward hooks are registered on entry and removed on exit. A module's output is kept as is when
-    it is a tensor, else the first element of a returned tuple or list. A module called several
-    times keeps its last output.
+    it is a tensor, else its first tensor (:func:`~lightning_compress.core.batches.first_tensor`: the
+    first of a tuple or list, the ``logits`` / ``last_hidden_state`` of a Hugging Face output). A
+    module called several times keeps its last output.
 
     Args:
         modules: the modules to watch, by the name under which their outputs are returned.
@@ -348,7 +342,7 @@ def capture_outputs(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, Tens
 
     def _hook_for(name: str) -> Any:
         def _hook(module: nn.Module, args: Any, output: Any) -> None:
-            tensor = _first_tensor(output)
+            tensor = first_tensor(output)
             if tensor is None:
                 raise TypeError(
                     f"Expected the feature module `{name}` ({type(module).__name__}) to return a tensor or a tuple"

@@ -12,9 +12,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from lightning_compress._lightning_compat import data_source
+from lightning_compress.core.batches import first_loader
 from lightning_compress.errors import CompressionConfigError, config_error
 
 # Where checkpoints written by common tools keep the weights, in the order they are tried.
@@ -185,12 +185,9 @@ def probe_batch(trainer: pl.Trainer, stage: str) -> Any:
             f"Expected a {stage} dataloader to take one batch from at setup, but there is none. Pass"
             " dataloaders to the trainer, or set `example_input_array` on the DistillationModule."
         )
-    loaders: Any = source.dataloader()
-    if isinstance(loaders, Mapping):
-        loaders = next(iter(loaders.values()))
-    elif isinstance(loaders, (list, tuple)) and loaders and not isinstance(loaders[0], Tensor):
-        loaders = loaders[0]
-    if not isinstance(loaders, (DataLoader, Iterable)):
-        raise CompressionConfigError(f"Expected the {stage} dataloader to be iterable, but got {type(loaders)}.")
+    given: Any = source.dataloader()
+    loaders = first_loader(given)
+    if loaders is None:
+        raise CompressionConfigError(f"Expected the {stage} dataloader to be iterable, but got {type(given)}.")
     # A fresh iterator; the global random state is restored by the caller.
     return next(iter(loaders))

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from lightning_compress.core.batches import batch_to, call_model
 from lightning_compress.core.report import CompressionReport, compression_report
 
-__all__ = ["Measurement", "batch_input", "measure", "measure_latencies"]
+__all__ = ["Measurement", "measure", "measure_latencies"]
 
 
 @dataclass(frozen=True)
@@ -83,26 +84,10 @@ def measure(module: nn.Module, accuracy: float, artifact: str | os.PathLike[str]
     )
 
 
-def batch_input(batch: Any) -> Tensor | None:
-    """The model input of a batch: the batch itself if it is a tensor, else its first element.
-
-    Example:
-        >>> batch_input((torch.zeros(2, 3), torch.ones(2))).shape
-        torch.Size([2, 3])
-        >>> batch_input({"x": 1}) is None
-        True
-    """
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    return None
-
-
 @torch.inference_mode()
 def measure_latencies(
     modules: Sequence[nn.Module],
-    inputs: Tensor,
+    inputs: Any,
     *,
     repeats: int = 50,
     warmup: int = 5,
@@ -116,7 +101,9 @@ def measure_latencies(
 
     Args:
         modules: the models to time, already on the CPU.
-        inputs: one batch of model input.
+        inputs: one batch, as the dataloader yields it: each model is called on it the way a training
+            step calls it (:func:`~lightning_compress.core.batches.call_model`: a tensor, a tuple whose
+            first item is the input, a dict of keyword arguments).
         repeats: timed calls per module.
         warmup: untimed calls per module first.
         clock: the timer (seconds).
@@ -130,19 +117,19 @@ def measure_latencies(
         >>> len(times), all(t > 0 for t in times)
         (2, True)
     """
-    inputs = inputs.cpu()
+    inputs = batch_to(inputs, "cpu")
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()
     try:
         for _ in range(warmup):
             for m in modules:
-                m(inputs)
+                call_model(m, inputs)
         samples: list[list[float]] = [[] for _ in modules]
         for _ in range(repeats):
             for m, times in zip(modules, samples, strict=True):
                 start = clock()
-                m(inputs)
+                call_model(m, inputs)
                 times.append((clock() - start) * 1000.0)
     finally:
         for m, mode in zip(modules, modes, strict=True):

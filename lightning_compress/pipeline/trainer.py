@@ -19,11 +19,19 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_compress.__about__ import __version__
 from lightning_compress._warnings import lightning_info_filtered, quiet_known_warnings
+from lightning_compress.core.batches import (
+    batch_size,
+    batch_to,
+    call_model,
+    check_model_call,
+    first_loader,
+    first_tensor,
+)
 from lightning_compress.core.files import atomic_write_text, folder_problem
 from lightning_compress.core.selection import compression_root
 from lightning_compress.errors import CompressionConfigError, check_choice, check_number, config_error
 from lightning_compress.pipeline.figure import MATPLOTLIB_HINT, matplotlib_available, write_figure
-from lightning_compress.pipeline.measure import batch_input, measure, measure_latencies
+from lightning_compress.pipeline.measure import measure, measure_latencies
 from lightning_compress.pipeline.result import INCOMPLETE_MARKER, ComparisonResult, file_record
 
 __all__ = ["DEFAULT_CALLBACKS", "DEFAULT_COMPRESS_EPOCHS", "CompressTrainer", "PipelineData", "default_callbacks"]
@@ -252,7 +260,7 @@ class CompressTrainer(pl.Trainer):
                 }
             )
             _evaluate(probe, stage, model, datamodule, metric)
-            inputs = _first_input(probe, stage)
+            inputs = _first_input(probe, stage, compression_root(model)[1])
 
         dense = self._sibling(max_epochs=max(dense_epochs, 1))
         if dense_epochs:
@@ -293,7 +301,7 @@ class CompressTrainer(pl.Trainer):
             "compress_steps": self.max_steps,
             "stage": stage,
             "callbacks": [_class_path(c) for c in callbacks if not _class_path(c).startswith("lightning.")],
-            "batch_size": int(inputs.shape[0]),
+            "batch_size": batch_size(inputs),
             "latency_repeats": latency_repeats,
             "torch_threads": torch.get_num_threads(),
             "artifact_roundtrip_max_abs_diff": roundtrip_error,
@@ -359,33 +367,29 @@ def _evaluate(
     )
 
 
-def _first_input(trainer: pl.Trainer, stage: str) -> torch.Tensor:
-    loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
-    loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+def _first_input(trainer: pl.Trainer, stage: str, root: torch.nn.Module) -> Any:
+    """One evaluation batch (on the CPU) to time the models on, checked against ``root``'s ``forward`` now."""
+    loader = first_loader(trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders)
     if loader is None:
         raise CompressionConfigError(
             f"Expected the model or data module to provide a {stage} dataloader, but got none."
         )
-    inputs = batch_input(next(iter(loader)))
-    if inputs is None:
-        raise CompressionConfigError(
-            "Expected the batches to be a tensor or a tuple whose first element is the model input, to time the"
-            " models on, but got another structure."
-        )
-    return inputs.cpu()
+    batch = batch_to(next(iter(loader)), "cpu")
+    check_model_call(root, batch, "compress")
+    return batch
 
 
 @torch.inference_mode()
-def _max_output_difference(a: torch.nn.Module, b: torch.nn.Module, inputs: torch.Tensor) -> float | None:
+def _max_output_difference(a: torch.nn.Module, b: torch.nn.Module, inputs: Any) -> float | None:
     """Largest absolute difference of the two models' outputs on ``inputs``; ``None`` for non-tensor outputs."""
     modes = a.training, b.training
     a.eval()
     b.eval()
     try:
-        out_a, out_b = a(inputs), b(inputs)
+        out_a, out_b = first_tensor(call_model(a, inputs)), first_tensor(call_model(b, inputs))
     finally:
         a.train(modes[0])
         b.train(modes[1])
-    if not isinstance(out_a, torch.Tensor) or not isinstance(out_b, torch.Tensor):
+    if out_a is None or out_b is None:
         return None
     return float((out_a.float() - out_b.float()).abs().max()) if out_a.numel() else 0.0

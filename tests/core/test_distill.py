@@ -271,11 +271,20 @@ def test_capture_outputs_records_and_removes_its_hooks() -> None:
     assert all(not m._forward_hooks for m in net.modules())
 
 
+class _NamesOut(nn.Module):
+    def forward(self, x: torch.Tensor) -> dict[str, str]:
+        return {"name": "no tensor here"}
+
+
 def test_capture_outputs_removes_hooks_on_error_and_rejects_non_tensors() -> None:
-    module = _DictOut()
+    module = _NamesOut()
     with (
-        pytest.raises(TypeError, match=r"feature module `d` \(_DictOut\) to return a tensor"),
+        pytest.raises(TypeError, match=r"feature module `d` \(_NamesOut\) to return a tensor"),
         capture_outputs({"d": module}),
     ):
         module(torch.zeros(1))
     assert not module._forward_hooks
+    dict_out = _DictOut()  # a mapping output (a Hugging Face ModelOutput is one) gives its tensor
+    with capture_outputs({"d": dict_out}) as outputs:
+        dict_out(torch.ones(2))
+    assert torch.equal(outputs["d"], torch.ones(2))

@@ -117,10 +117,14 @@ def test_feature_modules_must_return_tensors(tmp_path: Path) -> None:
         def __init__(self) -> None:
             super().__init__()
             self.inner = DictOut()
-            self.inner.register_forward_hook(lambda m, a, out: {"logits": out})
+            self.inner.register_forward_hook(lambda m, a, out: Box(out))  # an output holding no tensor
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.inner(x)["logits"]
+            return self.inner(x).value
+
+    class Box:
+        def __init__(self, value: torch.Tensor) -> None:
+            self.value = value
 
     module = DistillationModule(Wrapped(), MLP(), feature_pairs={"student.inner": "teacher.net.5"})
     with pytest.raises(TypeError, match=r"feature module `inner` \(DictOut\) to return a tensor"):
