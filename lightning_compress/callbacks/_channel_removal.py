@@ -12,9 +12,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_compress.core.batches import model_call
 from lightning_compress.core.prune.group_masks import (
     eligible_groups,
     extra_masks,
@@ -31,13 +32,16 @@ __all__ = ["ChannelRemoval", "example_inputs_of"]
 _EXAMPLE_ROWS = 8  # samples of the first batch kept to trace and to measure constants
 
 
-def example_inputs_of(batch: Any) -> Any:
-    """What the model is called with for ``batch``: a tensor, the first item of a tuple, or a dict (``**batch``)."""
-    if isinstance(batch, (Tensor, Mapping)):
+def example_inputs_of(batch: Any, model: nn.Module | None = None) -> Any:
+    """What ``model`` is called with for ``batch`` (the rule of :mod:`lightning_compress.core.batches`).
+
+    A tensor, the first item of a tuple (the first items when ``forward`` requires several), or a dict
+    of keyword arguments without ``labels``.
+    """
+    try:
+        return model_call(model if model is not None else nn.Identity(), batch).example_inputs()
+    except TypeError:
         return batch
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0]
-    return batch
 
 
 def _head(inputs: Any) -> Any:
@@ -69,7 +73,7 @@ class ChannelRemoval:
         self.ready = True
         prefix, root = compression_root(pl_module)
         self.prefix = f"{prefix}." if prefix else ""
-        self.example = _head(example_inputs_of(batch))
+        self.example = _head(example_inputs_of(batch, root))
         selected = [n[len(self.prefix) :] for n in main.params if n.startswith(self.prefix)]
         layers = {n.rpartition(".")[0] for n in selected}
         training = root.training
