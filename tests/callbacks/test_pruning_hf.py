@@ -105,3 +105,37 @@ def test_group_lasso_proximal_zeroes_conv1d_output_columns(tmp_path) -> None:
     expected[::2] = True
     assert torch.equal(zero.all(dim=0), expected) and torch.equal(zero, expected.expand_as(zero))
     assert not torch.signbit(c_fc.detach()[zero]).any()
+
+
+class EncoderModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.encoder(batch).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("method", ["channel", "2:4"])
+def test_multihead_attention_packed_projection_is_pruned_per_projection(tmp_path, method: str) -> None:
+    module = EncoderModule()
+    pruning = PruningCallback(0.5, method=method, scope="layer", schedule="constant", verbose=0)
+    data = DataLoader(list(torch.randn(8, 5, 16, generator=torch.Generator().manual_seed(0))), batch_size=4)
+    quiet_trainer(tmp_path, max_epochs=1, callbacks=[pruning]).fit(module, data)
+    for i in range(2):
+        name = f"encoder.layers.{i}.self_attn.in_proj_weight"
+        weight = module.get_parameter(name).detach()  # (3 * 16, 16): query, key, value
+        zero = weight == 0
+        assert torch.equal(~zero, pruning.masks[name]) and not torch.signbit(weight[zero]).any()
+        for block in zero.split(16):  # each projection on its own
+            if method == "channel":
+                assert int(block.all(dim=1).sum()) == 8 and torch.equal(
+                    block, block.all(dim=1, keepdim=True).expand_as(block)
+                )
+            else:
+                assert ((~block).view(16, 4, 4).sum(dim=-1) == 2).all()
