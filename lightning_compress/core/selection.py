@@ -190,6 +190,23 @@ def _excluded(name: str, full_name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(full_name, p) for p in patterns)
 
 
+def _check_exclude_matches(root: nn.Module, prefix: str, exclude: Sequence[str]) -> None:
+    """Raise when a glob of ``exclude`` matches no module (a typo such as ``"classifer.*"`` would do nothing)."""
+    if not exclude:
+        return
+    names = [(name, _full(prefix, name)) for name, _ in root.named_modules() if name]
+    for pattern in exclude:
+        if any(fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(f, pattern) for n, f in names):
+            continue
+        candidates = sorted({n for n, _ in names} | {f for _, f in names})
+        close = difflib.get_close_matches(pattern, candidates, n=3, cutoff=0.5)
+        close += [c for c in difflib.get_close_matches(pattern.rstrip(".*"), candidates, n=3) if c not in close]
+        hint = f" The closest module names: {close[:3]}." if close else f" The modules are named {candidates[:8]}."
+        raise CompressionConfigError(
+            f"Expected every glob of argument `exclude` to match a module name, but {pattern!r} matches none.{hint}"
+        )
+
+
 def _type_names_with_weights(root: nn.Module) -> list[str]:
     names = {type(m).__name__ for m in root.modules() if module_weights(m)}
     return sorted(names)
@@ -237,7 +254,8 @@ def select_targets(
         once, under its first owner, and only when all its owners are selected.
 
     Raises:
-        CompressionConfigError: if ``include``/``exclude`` are not lists of strings, or if they select
+        CompressionConfigError: if ``include``/``exclude`` are not lists of strings, if a glob of
+            ``exclude`` matches no module (the message lists the closest names), or if they select
             no weight (the message lists the module types the model has).
 
     Example:
@@ -249,6 +267,7 @@ def select_targets(
     include = check_str_list("include", include)
     exclude = check_str_list("exclude", exclude)
     prefix, root = compression_root(model) if use_root else ("", model)
+    _check_exclude_matches(root, prefix, exclude)
     candidates: list[Target] = []
     implied: set[int] = set()  # out_proj of a selected MultiheadAttention
     for name, module in root.named_modules():

@@ -107,7 +107,7 @@ class DistillationModule(pl.LightningModule):
             )
         check_number("temperature", temperature, low=0.0, low_inclusive=False)
         check_number("alpha", alpha, low=0.0, high=1.0)
-        check_number("lr", lr, low=0.0, low_inclusive=False)
+        check_number("lr", lr, low=0.0)  # 0 as torch.optim allows: evaluate or freeze the student
         check_number("weight_decay", weight_decay, low=0.0)
         check_number("feature_weight", feature_weight, low=0.0)
         if num_classes is not None:

@@ -85,3 +85,19 @@ def test_include_must_be_a_list_of_strings():
         select_targets(nn.Linear(2, 2), include="Linear")  # type: ignore[arg-type]
     with pytest.raises(CompressionConfigError, match=r"`exclude` to be a list of strings, but got \[1\]"):
         select_targets(nn.Linear(2, 2), exclude=[1])  # type: ignore[list-item]
+
+
+def test_an_exclude_glob_that_matches_nothing_is_an_error_listing_close_names():
+    from torch import nn as _nn
+
+    model = _nn.Module()
+    model.features = _nn.Sequential(_nn.Linear(4, 4))
+    model.classifier = _nn.Linear(4, 2)
+    with pytest.raises(
+        CompressionConfigError,
+        match=r"every glob of argument `exclude` to match a module name, but 'classifer.\*' matches none\."
+        r" The closest module names: \['classifier'",
+    ):
+        select_targets(model, exclude=["classifer.*"])
+    assert [t.name for t in select_targets(model, exclude=["classifier"])] == ["features.0"]
+    assert [t.name for t in select_targets(model, exclude=["features.*"])] == ["classifier"]

@@ -255,7 +255,11 @@ def test_alpha_must_be_in_unit_interval(alpha: float) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"lr": 0.0}, r"`lr` to be a number in \(0, inf\)"),
+        ({"lr": -1e-3}, r"`lr` to be a number in \[0, inf\)"),
+        ({"lr": float("inf")}, r"`lr` to be a number in \[0, inf\), but got inf\. Infinity and NaN are not allowed"),
+        ({"temperature": float("inf")}, r"`temperature` to be a number in \(0, inf\), but got inf\. Infinity"),
+        ({"weight_decay": float("inf")}, r"`weight_decay` to be a number in \[0, inf\), but got inf\. Infinity"),
+        ({"feature_weight": float("inf")}, r"`feature_weight` to be a number in \[0, inf\), but got inf\. Infinity"),
         ({"weight_decay": -1.0}, r"`weight_decay` to be a number in \[0, inf\)"),
         ({"feature_weight": -1.0}, r"`feature_weight` to be a number in \[0, inf\)"),
         ({"num_classes": 0}, r"`num_classes` to be an integer in \[1, inf\)"),
@@ -266,6 +270,13 @@ def test_alpha_must_be_in_unit_interval(alpha: float) -> None:
 def test_other_arguments_are_checked(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(CompressionConfigError, match=match):
         DistillationModule(_student(), _teacher_with_state(), **kwargs)
+
+
+def test_a_learning_rate_of_zero_is_accepted_as_torch_does() -> None:
+    module = DistillationModule(_student(), _teacher_with_state(), lr=0.0)
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    assert optimizer.defaults["lr"] == 0.0
 
 
 def test_student_and_teacher_must_be_modules_that_share_nothing() -> None:
