@@ -216,3 +216,22 @@ def test_qat_while_distilling_fake_quantizes_only_the_student(tmp_path: Path) ->
     assert set(cb.state_dict()["qat"]) == {f"student.{n}" for n in ("net.1", "net.3")}
     for k, v in module.teacher.state_dict().items():
         assert torch.equal(v, teacher_before[k])
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ddp_ranks_share_the_qat_ranges_and_convert_to_the_same_int8(tmp_path: Path) -> None:
+    from helpers import load_ranks, run_ddp_script
+
+    run_ddp_script("ddp_quantize_qat.py", tmp_path)
+    state0, state1 = load_ranks(tmp_path, "state")
+    assert state0.keys() == state1.keys()
+    for key in state0:
+        assert torch.equal(state0[key], state1[key]), key
+    qat0, qat1 = load_ranks(tmp_path, "qat")
+    assert set(qat0) == set(qat1) == {"backbone.net.1", "backbone.net.3", "backbone.net.5"}
+    for name in qat0:
+        assert torch.equal(qat0[name]["min"], qat1[name]["min"]) and torch.equal(qat0[name]["max"], qat1[name]["max"])
+        assert qat0[name]["count"] == 8  # 256 samples / 2 ranks / batch 16: one QAT epoch
+        expected = scale_from_range(qat0[name]["min"], qat0[name]["max"])
+        assert torch.equal(state0[f"{name}.input_scale"], expected)
