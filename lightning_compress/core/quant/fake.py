@@ -166,16 +166,21 @@ class MovingMinMaxObserver:
 class _PreHook:
     """Swap ``weight`` for its fake-quantized tensor (and fake-quantize the input) for one call."""
 
-    def __init__(self, per_channel: bool, observer: MovingMinMaxObserver | None) -> None:
+    def __init__(self, per_channel: bool, observer: MovingMinMaxObserver | None, transposed: bool = False) -> None:
         self.per_channel = per_channel
         self.observer = observer
+        self.transposed = transposed  # HF Conv1D: the weight is [in, out]; a channel is a column
         self.stash: list[Tensor] = []
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         weight = module._parameters["weight"]
         assert weight is not None  # only layers with a weight are attached
         self.stash.append(weight)
-        module._parameters["weight"] = fake_quantize_weight(weight, self.per_channel)  # type: ignore[assignment]
+        if self.transposed:
+            fake = fake_quantize_weight(weight.t(), self.per_channel).t()
+        else:
+            fake = fake_quantize_weight(weight, self.per_channel)
+        module._parameters["weight"] = fake  # type: ignore[assignment]
         if self.observer is None or not args or not isinstance(args[0], Tensor):
             return None
         x = args[0]
@@ -201,7 +206,8 @@ class FakeQuantSession:
             ``Embedding``, HF ``Conv1D``: anything with a ``weight`` parameter whose int8 kind exists).
         mode: ``"dynamic"``, ``"static"`` or ``"weight_only"``; only ``"static"`` fake-quantizes inputs,
             and only of the layers whose int8 kind has ``static_input``.
-        per_channel: one weight scale per output channel (dim 0; per row for an embedding), or one per tensor.
+        per_channel: one weight scale per output channel (dim 0; per row for an embedding; per column for
+            HF ``Conv1D``, whose weight is ``[in, out]``), or one per tensor.
         averaging: the observers' moving-average constant.
 
     Example:
@@ -226,10 +232,13 @@ class FakeQuantSession:
         self.mode = mode
         self.per_channel = per_channel
         self.observers: dict[str, MovingMinMaxObserver] = {}
+        self._transposed: set[str] = set()
         for name, module in self.layers.items():
             if not isinstance(module._parameters.get("weight"), Tensor):
                 raise TypeError(f"`{name}` ({type(module).__name__}) has no `weight` parameter to fake-quantize.")
             kind = int8_kind_for(module)
+            if kind is not None and kind.name == "Int8Conv1D":
+                self._transposed.add(name)
             if mode == "static" and kind is not None and kind.static_input:
                 self.observers[name] = MovingMinMaxObserver(averaging)
         self._handles: list[RemovableHandle] = []
@@ -244,7 +253,7 @@ class FakeQuantSession:
         if self._handles:
             return
         for name, module in self.layers.items():
-            pre = _PreHook(self.per_channel, self.observers.get(name))
+            pre = _PreHook(self.per_channel, self.observers.get(name), name in self._transposed)
             self._handles.append(module.register_forward_pre_hook(pre))
             self._handles.append(module.register_forward_hook(_PostHook(pre), always_call=True))
 

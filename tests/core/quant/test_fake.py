@@ -224,3 +224,24 @@ def test_session_rejects_a_bad_mode_and_a_layer_without_weight() -> None:
         FakeQuantSession({"fc": nn.Linear(2, 2)}, "int4")
     with pytest.raises(TypeError, match="no `weight` parameter"):
         FakeQuantSession({"relu": nn.ReLU()}, "static")
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_hf_conv1d_is_fake_quantized_per_output_column(per_channel: bool) -> None:
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    from lightning_compress.core.quant.conv1d import Int8Conv1D
+
+    torch.manual_seed(0)
+    layer = pytorch_utils.Conv1D(6, 4)  # weight [4 inputs, 6 outputs]
+    with torch.no_grad():
+        layer.weight[:, 0] *= 50.0  # one output channel much wider than the others
+    seen: list[torch.Tensor] = []
+    layer.register_forward_hook(lambda m, a, o: seen.append(m.weight.detach().clone()))  # before the QAT post-hook
+    session = FakeQuantSession({"c": layer}, "weight_only", per_channel)
+    session.attach()
+    x = torch.randn(3, 4)
+    fake = layer(x)
+    session.detach()
+    int8 = Int8Conv1D.from_float(layer, "weight_only", per_channel)
+    assert torch.equal(seen[0], int8.dequantize_weight().t())  # [in, out], scaled per output column
+    torch.testing.assert_close(fake, int8(x), rtol=1e-6, atol=1e-6)  # addmm vs linear: summation order only
