@@ -31,6 +31,7 @@ import logging
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -39,6 +40,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import bench_trainer
 
 from lightning_compress import DistillationModule
 from lightning_compress.core.files import atomic_write_text
@@ -67,14 +71,10 @@ def n_params(module: nn.Module) -> int:
 
 
 def _trainer(epochs: int, limit: float | int) -> pl.Trainer:
-    return pl.Trainer(
+    return bench_trainer(
         max_epochs=epochs,
         accelerator="cpu",
         devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_train_batches=limit,
         check_val_every_n_epoch=epochs,  # validate once, at the end
         num_sanity_val_steps=0,

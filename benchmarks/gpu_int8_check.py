@@ -21,6 +21,7 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,8 +29,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import to_int8 as _to_int8
+
 from lightning_compress.core.files import atomic_write_text
-from lightning_compress.core.quant.convert import quantizable_targets, quantize_model, record_input_ranges
 from lightning_compress.core.quant.modules import Int8Linear, int8_mm
 from lightning_compress.core.quant.primitives import quantize_rows
 from lightning_compress.demo import MLP, SmallCNN
@@ -44,13 +47,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def to_int8(model: nn.Module, mode: str, calibration: torch.Tensor) -> nn.Module:
     """Convert a copy as QuantizeOnFitEnd does; static scales are observed on ``calibration``."""
-    model = copy.deepcopy(model).eval()
-    targets, _ = quantizable_targets(model)
-    with torch.no_grad(), record_input_ranges({t.name: t.module for t in targets}) as observers:
-        model(calibration)
-    ranges = {n: (o.min_val, o.max_val) for n, o in observers.items() if o.count}
-    quantize_model(model, targets, mode=mode, input_ranges=ranges)
-    return model
+    return _to_int8(model, mode, calibration=[calibration] if mode == "static" else [])
 
 
 def check_layers(device: torch.device, smoke: bool) -> list[dict[str, object]]:
@@ -74,7 +71,7 @@ def check_layers(device: torch.device, smoke: bool) -> list[dict[str, object]]:
                     cpu = q_cpu(xd.float().cpu())
                 layer.float()
                 xq, _ = quantize_rows(x)
-                uses_int_mm = mode != "weight_only" and int8_mm(xq, q.weight) is not None
+                uses_int_mm = mode != "weight_only" and int8_mm(xq, q.int8_weight) is not None
                 rows.append(
                     {
                         "shape": f"{m}x{k}x{n}",

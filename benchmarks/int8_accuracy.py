@@ -1,8 +1,8 @@
 """Test accuracy of float32 against int8 on the digits MLP and CNN, 3 seeds, side by side in one run.
 
 Each seed trains the float model (``Classifier`` over ``DigitsDataModule``), tests it, then converts
-a copy with each mode exactly as ``QuantizeOnFitEnd`` does at fit end (``quantizable_targets``,
-min/max observers on ``calibration_batches`` training batches for ``static``, ``quantize_model``)
+a copy with each mode exactly as ``QuantizeOnFitEnd`` does at fit end (the core's ``quantize``:
+min/max observers on ``calibration_batches`` training batches for ``static``, through ``_common.to_int8``)
 and tests the int8 model with the same ``trainer.test``. The figure is the drop in points.
 
     python benchmarks/int8_accuracy.py           # 3 seeds x 30 epochs; writes results/int8_accuracy.{md,json}
@@ -12,18 +12,19 @@ and tests the int8 model with the same ``trainer.test``. The figure is the drop 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
+import sys
 import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import bench_trainer, first_batches, to_int8
 
 from lightning_compress.core.files import atomic_write_text
-from lightning_compress.core.quant.convert import quantizable_targets, quantize_model, record_input_ranges
 from lightning_compress.demo import MLP, Classifier, DigitsDataModule, SmallCNN
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -31,32 +32,7 @@ MODES = ("dynamic", "static", "weight_only")
 
 
 def trainer(epochs: int) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-    )
-
-
-@torch.no_grad()
-def to_int8(model: Classifier, dm: DigitsDataModule, mode: str, calibration_batches: int) -> Classifier:
-    model = copy.deepcopy(model).eval()
-    targets, _ = quantizable_targets(model)
-    ranges = None
-    if mode == "static":
-        linears = {t.name: t.module for t in targets if isinstance(t.module, nn.Linear)}
-        with record_input_ranges(linears) as observers:
-            for i, (x, _) in enumerate(dm.train_dataloader()):
-                if i == calibration_batches:
-                    break
-                model(x)
-        ranges = {n: (o.min_val, o.max_val) for n, o in observers.items()}
-    quantize_model(model, targets, mode=mode, input_ranges=ranges)
-    return model
+    return bench_trainer(max_epochs=epochs, accelerator="cpu", deterministic=True)
 
 
 def main() -> None:
@@ -81,7 +57,8 @@ def main() -> None:
             row: dict[str, object] = {"model": name, "seed": seed}
             row["float32"] = t.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
             for mode in MODES:
-                q = to_int8(model, dm, mode, args.calibration_batches)
+                calibration = first_batches(dm.train_dataloader(), args.calibration_batches) if mode == "static" else ()
+                q = to_int8(model, mode, calibration=calibration)
                 acc = trainer(epochs).test(q, datamodule=dm, verbose=False)[0]["test/acc"]
                 row[mode] = acc
                 row[f"{mode}_drop_pt"] = 100 * (row["float32"] - acc)  # type: ignore[operator]

@@ -15,6 +15,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -23,9 +24,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import to_int8
+
 from lightning_compress import save_compressed
 from lightning_compress.core.files import atomic_write_text
-from lightning_compress.core.quant.convert import quantizable_targets, quantize_model
+from lightning_compress.core.quant.convert import quantizable_targets
 from lightning_compress.demo import MLP, SmallCNN
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -50,9 +54,7 @@ def prune_(model: nn.Module, sparsity: float) -> None:
 
 
 def int8(model: nn.Module) -> nn.Module:
-    model = copy.deepcopy(model)
-    quantize_model(model, quantizable_targets(model)[0])
-    return model
+    return to_int8(model)  # dynamic, as QuantizeOnFitEnd's default
 
 
 def ao_size(model: nn.Module) -> int | None:

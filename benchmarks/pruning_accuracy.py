@@ -25,8 +25,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import bench_trainer
 
 from lightning_compress import PruningCallback, compression_report
 from lightning_compress.core.files import atomic_write_text
@@ -40,13 +42,9 @@ def _fit(sparsity: float, seed: int, args: argparse.Namespace) -> dict[str, Any]
     torch.manual_seed(seed)
     model = Classifier(MLP())
     callbacks = [] if sparsity == 0 else [PruningCallback(sparsity, verbose=0, **args.pruning)]
-    trainer = pl.Trainer(
+    trainer = bench_trainer(
         max_epochs=args.epochs,
         callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_train_batches=args.limit_batches,
         default_root_dir=args.out / "lightning_logs",
     )

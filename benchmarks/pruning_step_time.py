@@ -56,6 +56,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import bench_trainer
+
 from lightning_compress import PruningCallback
 from lightning_compress.core.files import atomic_write_text
 
@@ -191,15 +194,11 @@ def _fit(config: str, args: argparse.Namespace, data: TensorDataset, baton: _Bat
         start = _StepStart(config, baton, args.clock, sync=args.device == "cuda")
         end = _StepEnd(start)
         callbacks = [start, *_pruning_callbacks(config, args.sparsity, backbone, args.epochs), end]
-        trainer = pl.Trainer(
+        trainer = bench_trainer(
             accelerator="gpu" if args.device == "cuda" else "cpu",
             devices=1,
             max_epochs=args.epochs,
             callbacks=callbacks,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
             num_sanity_val_steps=0,
             precision=args.precision,
             default_root_dir=args.out / "lightning_logs",

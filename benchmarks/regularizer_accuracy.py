@@ -29,6 +29,7 @@ import logging
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +37,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import bench_trainer
 
 from lightning_compress import PruningCallback, SparseRegularizer
 from lightning_compress.core.files import atomic_write_text
@@ -50,15 +54,11 @@ def _fit(seed: int, epochs: int, callbacks: list[pl.Callback], limit: float | in
     pl.seed_everything(seed, verbose=False)
     model = Classifier(MLP())
     data = DigitsDataModule(batch_size=64, seed=seed)
-    trainer = pl.Trainer(
+    trainer = bench_trainer(
         max_epochs=epochs,
         accelerator="cpu",
         devices=1,
         callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_train_batches=limit,
         num_sanity_val_steps=0,
         deterministic=True,

@@ -25,7 +25,7 @@ def test_the_callback_and_quantize_agree_on_a_never_called_linear(tmp_path):
     loader = classification_loader(32, 6, 3)
     snapshot, callback = Snapshot(), QuantizeOnFitEnd("static", calibration_batches=4, verbose=0)
     quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[snapshot, callback]).fit(model, loader)
-    result = quantize(snapshot.model, "static", calibration=[x for x, _ in list(loader)[:4]])
+    result = quantize(snapshot.model, "static", calibration=list(loader)[:4])
     assert result.converted == callback.report["layers"] == {"body.0": "static", "unused": "dynamic", "head": "static"}
     assert result.fallbacks == callback.report["fallbacks"]
     assert result.fallbacks == {"unused": "dynamic (input never observed during calibration)"}

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.core.batches import call_model
 from lightning_compress.core.quant.modules import MODES, Int8Module
 from lightning_compress.core.quant.primitives import MinMaxObserver, scale_from_range
 from lightning_compress.core.quant.table import INT8_TABLE, int8_kind_for, int8_types
@@ -169,15 +170,6 @@ def observed_ranges(observers: Mapping[str, MinMaxObserver]) -> dict[str, tuple[
     return {name: (o.min_val, o.max_val) for name, o in observers.items() if o.count > 0}
 
 
-def _call(model: nn.Module, inputs: Any) -> None:
-    if isinstance(inputs, Mapping):
-        model(**inputs)
-    elif isinstance(inputs, tuple | list):
-        model(*inputs)
-    else:
-        model(inputs)
-
-
 @torch.no_grad()
 def quantize(
     model: nn.Module,
@@ -194,9 +186,10 @@ def quantize(
         model: the model (its ``compression_submodule`` attribute is honoured).
         mode: ``"dynamic"``, ``"static"`` or ``"weight_only"``.
         per_channel: one weight scale per output channel; otherwise one per tensor.
-        calibration: for ``"static"``, the model inputs to observe (a tensor is called as
-            ``model(x)``, a tuple or list as ``model(*x)``, a dict as ``model(**x)``), run in eval mode;
-            a layer they never reach is converted ``"dynamic"`` (listed in ``fallbacks``).
+        calibration: for ``"static"``, the batches to observe, as a dataloader yields them; each is fed
+            to the model by the package's one rule (:func:`~lightning_compress.core.batches.call_model`:
+            a tensor is the input, a tuple's first item, a dict the keyword arguments), in eval mode. A
+            layer they never reach is converted ``"dynamic"`` (listed in ``fallbacks``).
         include: module type names to convert.
         exclude: ``fnmatch`` globs of module names left float.
 
@@ -216,8 +209,8 @@ def quantize(
         model.eval()
         try:
             with record_input_ranges(static_input_modules(model, targets)) as observers:
-                for inputs in calibration:
-                    _call(model, inputs)
+                for batch in calibration:
+                    call_model(model, batch)
         finally:
             model.train(was_training)
         ranges = observed_ranges(observers)
