@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -105,18 +105,32 @@ def magnitude_masks(
     return _unstructured_pattern(_magnitudes(weights), sparsity, scope, previous)
 
 
-def _unstructured_pattern(
-    scores: Mapping[str, Tensor], sparsity: float, scope: str, previous: Mapping[str, Tensor] | None
+def _scoped(
+    one_layer: Callable[[Tensor, float, Tensor | None], Tensor],
+    all_layers: Callable[[Mapping[str, Tensor], float, Mapping[str, Tensor]], dict[str, Tensor]],
+) -> MaskPattern:
+    """A pattern from its two scopes: ``"layer"`` decides each layer alone, ``"global"`` ranks all together."""
+
+    def pattern(
+        scores: Mapping[str, Tensor], sparsity: float, scope: str, previous: Mapping[str, Tensor] | None
+    ) -> dict[str, Tensor]:
+        prev = previous or {}
+        if scope == "layer":
+            return {name: one_layer(s, sparsity, prev.get(name)) for name, s in scores.items()}
+        return all_layers(scores, sparsity, prev) if scores else {}
+
+    return pattern
+
+
+def _unstructured_layer(score: Tensor, sparsity: float, previous: Tensor | None) -> Tensor:
+    """The ``"magnitude"`` pattern on one layer: zero its lowest-scored entries."""
+    return ~smallest(rank_pruned_last(score, previous), prune_count(sparsity, score.numel())).view(score.shape)
+
+
+def _unstructured_global(
+    scores: Mapping[str, Tensor], sparsity: float, prev: Mapping[str, Tensor]
 ) -> dict[str, Tensor]:
-    """The ``"magnitude"`` pattern: zero the lowest-scored entries (of all layers, or of each)."""
-    prev = previous or {}
-    if scope == "layer":
-        return {
-            name: ~smallest(rank_pruned_last(s, prev.get(name)), prune_count(sparsity, s.numel())).view(s.shape)
-            for name, s in scores.items()
-        }
-    if not scores:
-        return {}
+    """The ``"magnitude"`` pattern over all layers: one ranking, one threshold."""
     devices = {s.device for s in scores.values()}
     device = next(iter(devices)) if len(devices) == 1 else torch.device("cpu")
     flat = torch.cat([rank_pruned_last(s, prev.get(name)).to(device) for name, s in scores.items()])
@@ -126,6 +140,9 @@ def _unstructured_pattern(
         masks[name] = (~pruned[offset : offset + s.numel()]).view(s.shape).to(s.device)
         offset += s.numel()
     return masks
+
+
+_unstructured_pattern = _scoped(_unstructured_layer, _unstructured_global)
 
 
 def _channel_scores(score: Tensor, previous: Tensor | None) -> Tensor:
@@ -181,21 +198,15 @@ def channel_masks(
     return _channel_pattern(_magnitudes(weights), sparsity, scope, previous)
 
 
-def _channel_pattern(
-    scores: Mapping[str, Tensor], sparsity: float, scope: str, previous: Mapping[str, Tensor] | None
-) -> dict[str, Tensor]:
-    """The ``"channel"`` pattern: zero the output channels of least RMS score (see :func:`channel_masks`)."""
-    prev = previous or {}
-    if scope == "layer":
-        masks = {}
-        for name, s in scores.items():
-            channels = s.shape[0]
-            k = min(prune_count(sparsity, channels), channels - 1)
-            keep = ~smallest(_channel_scores(s, prev.get(name)), k)
-            masks[name] = _expand_channels(keep, s)
-        return masks
-    if not scores:
-        return {}
+def _channel_layer(score: Tensor, sparsity: float, previous: Tensor | None) -> Tensor:
+    """The ``"channel"`` pattern on one layer: its channels of least RMS score, one always kept."""
+    channels = score.shape[0]
+    k = min(prune_count(sparsity, channels), channels - 1)
+    return _expand_channels(~smallest(_channel_scores(score, previous), k), score)
+
+
+def _channel_global(scores: Mapping[str, Tensor], sparsity: float, prev: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The ``"channel"`` pattern over all layers (see :func:`channel_masks`)."""
     # Candidates are every channel except the best one of each layer, which is never pruned.
     ranked, sizes, protected = [], [], []
     for name, s in scores.items():
@@ -225,6 +236,9 @@ def _channel_pattern(
         masks[name] = _expand_channels(~pruned[offset : offset + channels], s)
         offset += channels
     return masks
+
+
+_channel_pattern = _scoped(_channel_layer, _channel_global)
 
 
 def nm_keep_per_group(sparsity: float, n: int, m: int) -> int:
