@@ -211,15 +211,7 @@ def test_data_without_length_needs_max_steps(tmp_path) -> None:
 
 def test_data_without_length_and_max_steps_works(tmp_path) -> None:
     callback = PruningCallback(0.5, verbose=0)
-    trainer = pl.Trainer(
-        max_steps=8,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(Net(), DataLoader(Stream(), batch_size=8))
+    quiet_trainer(tmp_path, max_steps=8, callbacks=[callback]).fit(Net(), DataLoader(Stream(), batch_size=8))
     assert callback.window is not None and (callback.window.start, callback.window.end) == (0, 4)
     assert callback.sparsity == pytest.approx(0.5, abs=1e-2)
 

@@ -22,6 +22,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
+
+from helpers import quiet_trainer
+
 from lightning_compress import DistillationModule
 from lightning_compress.core.files import atomic_torch_save
 from lightning_compress.demo import MLP
@@ -61,17 +65,8 @@ def main(out: Path) -> None:
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.rand(192, 1, 8, 8, generator=g), torch.randint(0, 10, (192,), generator=g))
     facts = Facts()
-    trainer = pl.Trainer(
-        strategy="ddp",
-        devices=2,
-        accelerator="cpu",
-        max_epochs=2,
-        callbacks=[facts],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out,
+    trainer = quiet_trainer(
+        out, strategy="ddp", devices=2, accelerator="cpu", max_epochs=2, callbacks=[facts], num_sanity_val_steps=2
     )
     trainer.fit(module, DataLoader(data, batch_size=16, shuffle=True), DataLoader(data, batch_size=32))
     atomic_torch_save(

@@ -24,6 +24,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
+
+from helpers import quiet_trainer
+
 from lightning_compress import QuantizeOnFitEnd
 from lightning_compress.core.files import atomic_torch_save
 from lightning_compress.core.quant.convert import record_input_ranges
@@ -59,17 +63,8 @@ def main(out: Path) -> None:
     quantize = QuantizeOnFitEnd(
         "static", calibration_batches=CALIBRATION_BATCHES, save_path=str(out / "model.int8.pt"), verbose=0
     )
-    trainer = pl.Trainer(
-        strategy="ddp",
-        devices=2,
-        accelerator="cpu",
-        max_epochs=2,
-        callbacks=[LocalRanges(out), quantize],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out,
+    trainer = quiet_trainer(
+        out, strategy="ddp", devices=2, accelerator="cpu", max_epochs=2, callbacks=[LocalRanges(out), quantize]
     )
     trainer.fit(model, DataLoader(data, batch_size=16, shuffle=True))
     rank = trainer.global_rank
