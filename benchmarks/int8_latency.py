@@ -5,6 +5,11 @@ float32, ours (``QuantizeOnFitEnd`` dynamic and static modes, i.e. ``quantize_mo
 ``torch.ao.quantization.quantize_dynamic`` (the deprecated peer) and torchao's
 ``Int8DynamicActivationInt8WeightConfig`` when torchao is importable.
 
+Digits MLP (64-300-100-10, the main job's model shape) at the same batches: float32, ours (dynamic,
+static), ``quantize_dynamic``, and ``torch.compile`` of ours (dynamic) and of float32.
+Each ratio column is the variant's median over the float32 median; ``ours/peer`` divides ours by
+``quantize_dynamic``. The kernel each int8 layer picked (``Int8Linear.kernel``) is printed.
+
 Conv: a stack of 3x3 convolutions and torchvision's resnet18, float32 against our Int8Conv2d
 (dequantized weight + F.conv2d) and against the alternative we rejected (unfold + torch._int_mm).
 
@@ -13,6 +18,8 @@ figure is the median over the rounds, so that load on a shared machine hits them
 
     python benchmarks/int8_latency.py            # full run, writes benchmarks/results/int8_latency.{md,json}
     python benchmarks/int8_latency.py --smoke    # tiny sizes, a few seconds
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/int8_latency.py --threads 1 --no-conv
+    python benchmarks/int8_latency.py --threads 2 --no-conv
 """
 
 from __future__ import annotations
@@ -34,10 +41,31 @@ from torch.nn import functional as F
 
 from lightning_compress.core.files import atomic_write_text
 from lightning_compress.core.quant.convert import quantizable_targets, quantize_model
+from lightning_compress.core.quant.kernels import prepare_kernels
 from lightning_compress.core.quant.modules import Int8Conv2d
 from lightning_compress.core.quant.primitives import quantize_rows
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_header() -> str:
+    """The CPU's model name and its SIMD flags (from lscpu's source, /proc/cpuinfo)."""
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return name
+    for line in text.splitlines():
+        if line.startswith("model name") and name == (platform.processor() or platform.machine()):
+            name = line.split(":", 1)[1].strip()
+        if line.startswith("flags") and not flags:
+            wanted = ("avx", "fma", "vnni", "amx", "f16c", "sse4")
+            flags = " ".join(f for f in line.split(":", 1)[1].split() if f.startswith(wanted) or "vnni" in f)
+    return f"{name}; SIMD flags: {flags}"
+
+
+def digits_mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)).eval()
 
 
 def mlp(width: int, depth: int = 4) -> nn.Sequential:
@@ -61,6 +89,7 @@ def ours(model: nn.Module, mode: str, calib: Tensor | None = None) -> nn.Module:
             model(calib)
         ranges = {n: (o.min_val, o.max_val) for n, o in obs.items()}
     quantize_model(model, targets, mode=mode, input_ranges=ranges)
+    prepare_kernels(model)
     return model
 
 
@@ -90,9 +119,9 @@ def torchao_dynamic(model: nn.Module) -> tuple[nn.Module | None, str]:
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner: int) -> dict[str, float]:
     """Median seconds per call of each fn, timed in interleaved rounds."""
-    for fn in fns.values():  # warm-up
-        fn()
-        fn()
+    for fn in fns.values():  # warm-up (the first calls of a compiled model compile it)
+        for _ in range(10):
+            fn()
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -103,39 +132,52 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner: int) -
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def bench_linear(width: int, batches: list[int], rounds: int) -> tuple[list[dict[str, object]], str]:
+def bench_linear(
+    base: nn.Module, width: int, batches: list[int], rounds: int, compiled: bool
+) -> tuple[list[dict[str, object]], str, dict[str, str]]:
     torch.manual_seed(0)
-    base = mlp(width)
-    calib = torch.randn(64, width)
+    calib = torch.relu(torch.randn(64, width))
     variants: dict[str, nn.Module] = {"float32": base, "ours_dynamic": ours(base, "dynamic")}
     variants["ours_static"] = ours(base, "static", calib)
+    chosen = prepare_kernels(variants["ours_dynamic"])
     ao = ao_dynamic(base)
     if ao is not None:
         variants["ao_quantize_dynamic"] = ao
-    tao, tao_note = torchao_dynamic(base)
-    if tao is not None:
-        variants["torchao_int8_dynamic"] = tao
+    tao_note = "not measured"
+    if width >= 1024:
+        tao, tao_note = torchao_dynamic(base)
+        if tao is not None:
+            variants["torchao_int8_dynamic"] = tao
+    calls: dict[str, Callable[[Tensor], Tensor]] = dict(variants)
+    if compiled:
+        torch._dynamo.reset()
+        calls["compiled_ours_dynamic"] = torch.compile(variants["ours_dynamic"])
+        calls["compiled_float32"] = torch.compile(copy.deepcopy(base))
     rows = []
     for batch in batches:
         x = torch.randn(batch, width)
         with torch.no_grad():
             ref = base(x)
-            errors = {k: float((m(x) - ref).norm() / ref.norm()) for k, m in variants.items()}
-            inner = max(1, int(64 / max(batch, 1) ** 0.5)) if width >= 1024 else 20
-            fns = {k: (lambda m=m, x=x: m(x)) for k, m in variants.items()}
-            times = interleaved(fns, rounds, inner)
+            errors = {k: float((m(x) - ref).norm() / ref.norm()) for k, m in calls.items()}
+            inner = max(1, int(64 / max(batch, 1) ** 0.5)) if width >= 1024 else 50
+            fns = {k: (lambda m=m, x=x: m(x)) for k, m in calls.items()}
+            # Small models: many short rounds, so that the median sees through a shared machine's load.
+            times = interleaved(fns, rounds if width >= 1024 else max(rounds, 5) * 6, inner)
         row: dict[str, object] = {"batch": batch, "float32_ms": times["float32"] * 1e3}
-        for k in variants:
+        for k in calls:
             if k != "float32":
                 row[f"{k}_ratio"] = times[k] / times["float32"]
                 row[f"{k}_rel_err"] = errors[k]
+        if "ao_quantize_dynamic" in times:
+            for k in ("ours_dynamic", "ours_static"):
+                row[f"{k}_over_peer"] = times[k] / times["ao_quantize_dynamic"]
         rows.append(row)
         print(
-            f"  batch {batch:4d}: float32 {times['float32'] * 1e3:8.2f} ms | "
-            + " | ".join(f"{k} {times[k] / times['float32']:.3f}x" for k in variants if k != "float32"),
+            f"  batch {batch:4d}: float32 {times['float32'] * 1e3:8.3f} ms | "
+            + " | ".join(f"{k} {times[k] / times['float32']:.3f}x" for k in calls if k != "float32"),
             flush=True,
         )
-    return rows, tao_note
+    return rows, tao_note, chosen
 
 
 def unfold_int8_conv(x: Tensor, conv: Int8Conv2d) -> Tensor:
@@ -224,6 +266,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds per variant")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md and .json results")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-conv", action="store_true", help="skip the convolution section")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -232,26 +276,39 @@ def main() -> None:
     rounds = args.rounds or (3 if args.smoke else 15)
     threads = torch.get_num_threads()
     load_before = os.getloadavg()[0]
-    print(
-        f"int8 CPU latency, torch {torch.__version__}, {threads} threads, {platform.processor() or platform.machine()}"
-    )
+    cpu = cpu_header()
+    print(f"int8 CPU latency, torch {torch.__version__}, {threads} threads, {cpu}")
     print(f"Linear: 4-layer MLP of width {width}; ratio = variant median / float32 median over {rounds} rounds")
-    linear_rows, tao_note = bench_linear(width, batches, rounds)
-    print("Conv:")
-    conv_rows = bench_conv(args.smoke, rounds)
+    linear_rows, tao_note, chosen = bench_linear(mlp(width), width, batches, rounds, compiled=False)
+    print(f"  kernels: {chosen}")
+    print("Digits MLP 64-300-100-10:")
+    digits_rows, _, digits_chosen = bench_linear(
+        digits_mlp(), 64, batches, rounds, compiled=not (args.no_compile or args.smoke)
+    )
+    print(f"  kernels: {digits_chosen}")
+    conv_rows = []
+    if not args.no_conv:
+        print("Conv:")
+        conv_rows = bench_conv(args.smoke, rounds)
     load = (load_before, os.getloadavg()[0])
     result = {
         "command": "python benchmarks/int8_latency.py"
         + (" --smoke" if args.smoke else "")
-        + (f" --threads {args.threads}" if args.threads else ""),
+        + (f" --threads {args.threads}" if args.threads else "")
+        + (" --no-conv" if args.no_conv else "")
+        + (" --no-compile" if args.no_compile else ""),
         "load_average_1min_before_after": load,
         "torch": torch.__version__,
         "threads": threads,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": cpu,
         "width": width,
         "rounds": rounds,
         "torchao": tao_note,
         "linear": linear_rows,
+        "linear_kernels": chosen,
+        "digits": digits_rows,
+        "digits_kernels": digits_chosen,
         "conv": conv_rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -259,22 +316,28 @@ def main() -> None:
     if args.threads:
         stem += f"_{args.threads}thread"
     atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=2))
-    cols = [k for k in linear_rows[0] if k.endswith("_ratio")]
     md = [
         f"# int8 CPU latency ({result['command']})",
         "",
-        f"torch {torch.__version__}, {threads} threads, CPU capability {result['cpu_capability']};"
+        f"{cpu}. torch {torch.__version__}, {threads} threads, CPU capability {result['cpu_capability']};"
         f" medians of {rounds} interleaved rounds; torchao: {tao_note}; 1-minute load average"
         f" {load[0]:.1f} before, {load[1]:.1f} after on {os.cpu_count()} cores"
         + (" (other processes shared the cores)." if max(load) > 0.5 * (os.cpu_count() or 1) + threads else "."),
-        "",
-        f"## 4-layer MLP, width {width} (latency ratio to float32; lower is faster)",
-        "",
-        "| batch | float32 ms | " + " | ".join(cols) + " |",
-        "|---|---|" + "---|" * len(cols),
     ]
-    for r in linear_rows:
-        md.append(f"| {r['batch']} | {r['float32_ms']:.2f} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+    for title, rows, kinds in (
+        (f"4-layer MLP, width {width}", linear_rows, chosen),
+        ("Digits MLP 64-300-100-10", digits_rows, digits_chosen),
+    ):
+        cols = [k for k in rows[0] if k.endswith(("_ratio", "_over_peer"))]
+        md += ["", f"## {title} (latency ratio to float32; `_over_peer`: ours / quantize_dynamic; lower is faster)", ""]
+        md += [f"Kernels: {kinds}", ""]
+        md += ["| batch | float32 ms | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+        for r in rows:
+            md.append(f"| {r['batch']} | {r['float32_ms']:.3f} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+    if not conv_rows:
+        atomic_write_text(args.out / f"{stem}.md", "\n".join(md) + "\n")
+        print(f"wrote {args.out / stem}.md and .json")
+        return
     md += ["", "## Convolutions (ours: dequantized weight + F.conv2d; rejected: unfold + _int_mm)", ""]
     md += ["| layer | float32 ms | ours dequant | unfold + _int_mm |", "|---|---|---|---|"]
     for r in conv_rows:

@@ -33,6 +33,10 @@ def test_int8_latency_smoke(tmp_path):
         assert row["ours_dynamic_ratio"] > 0 and row["ours_dynamic_rel_err"] < 0.05
         assert row["ours_static_rel_err"] < 0.1
     assert all(r["ours_dequant_rel_err"] < 0.05 for r in result["conv"])
+    assert [r["batch"] for r in result["digits"]] == [1, 4]
+    assert set(result["digits_kernels"].values()) == {"float"}  # layers too small for int8 to pay
+    assert all(r["ours_dynamic_rel_err"] < 0.02 for r in result["digits"])
+    assert "model name" not in result["cpu"] and result["cpu"]
 
 
 @pytest.mark.slow

@@ -272,7 +272,8 @@ class _Plan:
         self.qmax = QMAX
         self.x_scale = 1.0
         self.bound = 0.0
-        with torch.no_grad():
+        # Plain tensors even when built under inference_mode (the model may later run with autograd on).
+        with torch.inference_mode(False), torch.no_grad():
             if self.kernel == "float":
                 self.weight = dequantize(weight, scale, axis=0).contiguous()
                 self.bias = None if bias is None else bias.detach().to(torch.float32)
@@ -306,17 +307,29 @@ def _sources(layer: Int8Linear) -> tuple[Any, ...]:
 
 
 def _plan(layer: Int8Linear) -> _Plan:
-    sources = _sources(layer)
+    """The layer's plan, rebuilt when a source tensor was replaced or edited in place (a few attribute reads)."""
     plan: _Plan | None = layer.__dict__.get(_ATTR)
-    if (
-        plan is None
-        or plan.mode != layer.mode
-        or plan.forced is not _FORCED[0]
-        or any(a is not b for a, b in zip(plan.sources, sources, strict=True))
-        or plan.versions != tuple(_version(t) for t in sources)
-    ):
-        plan = _Plan(layer.mode, sources)
-        layer.__dict__[_ATTR] = plan
+    if plan is not None:
+        buffers = layer._buffers
+        w: Any
+        s: Any
+        w, s, b, i = plan.sources
+        wv, sv, bv, iv = plan.versions
+        if (
+            (wv == -2 or wv == w._version)
+            and (sv == -2 or sv == s._version)
+            and (b is None or bv == -2 or bv == b._version)
+            and (i is None or iv == -2 or iv == i._version)
+            and w is buffers["weight"]
+            and s is buffers["weight_scale"]
+            and b is layer._parameters.get("bias")
+            and i is buffers.get("input_scale")
+            and plan.mode == layer.mode
+            and plan.forced is _FORCED[0]
+        ):
+            return plan
+    plan = _Plan(layer.mode, _sources(layer))
+    layer.__dict__[_ATTR] = plan
     return plan
 
 
@@ -332,20 +345,28 @@ def prepare_kernels(model: torch.nn.Module) -> dict[str, str]:
     return {name: _plan(m).kernel for name, m in model.named_modules() if isinstance(m, Int8Linear)}
 
 
-def _tracing() -> bool:
-    return bool(torch.compiler.is_compiling())
+_F32 = torch.float32
+_is_compiling = torch.compiler.is_compiling
+_jit_tracing_state = torch._C._get_tracing_state
 
 
 def linear_forward(layer: Int8Linear, x: Tensor) -> Tensor | None:
-    """The layer's output through its CPU kernel, or ``None`` for the caller's own (``int_mm``) path."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0:
+    """The layer's output through its CPU kernel, or ``None`` for the caller's own (``int_mm``) path.
+
+    Kept to a handful of attribute reads before the kernel: on the digits MLP's layers the whole
+    float GEMM takes a few microseconds.
+    """
+    if x.dtype is not _F32 or not x.is_cpu:
         return None
-    if _tracing():
+    if _is_compiling():
         return _traced_forward(layer, x)
+    if _jit_tracing_state() is not None:
+        return None  # torch.jit.trace: the portable int_mm graph
     plan = _plan(layer)
-    if plan.kernel == "float":
+    kernel = plan.kernel
+    if kernel == "float":
         return F.linear(x, plan.weight, plan.bias)  # type: ignore[arg-type]
-    if plan.kernel != "fbgemm_u8s8":
+    if kernel != "fbgemm_u8s8":
         return None
     return _fbgemm_forward(plan, x, layer.in_features, layer.out_features)
 
@@ -361,10 +382,10 @@ def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int)
         # for a finite row and NaN for a row with a NaN or an inf, as in float.
         out.add_(x2.sum(dim=1, keepdim=True).mul_(0.0))
     else:
-        amax = x2.abs().amax(dim=1, keepdim=True)  # NaN for a row with a NaN, inf with an inf
-        rows = torch.mul(x2, qmax / amax.clamp_min(1e-30))  # in [-qmax, qmax]; the op rounds it
+        # NaN for a row with a NaN, inf with an inf; an all-zero row gets a tiny scale and zeros.
+        row_scale = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30).div_(qmax)
+        rows = torch.div(x2, row_scale)  # in [-qmax, qmax]; the op rounds it to the integers q
         out = fbgemm_u8s8_mm(rows, plan.packed, 1.0, qmax + 1)
-        row_scale = amax / qmax
         out = out.mul_(row_scale) if plan.bias is None else torch.addcmul(plan.bias, out, row_scale)
     return out.reshape(*lead, out_features)
 

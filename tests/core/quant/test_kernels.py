@@ -76,11 +76,11 @@ def test_fbgemm_dynamic_equals_the_s8_product_of_the_same_integers(bias, per_cha
     qmax = kernels.activation_qmax()
     # The documented relation: per-row symmetric integers on the grid of qmax (63 without VNNI).
     x2 = x.reshape(-1, 96)
-    amax = x2.abs().amax(1, keepdim=True)
-    q = torch.round(x2 * (qmax / amax)).long()
+    row_scale = x2.abs().amax(1, keepdim=True) / qmax
+    q = torch.round(x2 / row_scale).long()
     assert q.abs().max() <= qmax
     acc = _int_reference(q, layer.int8_weight).double()
-    expected = acc * (amax.double() / qmax) * layer.weight_scale.double()
+    expected = acc * row_scale.double() * layer.weight_scale.double()
     if bias:
         expected = expected + layer.bias.double()
     torch.testing.assert_close(got.reshape(-1, 40).double(), expected, rtol=2e-6, atol=1e-5)
@@ -201,3 +201,12 @@ def test_torch_compile_runs_and_agrees_with_eager():
     compiled = torch.compile(model)
     torch.testing.assert_close(compiled(x), eager, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled(x * 2), model(x * 2), rtol=1e-4, atol=1e-4)
+
+
+def test_jit_trace_records_the_portable_int_mm_graph():
+    model = nn.Sequential(_layer(600, 500), nn.ReLU(), _layer(500, 8))
+    x = torch.randn(3, 600)
+    traced = torch.jit.trace(model, (x,), check_trace=False)
+    with kernels.use_kernel("int_mm"):
+        expected = model(x)
+    torch.testing.assert_close(traced(x), expected)
