@@ -52,8 +52,9 @@ __all__ = [
     "parse_nm",
 ]
 
-SCOPES: tuple[str, ...] = ("global", "layer")
-"""``global``: one ranking over all selected weights; ``layer``: each layer to the target."""
+SCOPES: tuple[str, ...] = ("global", "layer", "row")
+"""``global``: one ranking over all selected weights; ``layer``: each layer to the target; ``row``: each
+output row (output channel) of each layer to the target, the comparison group of Wanda (Sun et al. 2023)."""
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -115,6 +116,10 @@ def _scoped(
         scores: Mapping[str, Tensor], sparsity: float, scope: str, previous: Mapping[str, Tensor] | None
     ) -> dict[str, Tensor]:
         prev = previous or {}
+        if scope == "row":
+            if one_layer is not _unstructured_layer:
+                raise ValueError("scope 'row' applies to unstructured and N:M masks only (a row is a whole channel)")
+            return {name: _unstructured_rows(s, sparsity, prev.get(name)) for name, s in scores.items()}
         if scope == "layer":
             return {name: one_layer(s, sparsity, prev.get(name)) for name, s in scores.items()}
         return all_layers(scores, sparsity, prev) if scores else {}
@@ -125,6 +130,20 @@ def _scoped(
 def _unstructured_layer(score: Tensor, sparsity: float, previous: Tensor | None) -> Tensor:
     """The ``"magnitude"`` pattern on one layer: zero its lowest-scored entries."""
     return ~smallest(rank_pruned_last(score, previous), prune_count(sparsity, score.numel())).view(score.shape)
+
+
+def _unstructured_rows(score: Tensor, sparsity: float, previous: Tensor | None) -> Tensor:
+    """The ``"magnitude"`` pattern with ``scope="row"``: each output row (dim 0) loses its lowest-scored entries.
+
+    Every row prunes ``round(sparsity * row_length)``; ties go to the lower index in the row.
+    """
+    rows = rank_pruned_last(score, previous).view(score.shape[0], -1)
+    k = prune_count(sparsity, rows.shape[1])
+    pruned = torch.zeros_like(rows, dtype=torch.bool)
+    if k > 0:
+        order = torch.sort(rows, dim=1, stable=True).indices  # ascending; equal scores keep their order
+        pruned.scatter_(1, order[:, :k], True)
+    return (~pruned).view(score.shape)
 
 
 def _unstructured_global(
@@ -354,7 +373,8 @@ def compute_masks(
         sparsity: fraction to prune now. For an N:M method it sets the staircase step
             (:func:`nm_keep_per_group`); at ``1 - N/M`` the masks are exactly N:M.
         method: ``"magnitude"``, ``"channel"``, an N:M pattern such as ``"2:4"``, or a registered one.
-        scope: ``"global"`` or ``"layer"`` (ignored by N:M).
+        scope: ``"global"``, ``"layer"`` or ``"row"`` (each output row of each projection to the
+            target; unstructured only); ignored by N:M, whose groups are within rows already.
         previous: masks from the last update, kept pruned.
         score: a registered score name or a score function (default ``|w|``).
         statistics: ``name -> statistic`` the score needs (e.g. input norms for ``"wanda"``).

@@ -136,7 +136,9 @@ def wanda_score(weight: Tensor, statistics: Tensor | None) -> Tensor:
 
     Args:
         weight: ``(out, in, *kernel)``.
-        statistics: the input norms, one per input feature (``weight.shape[1]`` entries).
+        statistics: the input norms: one per input feature (``weight.shape[1]`` entries), or shaped
+            ``weight.shape[1:]`` (per input channel and kernel position of a convolution), or like the
+            weight (a grouped convolution, whose groups see different inputs).
 
     Raises:
         ValueError: when the norms are missing or their count is not the weight's input size.
@@ -148,11 +150,15 @@ def wanda_score(weight: Tensor, statistics: Tensor | None) -> Tensor:
     """
     if weight.dim() < 2:
         raise ValueError(f"score 'wanda' needs a weight with an input axis (dim 1), got shape {tuple(weight.shape)}")
+    if statistics is not None and tuple(statistics.shape) in (tuple(weight.shape), tuple(weight.shape[1:])):
+        # per input feature and kernel position (a convolution's unfolded patches), or per entry
+        return magnitude_score(weight) * statistics.detach().to(device=weight.device, dtype=torch.float32)
     if statistics is None or statistics.numel() != weight.shape[1]:
         given = "none" if statistics is None else f"{statistics.numel()}"
         raise ValueError(
             f"score 'wanda' needs one input norm per input feature ({weight.shape[1]} for a weight of shape "
-            f"{tuple(weight.shape)}), got {given}"
+            f"{tuple(weight.shape)}; or one per input feature and kernel position, {tuple(weight.shape[1:])}),"
+            f" got {given}"
         )
     shape = (1, weight.shape[1]) + (1,) * (weight.dim() - 2)
     norms = statistics.detach().to(device=weight.device, dtype=torch.float32).reshape(shape)
