@@ -16,6 +16,7 @@ from lightning_compress._lightning_compat import data_source
 from lightning_compress.callbacks._base import CompressionCallback
 from lightning_compress.callbacks._selection import warn_left_out
 from lightning_compress.core.batches import call_model, check_model_call, first_loader, first_tensor
+from lightning_compress.core.files import file_problem
 from lightning_compress.core.quant.agreement import is_poor, layer_errors, poor_agreement_message
 from lightning_compress.core.quant.convert import (
     int8_layers,
@@ -95,7 +96,6 @@ class QuantizeOnFitEnd(CompressionCallback):
 
     After fit, :attr:`report` is a plain dict: ``layers_converted``, ``layers`` (name -> mode),
     ``kernels`` (name -> how the layer computes here, see :mod:`lightning_compress.core.quant.kernels`),
-    ``kernels`` (name -> how the layer computes here, see :mod:`lightning_compress.core.quant.kernels`),
     ``fallbacks``, ``skipped``, ``weight_bytes_before`` / ``weight_bytes_after`` /
     ``weight_bytes_ratio`` (the converted layers), ``model_bytes_before`` / ``model_bytes_after``,
     ``calibration_batches``, ``relative_error`` (:math:`\lVert y_{int8} - y\rVert_2 / \lVert y\rVert_2`
@@ -158,6 +158,11 @@ class QuantizeOnFitEnd(CompressionCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        problem = file_problem(self.save_path) if self.save_path is not None else None
+        if problem is not None:  # found now, not after training
+            raise config_error(
+                "save_path", "the path of a file that can be written", self.save_path, f"It cannot: {problem}."
+            )
         targets, _ = quantizable_targets(pl_module, self.include, self.exclude, allow_empty=True)
         self._skip = False
         if not targets:
@@ -230,9 +235,6 @@ class QuantizeOnFitEnd(CompressionCallback):
             # How each int8 layer computes on its current device (core/quant/kernels.py): int8 or, where int8
             # does not pay on this CPU, float from the cached dequantized weight.
             "kernels": {name: str(getattr(layer, "kernel", "dequant")) for name, layer in layers.items()},
-            # How each int8 layer computes on its current device (core/quant/kernels.py): int8 or, where int8
-            # does not pay on this CPU, float from the cached dequantized weight.
-            "kernels": {name: str(getattr(layer, "kernel", "dequant")) for name, layer in layers.items()},
             "fallbacks": dict(result.fallbacks),
             "skipped": dict(skipped),
             "weight_bytes_before": weight_before,
@@ -270,8 +272,15 @@ class QuantizeOnFitEnd(CompressionCallback):
 
     @staticmethod
     def _call(trainer: pl.Trainer, root: nn.Module, batch: Any) -> Tensor | None:
-        """The prediction of ``root`` on ``batch``, called as a training step calls it (see ``core.batches``)."""
-        return first_tensor(call_model(root, trainer.strategy.batch_to_device(batch)))
+        """The prediction of ``root`` on ``batch``, called as a training step calls it (see ``core.batches``).
+
+        The batch goes through the precision plugin as in a training step (``"64-true"`` /
+        ``"bf16-true"``: inputs in the model's own dtype), so calibration and comparison run in it.
+        """
+        plugin = trainer.precision_plugin
+        batch = plugin.convert_input(trainer.strategy.batch_to_device(batch))
+        with plugin.forward_context():
+            return first_tensor(call_model(root, batch))
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -21,7 +21,14 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_torch_save", "atomic_write", "atomic_write_text", "folder_problem", "stale_temporary_files"]
+__all__ = [
+    "atomic_torch_save",
+    "atomic_write",
+    "atomic_write_text",
+    "file_problem",
+    "folder_problem",
+    "stale_temporary_files",
+]
 
 _OTHER_HOST_STALE_S = 24 * 3600.0
 _LEGACY_STALE_S = 60.0
@@ -102,6 +109,20 @@ def folder_problem(folder: str | os.PathLike[str]) -> str | None:
                 return f"{os.fspath(candidate)!r} is not writable"
             return None
     return None
+
+
+def file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be written as a file (its folder created if missing), or ``None`` if it can.
+
+    Example:
+        >>> import tempfile
+        >>> file_problem(tempfile.mkdtemp()).endswith("is a folder")
+        True
+    """
+    path = Path(path)
+    if path.is_dir():
+        return f"{os.fspath(path)!r} is a folder"
+    return folder_problem(path.parent)
 
 
 def _check_target(path: Path) -> None:
