@@ -19,18 +19,23 @@ from lightning_compress.callbacks._base import CompressionCallback
 from lightning_compress.callbacks._channel_removal import ChannelRemoval
 from lightning_compress.callbacks._pruning_args import _check_arguments, _check_epochs
 from lightning_compress.callbacks._selection import warn_left_out
+from lightning_compress.callbacks._statistics import ScoreStatistics
 from lightning_compress.core.layout import WeightLayout
 from lightning_compress.core.prune.keeper import MaskKeeper
 from lightning_compress.core.prune.masks import compute_masks
 from lightning_compress.core.prune.schedules import PruningWindow, place_window, sparsity_at
+from lightning_compress.core.prune.scores import score_named, score_names
 from lightning_compress.core.report import compression_report
-from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, compression_root, select_targets
-from lightning_compress.errors import CompressionConfigError, check_str_list, config_error
+from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, Target, compression_root, select_targets
+from lightning_compress.errors import CompressionConfigError, check_choice, check_number, check_str_list, config_error
 
 __all__ = ["PruningCallback"]
 
 DEFAULT_UPDATE_EVERY_N_STEPS = 10
 """Optimizer steps between two mask updates when ``update_every_n_steps`` is not given."""
+
+DEFAULT_SCORE_BATCHES = 8
+"""Optimizer steps (batches) before each update over which ``score="wanda"`` gathers its statistics."""
 
 
 class PruningCallback(CompressionCallback):
@@ -53,8 +58,10 @@ class PruningCallback(CompressionCallback):
             grouped and depthwise convolutions included) or an N:M pattern such as ``"2:4"`` (at most
             N nonzeros in every M consecutive weights along the input; ``target_sparsity`` must then
             be ``1 - N/M``, and the schedule climbs a staircase 4:4, 3:4, 2:4).
-        scope: ``"global"`` (one threshold over all selected weights) or ``"layer"`` (each layer to
-            the target). N:M patterns hold per group, so scope does not apply to them.
+        scope: ``"global"`` (one threshold over all selected weights), ``"layer"`` (each layer to
+            the target) or ``"row"`` (every output row of every layer to the target, the comparison
+            group of Wanda; not with ``method="channel"``). N:M patterns hold per group of M within a
+            row (the N best of every M by score), so scope does not apply to them.
         schedule: ``"cubic"``, ``"linear"`` or ``"constant"`` (one shot at the start of ``start_epoch``).
         initial_sparsity: sparsity at the start of the window (``<= target_sparsity``).
         start_epoch: first epoch (from 0) of pruning.
@@ -65,6 +72,17 @@ class PruningCallback(CompressionCallback):
         update_every_n_steps: optimizer steps between two mask updates (default 10).
         include: module type names whose ``weight`` is pruned (subclasses count).
         exclude: ``fnmatch`` globs of module names left dense, e.g. ``["classifier.*"]``.
+        score: what ranks the weights: ``"magnitude"`` (``|w|``), ``"wanda"`` (``|w_ij| * ||x_j||_2``,
+            the magnitude times the L2 norm of the input feature it multiplies, Sun et al. 2023) or any
+            name registered with :func:`~lightning_compress.core.prune.scores.register_score`. Wanda's
+            norms are gathered with forward pre-hooks during the ``score_batches`` batches before each
+            update that changes the masks, and removed after each batch; an update before any training
+            batch (the first one at step 0) first runs the model without gradients over the first
+            ``score_batches`` train batches. Linear, HF ``Conv1D`` and attention projections use their
+            true input axis; a convolution its unfolded input patches (one norm per input channel and
+            kernel position); packed q/k/v share the query input. All-reduced across DDP ranks; saved
+            in checkpoints.
+        score_batches: batches of input the statistics of ``score`` are gathered over before each update.
         remove_channels: with ``method="channel"``: prune whole units of coupled channel groups (traced
             on the first training batch: residual adds, depthwise convolutions, concatenations, norms,
             attention heads), zero their bias and norm entries too, and at the end of training
@@ -94,10 +112,22 @@ class PruningCallback(CompressionCallback):
         update_every_n_steps: int = DEFAULT_UPDATE_EVERY_N_STEPS,
         include: list[str] = list(DEFAULT_PRUNE_TYPES),  # noqa: B006 - never mutated; a plain list for the CLI
         exclude: list[str] = [],  # noqa: B006
+        score: str = "magnitude",
+        score_batches: int = DEFAULT_SCORE_BATCHES,
         remove_channels: bool = False,
         verbose: int = 1,
     ) -> None:
         super().__init__(verbose)
+        check_choice("score", score, score_names())
+        check_number("score_batches", score_batches, low=1, integer=True)
+        if scope == "row" and method == "channel":
+            raise config_error(
+                "scope", "'global' or 'layer' with method='channel'", scope, "A row is a whole output channel."
+            )
+        if remove_channels and score != "magnitude":
+            raise config_error("score", "'magnitude' with remove_channels=True", score)
+        self.score = score
+        self.score_batches = score_batches
         if not isinstance(remove_channels, bool):
             raise config_error("remove_channels", "True or False", remove_channels)
         if remove_channels and method != "channel":
@@ -133,7 +163,10 @@ class PruningCallback(CompressionCallback):
         self._loaded: dict[str, Any] | None = None
         self._cut_off: set[str] = set()  # layers already reported as entirely pruned
         self._layouts: dict[str, WeightLayout] = {}  # parameter name -> layout, set by _select
+        self._targets: list[Target] = []  # set by _select
         self._channels: ChannelRemoval | None = ChannelRemoval() if self.remove_channels else None
+        self._statistics: ScoreStatistics | None = None  # set at fit start for a score that needs statistics
+        self._loaded_statistics: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ public views
 
@@ -157,6 +190,8 @@ class PruningCallback(CompressionCallback):
             "end_epoch": self.end_epoch,
             "update_every_n_steps": self.update_every_n_steps,
             "remove_channels": self.remove_channels,
+            "score": self.score,
+            "score_batches": self.score_batches,
         }
 
     @property
@@ -207,6 +242,7 @@ class PruningCallback(CompressionCallback):
     def _select(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         targets = select_targets(pl_module, self.include, self.exclude)  # a tied weight is one target
         self._layouts = {t.param_name: t.layout for t in targets}  # Conv1D [in, out], packed q/k/v
+        self._targets = targets
         return {t.param_name: t.weight for t in targets}
 
     def _check_no_overlap(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -228,6 +264,10 @@ class PruningCallback(CompressionCallback):
         self._keeper = MaskKeeper(
             self._select(pl_module), trainer.optimizers, guard_all=_may_touch_gradients(self, trainer, pl_module)
         )
+        if score_named(self.score).statistic is not None:
+            self._statistics = ScoreStatistics(self._targets, self.score_batches)
+            self._statistics.collector.load_state(self._loaded_statistics)
+        self._loaded_statistics = None
         if self._loaded is not None:
             masks = self._loaded["masks"]
             expected = {name: tuple(p.shape) for name, p in self._keeper.params.items()}
@@ -267,11 +307,15 @@ class PruningCallback(CompressionCallback):
             guard = _may_touch_gradients(self, trainer, pl_module)
             self._channels.prepare(pl_module, batch, self._keeper, guard, self._masks)
         self._maybe_update(trainer, pl_module, after_step=False)
+        if self._statistics is not None and self._statistics.wanted(self._window, trainer.global_step, self._changes):
+            self._statistics.collector.install()  # removed at the end of this batch
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._statistics is not None:
+            self._statistics.collector.remove()
         self._maybe_update(trainer, pl_module, after_step=True)
 
     @override
@@ -326,6 +370,8 @@ class PruningCallback(CompressionCallback):
             self._keeper = None
         if self._channels is not None:
             self._channels.close()
+        if self._statistics is not None:
+            self._statistics.close()
         self._loaded = None
 
     # ------------------------------------------------------------------ mask updates
@@ -350,13 +396,27 @@ class PruningCallback(CompressionCallback):
         self._last_update = step
         target = sparsity_at(window.progress(step), self.target_sparsity, self.initial_sparsity, self.schedule)
         if self._applied is not None and target == self._applied:
+            if self._statistics is not None:
+                self._statistics.collector.reset()
             return  # same sparsity, and pruned weights stay pruned: the masks would not change
         self._update(trainer, pl_module, target)
+        if self._statistics is not None:
+            self._statistics.collector.reset()  # the next update measures afresh
+
+    def _changes(self, step: int) -> bool:
+        """Whether the scheduled update at ``step`` will recompute the masks (its sparsity is new)."""
+        window = self._window
+        if window is None:
+            return False
+        target = sparsity_at(window.progress(step), self.target_sparsity, self.initial_sparsity, self.schedule)
+        return self._applied is None or target != self._applied
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float) -> None:
         keeper = self._keeper
         assert keeper is not None  # checked by _maybe_update
         masks: dict[str, Tensor] | None = None
+        # every rank takes part in the all-reduce of the statistics; rank 0 decides
+        stats = self._statistics.norms(trainer, pl_module, "PruningCallback") if self._statistics is not None else None
         _check_finite(keeper.params, trainer.global_step)  # on every rank: they hold the same weights
         if trainer.is_global_zero or trainer.world_size == 1:
             weights = {name: p.detach() for name, p in keeper.params.items()}
@@ -364,7 +424,14 @@ class PruningCallback(CompressionCallback):
                 masks = self._channels.compute(weights, target, self.scope, self._masks or None)
             else:
                 masks = compute_masks(
-                    weights, target, self.method, self.scope, previous=self._masks or None, layouts=self._layouts
+                    weights,
+                    target,
+                    self.method,
+                    self.scope,
+                    previous=self._masks or None,
+                    score=self.score,
+                    statistics=stats,
+                    layouts=self._layouts,
                 )
         if trainer.world_size > 1:
             # Rank 0 decides; every rank installs exactly the same masks.
@@ -411,6 +478,7 @@ class PruningCallback(CompressionCallback):
             "scheduled_sparsity": self._applied,
             "achieved_sparsity": self._achieved,
             "masks": {name: mask.clone() for name, mask in self._masks.items()},
+            "statistics": self._statistics.collector.state() if self._statistics is not None else None,
         }
 
     @override
@@ -423,6 +491,7 @@ class PruningCallback(CompressionCallback):
         }
         self._masks = dict(self._loaded["masks"])
         self._achieved = state.get("achieved_sparsity")
+        self._loaded_statistics = state.get("statistics")  # the sums gathered so far (score="wanda")
 
 
 def _overrides(obj: object, base: type, name: str) -> bool:

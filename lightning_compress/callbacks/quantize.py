@@ -96,6 +96,7 @@ class QuantizeOnFitEnd(CompressionCallback):
 
     After fit, :attr:`report` is a plain dict: ``layers_converted``, ``layers`` (name -> mode),
     ``kernels`` (name -> how the layer computes here, see :mod:`lightning_compress.core.quant.kernels`),
+    ``kernels`` (name -> how the layer computes here, see :mod:`lightning_compress.core.quant.kernels`),
     ``fallbacks``, ``skipped``, ``weight_bytes_before`` / ``weight_bytes_after`` /
     ``weight_bytes_ratio`` (the converted layers), ``model_bytes_before`` / ``model_bytes_after``,
     ``calibration_batches``, ``relative_error`` (:math:`\lVert y_{int8} - y\rVert_2 / \lVert y\rVert_2`
@@ -232,6 +233,9 @@ class QuantizeOnFitEnd(CompressionCallback):
             "compressed_module": prefix or "(the LightningModule)",
             "layers_converted": len(result.converted),
             "layers": dict(result.converted),
+            # How each int8 layer computes on its current device (core/quant/kernels.py): int8 or, where int8
+            # does not pay on this CPU, float from the cached dequantized weight.
+            "kernels": {name: str(getattr(layer, "kernel", "dequant")) for name, layer in layers.items()},
             # How each int8 layer computes on its current device (core/quant/kernels.py): int8 or, where int8
             # does not pay on this CPU, float from the cached dequantized weight.
             "kernels": {name: str(getattr(layer, "kernel", "dequant")) for name, layer in layers.items()},
