@@ -6,6 +6,8 @@ test modules in its subfolders import it the same way.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,10 +46,20 @@ SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def run_ddp_script(name: str, out: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run ``tests/scripts/<name> OUT`` (two CPU processes with gloo) and check that it succeeded."""
-    result = subprocess.run(
-        [sys.executable, str(SCRIPTS / name), str(out)], capture_output=True, text=True, timeout=timeout
-    )
+    """Run ``tests/scripts/<name> OUT`` (two CPU processes with gloo) and check that it succeeded.
+
+    The script runs in its own process group; past ``timeout`` seconds the whole group (the ranks
+    Lightning launched included) is killed and the test fails with what the script printed.
+    """
+    cmd = [sys.executable, str(SCRIPTS / name), str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{name} ran past {timeout} s and was killed:\n{stdout[-3000:]}{stderr[-3000:]}") from None
+    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

@@ -115,6 +115,7 @@ def test_the_allow_list_lets_nothing_else_through():
 def test_every_config_is_tested():
     tested = {
         "compress.yaml",
+        "compress_structured.yaml",
         "mnist.yaml",
         "prune.yaml",
         "regularize_prune.yaml",
@@ -141,6 +142,21 @@ def test_compress_configs(tmp_path, config):
     assert {layer["dtype"] for layer in report["compressed"]["layers"]} == {"int8"}
     assert report["ratios"]["artifact_bytes"] < 0.15
     assert (folder / "report.png").is_file()
+
+
+@pytest.mark.slow
+def test_compress_structured_config(tmp_path):
+    _run("compress", "compress_structured.yaml", *COMPRESS_MINIATURE)
+    (folder,) = (tmp_path / "lightning_logs").iterdir()
+    report = json.loads((folder / "report.json").read_text())
+    shapes = {layer["name"]: layer["shape"] for layer in report["compressed"]["layers"]}
+    assert shapes == {"backbone.net.1": [150, 64], "backbone.net.3": [50, 150], "backbone.net.5": [10, 50]}
+    assert {layer["dtype"] for layer in report["compressed"]["layers"]} == {"int8"}
+    assert report["compressed"]["params"] < 0.36 * report["original"]["params"]
+    assert report["compressed"]["latency_ms"] > 0 and report["ratios"]["latency"] > 0  # measured, not asserted
+    model = load_compressed(folder / "compressed.pt", Classifier())  # a freshly built full model
+    assert model.backbone.net[1].out_features == 150
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
 def test_prune_config(tmp_path):

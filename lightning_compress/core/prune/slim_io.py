@@ -25,10 +25,25 @@ from torch import Tensor, nn
 
 from lightning_compress.core.prune.slim_attention import set_heads
 
-__all__ = ["SLIM_FLAG", "apply_slim_shapes", "check_slim_shapes", "slim_shapes"]
+__all__ = ["SLIM_FLAG", "apply_slim_shapes", "check_slim_shapes", "mark_slim", "slim_shapes"]
 
 SLIM_FLAG = "_lc_slim"
 """Plain attribute (a set of layer names) that channel removal sets on the module it shrank."""
+
+
+def mark_slim(model: nn.Module, names: Any) -> None:
+    """Record the shrunk layers ``names`` (relative to ``model``) on ``model`` and on every container between.
+
+    The record is a plain attribute of the containers (it survives int8 conversion of the layers, which
+    replaces them), so :func:`slim_shapes` finds the layers whether the whole model or a part of it
+    (a LightningModule's backbone) is saved.
+    """
+    for name in names:
+        parts = name.split(".") if name else []
+        for i in range(len(parts)):
+            prefix = ".".join(parts[:i])
+            holder = model.get_submodule(prefix) if prefix else model
+            holder.__dict__.setdefault(SLIM_FLAG, set()).add(".".join(parts[i:]))
 
 
 def _int(v: Any) -> bool:
@@ -119,7 +134,7 @@ def apply_slim_shapes(module: nn.Module, shapes: Mapping[str, Any]) -> list[str]
         if _shape_of(m) == s:
             continue
         changed.append(name)
-        module.__dict__.setdefault(SLIM_FLAG, set()).add(name)
+        mark_slim(module, [name])
         if isinstance(m, nn.modules.conv._ConvNd):
             if m.groups > 1 and m.groups == m.in_channels == m.out_channels:
                 m.groups = m.in_channels = m.out_channels = s[0]

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lightning_compress.core.prune.groups import ChannelGroup, Cut, Unit, _capture_inputs, find_groups, split_inputs
 from lightning_compress.core.prune.slim_attention import shrink_attention
-from lightning_compress.core.prune.slim_io import SLIM_FLAG
+from lightning_compress.core.prune.slim_io import mark_slim
 
 __all__ = ["dead_units", "remove_channels"]
 
@@ -181,8 +181,8 @@ def apply_cuts(model: nn.Module, cuts: Iterable[Cut]) -> list[str]:
         _replace(module, tensor_name, t.detach().index_select(axis, keep).clone())
     for mod_name, was_depthwise in touched.items():
         _update_attributes(model.get_submodule(mod_name) if mod_name else model, was_depthwise)
-    # a plain attribute of the root (it survives int8 conversion of the layers): the layers save_compressed records
-    model.__dict__.setdefault(SLIM_FLAG, set()).update(touched)
+    # a plain attribute of the containers (it survives int8 conversion of the layers): what save_compressed records
+    mark_slim(model, touched)
     return list(touched)
 
 
