@@ -27,6 +27,7 @@ from lightning_compress.core.prune.schedules import PruningWindow, place_window,
 from lightning_compress.core.prune.scores import score_named, score_names
 from lightning_compress.core.report import compression_report
 from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, Target, compression_root, select_targets
+from lightning_compress.core.sharding import has_dtensors, nonfinite, sharded_masks
 from lightning_compress.errors import CompressionConfigError, check_choice, check_number, check_str_list, config_error
 
 __all__ = ["PruningCallback"]
@@ -417,8 +418,20 @@ class PruningCallback(CompressionCallback):
         masks: dict[str, Tensor] | None = None
         # every rank takes part in the all-reduce of the statistics; rank 0 decides
         stats = self._statistics.norms(trainer, pl_module, "PruningCallback") if self._statistics is not None else None
+        sharded = has_dtensors(keeper.params.values())  # FSDP2: every rank decides on its rows, collectively
         _check_finite(keeper.params, trainer.global_step)  # on every rank: they hold the same weights
-        if trainer.is_global_zero or trainer.world_size == 1:
+        if sharded:
+            _, masks = sharded_masks(
+                keeper.params,
+                target,
+                self.method,
+                self.scope,
+                self._masks or None,
+                self._layouts,
+                score=self.score,
+                statistics=stats,
+            )
+        elif trainer.is_global_zero or trainer.world_size == 1:
             weights = {name: p.detach() for name, p in keeper.params.items()}
             if self._channels is not None and self._channels.ready:
                 masks = self._channels.compute(weights, target, self.scope, self._masks or None)
@@ -433,7 +446,7 @@ class PruningCallback(CompressionCallback):
                     statistics=stats,
                     layouts=self._layouts,
                 )
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and not sharded:
             # Rank 0 decides; every rank installs exactly the same masks.
             cpu = {k: v.cpu() for k, v in masks.items()} if masks is not None else None
             masks = trainer.strategy.broadcast(cpu, src=0)
@@ -518,11 +531,10 @@ def _may_touch_gradients(callback: PruningCallback, trainer: pl.Trainer, module:
 
 def _check_finite(params: Mapping[str, Tensor], step: int) -> None:
     """Raise, naming the layer, when a weight to prune holds NaN or infinity: its magnitudes cannot be ranked."""
-    for name, param in params.items():
-        if not bool(torch.isfinite(param.detach()).all()):
-            raise FloatingPointError(
-                f"PruningCallback: the weight `{name}` holds NaN or infinite values at the mask update of step"
-                f" {step}, so its magnitudes cannot be ranked (pruning it would report 0 % sparsity and leave NaN"
-                " in place of zeros). Training diverged: lower the learning rate, clip gradients"
-                " (`Trainer(gradient_clip_val=...)`) or check the inputs and the loss for NaN."
-            )
+    for name in nonfinite(params):  # the flags are all-reduced over the shards of a sharded weight
+        raise FloatingPointError(
+            f"PruningCallback: the weight `{name}` holds NaN or infinite values at the mask update of step"
+            f" {step}, so its magnitudes cannot be ranked (pruning it would report 0 % sparsity and leave NaN"
+            " in place of zeros). Training diverged: lower the learning rate, clip gradients"
+            " (`Trainer(gradient_clip_val=...)`) or check the inputs and the loss for NaN."
+        )

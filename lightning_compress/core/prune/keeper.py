@@ -31,6 +31,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from lightning_compress.core.sharding import count_nonzero, has_dtensors, local_rows, local_tensor
+
 __all__ = ["MaskKeeper", "apply_masks_", "mask_optimizer_state_", "preserves_zeros"]
 
 _ZERO_PRESERVING: tuple[type[Optimizer], ...] = (
@@ -95,7 +97,8 @@ def mask_optimizer_state_(optimizer: torch.optim.Optimizer, multipliers: Mapping
             continue
         for value in state.values():
             if isinstance(value, Tensor) and value.shape == param.shape and value.is_floating_point():
-                value.mul_(multiplier.to(value.dtype))
+                block = local_tensor(value)  # a sharded (DTensor) state: its local rows, as the multiplier
+                block.mul_(multiplier.to(block.dtype))
                 masked += 1
     return masked
 
@@ -107,6 +110,9 @@ def preserves_zeros(optimizer: Optimizer) -> bool:
 
 class MaskKeeper:
     """Owns the device-side multipliers of one set of masks and the optimizer hooks that enforce them.
+
+    Sharded parameters (FSDP2 ``DTensor``) are masked on their local rows: the multipliers, the
+    weights, gradients and optimizer state touched are this rank's blocks, and nothing is gathered.
 
     Args:
         params: ``parameter name -> parameter`` of every selected weight.
@@ -134,9 +140,10 @@ class MaskKeeper:
             mask = self.masks[name]
             if bool(mask.all()):
                 continue  # nothing pruned here: no work per step
-            self._multipliers[name] = mask.to(device=param.device, dtype=param.dtype)
+            block = local_tensor(param)
+            self._multipliers[name] = local_rows(mask, param).to(device=block.device, dtype=block.dtype)
         names = list(self._multipliers)
-        apply_masks_([self.params[n] for n in names], [self._multipliers[n] for n in names])
+        apply_masks_([local_tensor(self.params[n]) for n in names], [self._multipliers[n] for n in names])
         self.mask_optimizer_state()
         self._per_optimizer = {}
         for optimizer in self.optimizers:
@@ -160,7 +167,7 @@ class MaskKeeper:
         if entry is None or not entry[0]:
             return
         params, multipliers = entry
-        grads = [p.grad for p in params]
+        grads = [None if p.grad is None else local_tensor(p.grad) for p in params]
         if not all(g is not None for g in grads):
             pairs = [(g, m) for g, m in zip(grads, multipliers, strict=True) if g is not None]
             grads, multipliers = [g for g, _ in pairs], [m for _, m in pairs]
@@ -175,11 +182,21 @@ class MaskKeeper:
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         entry = self._per_optimizer.get(id(optimizer))
         if entry is not None and entry[0]:
-            apply_masks_(*entry)
+            apply_masks_([local_tensor(p) for p in entry[0]], entry[1])
+
+    @property
+    def _sharded(self) -> bool:
+        return has_dtensors(self.params.values())
 
     @torch.no_grad()
     def zeros_fraction(self) -> float:
-        """Fraction of the selected weights that are exactly zero, counted on the real tensors."""
+        """Fraction of the selected weights that are exactly zero, counted on the real tensors.
+
+        For sharded weights every rank counts its rows and the counts are all-reduced (every rank must call it).
+        """
+        if self._sharded:
+            nonzero, total = count_nonzero(self.params.values())
+            return 1.0 - nonzero / total if total else 0.0
         return _zeros_fraction(self.params.values())
 
     def close(self) -> None:

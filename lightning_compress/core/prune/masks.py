@@ -226,17 +226,34 @@ def _channel_layer(score: Tensor, sparsity: float, previous: Tensor | None) -> T
 
 def _channel_global(scores: Mapping[str, Tensor], sparsity: float, prev: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The ``"channel"`` pattern over all layers (see :func:`channel_masks`)."""
+    channels = [_channel_scores(s, prev.get(name)).cpu() for name, s in scores.items()]
+    keeps = global_channel_keep(channels, [s[0].numel() for s in scores.values()], sparsity)
+    return {name: _expand_channels(keep, s) for (name, s), keep in zip(scores.items(), keeps, strict=True)}
+
+
+def global_channel_keep(channels: list[Tensor], row_numels: list[int], sparsity: float) -> list[Tensor]:
+    """Which channels of each layer the global ``"channel"`` pattern keeps, from the channels' scores alone.
+
+    Args:
+        channels: one 1-D score per layer (the RMS of each output channel, ``-inf`` where pruned before).
+        row_numels: weights per channel of each layer.
+        sparsity: fraction of all the layers' weights to prune.
+
+    Returns:
+        One bool vector per layer (``True`` = kept). Sharded training calls it with the channel scores
+        gathered from every shard (:mod:`lightning_compress.core.sharding`), so it decides exactly as
+        an unsharded run.
+    """
     # Candidates are every channel except the best one of each layer, which is never pruned.
     ranked, sizes, protected = [], [], []
-    for name, s in scores.items():
-        channel = _channel_scores(s, prev.get(name)).cpu()
+    for channel, row in zip(channels, row_numels, strict=True):
         protect = torch.zeros(channel.numel(), dtype=torch.bool)
         protect[int(torch.argmax(channel))] = True
         ranked.append(channel)
         protected.append(protect)
-        sizes.append(torch.full((channel.numel(),), s[0].numel(), dtype=torch.int64))
+        sizes.append(torch.full((channel.numel(),), row, dtype=torch.int64))
     score_all, size_all, protect_all = torch.cat(ranked), torch.cat(sizes), torch.cat(protected)
-    total = sum(s.numel() for s in scores.values())
+    total = sum(c.numel() * row for c, row in zip(channels, row_numels, strict=True))
     wanted = prune_count(sparsity, total)
     candidates = torch.nonzero(~protect_all).flatten()
     order = candidates[torch.sort(score_all[candidates], stable=True).indices]
@@ -249,12 +266,11 @@ def _channel_global(scores: Mapping[str, Tensor], sparsity: float, prev: Mapping
         n += 1
     pruned = torch.zeros(score_all.numel(), dtype=torch.bool)
     pruned[order[:n]] = True
-    masks, offset = {}, 0
-    for name, s in scores.items():
-        channels = s.shape[0]
-        masks[name] = _expand_channels(~pruned[offset : offset + channels], s)
-        offset += channels
-    return masks
+    keeps, offset = [], 0
+    for channel in channels:
+        keeps.append(~pruned[offset : offset + channel.numel()])
+        offset += channel.numel()
+    return keeps
 
 
 _channel_pattern = _scoped(_channel_layer, _channel_global)
