@@ -30,6 +30,7 @@ from lightning_compress.core.quant.modules import MODES
 from lightning_compress.core.report import compression_report
 from lightning_compress.core.selection import DEFAULT_QUANT_TYPES, Target, compression_root
 from lightning_compress.core.serialize import save_compressed
+from lightning_compress.core.sharding import has_dtensors, unshard_module_
 from lightning_compress.errors import CompressionConfigError, check_choice, check_number, check_str_list, config_error
 
 __all__ = ["QuantizeOnFitEnd"]
@@ -195,6 +196,8 @@ class QuantizeOnFitEnd(CompressionCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._skip:
             return
+        if has_dtensors(pl_module.parameters()):  # FSDP2: gather the full weights once, on every rank
+            unshard_module_(pl_module)  # then every rank converts the same plain model
         prefix, root = compression_root(pl_module)
         device = trainer.strategy.root_device
         pl_module.to(device)  # the trainer moved it to the CPU in its teardown
