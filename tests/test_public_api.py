@@ -24,6 +24,7 @@ PUBLIC = {
     "save_compressed",
     "load_compressed",
     "sparse_penalty",
+    "export_onnx",
 }
 
 KW = inspect.Parameter.KEYWORD_ONLY
@@ -58,6 +59,7 @@ CONTRACT = {
         ("include", KW, ["Linear", "Conv2d"]),
         ("exclude", KW, []),
         ("save_path", KW, None),
+        ("onnx_path", KW, None),
         ("verbose", KW, 1),
     ],
     "DistillationModule": [
@@ -72,6 +74,7 @@ CONTRACT = {
     "compression_report": [("module", POS, REQUIRED)],
     "save_compressed": [("module", POS, REQUIRED), ("path", POS, REQUIRED)],
     "load_compressed": [("path", POS, REQUIRED), ("module", POS, REQUIRED)],
+    "export_onnx": [("module", POS, REQUIRED), ("path", POS, REQUIRED), ("example_inputs", POS, REQUIRED)],
     "sparse_penalty": [
         ("module", POS, REQUIRED),
         ("penalty", POS, "l1"),

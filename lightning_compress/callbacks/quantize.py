@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,6 +56,21 @@ def _float_layers(model: nn.Module, targets: Sequence[Target]) -> dict[str, nn.M
     return layers
 
 
+def _check_onnx_path(path: str) -> None:
+    """Refuse, before training, an ``onnx_path`` that cannot be written or an export that cannot run."""
+    from lightning_compress.core.files import folder_problem
+    from lightning_compress.export._deps import EXTRA_HINT, available
+
+    if os.path.isdir(path):
+        raise config_error("onnx_path", "the path of a file, not a folder", path)
+    problem = folder_problem(os.path.dirname(os.path.abspath(path)))
+    if problem is not None:
+        raise config_error("onnx_path", "a path whose folder can be written", path, problem)
+    missing = [name for name in ("onnx", "onnxscript") if not available(name)]
+    if missing:
+        raise config_error("onnx_path", f"None unless {' and '.join(missing)} are installed ({EXTRA_HINT})", path)
+
+
 class QuantizeOnFitEnd(CompressionCallback):
     r"""Convert the selected layers to int8 when fit ends, report the agreement, and save the artifact.
 
@@ -88,6 +104,9 @@ class QuantizeOnFitEnd(CompressionCallback):
         exclude: ``fnmatch`` globs of module names that stay float (e.g. ``["classifier"]``).
         save_path: if given, rank zero writes the compressed artifact there
             (:func:`~lightning_compress.save_compressed` of the compressed module).
+        onnx_path: if given, rank zero also writes the int8 model as ONNX there at fit end
+            (:func:`~lightning_compress.export_onnx`, with the first calibration batch as example
+            input; needs ``pip install "lightning-compress[export]"``, checked at ``setup``).
         qat_epochs: the last ``qat_epochs`` epochs of the fit train with fake quantization
             (quantization-aware training, :mod:`~lightning_compress.core.quant.fake`): weights on the
             int8 grid (per channel or per tensor as ``per_channel`` says) and, for ``"static"``, each
@@ -96,7 +115,6 @@ class QuantizeOnFitEnd(CompressionCallback):
         verbose: ``1`` prints the report on rank zero; ``0`` stays quiet.
 
     After fit, :attr:`report` is a plain dict: ``layers_converted``, ``layers`` (name -> mode),
-    ``kernels`` (name -> how the layer computes here, see :mod:`lightning_compress.core.quant.kernels`),
     ``kernels`` (name -> how the layer computes here, see :mod:`lightning_compress.core.quant.kernels`),
     ``fallbacks``, ``skipped``, ``weight_bytes_before`` / ``weight_bytes_after`` /
     ``weight_bytes_ratio`` (the converted layers), ``model_bytes_before`` / ``model_bytes_after``,
@@ -121,6 +139,7 @@ class QuantizeOnFitEnd(CompressionCallback):
         exclude: list[str] = [],  # noqa: B006
         save_path: str | None = None,
         qat_epochs: int = 0,
+        onnx_path: str | None = None,
         verbose: int = 1,
     ) -> None:
         super().__init__(verbose)
@@ -132,6 +151,9 @@ class QuantizeOnFitEnd(CompressionCallback):
         self.exclude = check_str_list("exclude", exclude)
         if save_path is not None and (not isinstance(save_path, str) or not save_path):
             raise config_error("save_path", "a non-empty path string or None", save_path)
+        if onnx_path is not None and (not isinstance(onnx_path, str) or not onnx_path):
+            raise config_error("onnx_path", "a non-empty path string or None", onnx_path)
+        self.onnx_path = onnx_path
         check_number("qat_epochs", qat_epochs, low=0, integer=True)
         self.qat_epochs = qat_epochs
         self._qat: FakeQuantSession | None = None
@@ -154,6 +176,7 @@ class QuantizeOnFitEnd(CompressionCallback):
             "calibration_batches": self.calibration_batches,
             "save_path": self.save_path,
             "qat_epochs": self.qat_epochs,
+            "onnx_path": self.onnx_path,
         }
 
     @override
@@ -183,6 +206,8 @@ class QuantizeOnFitEnd(CompressionCallback):
             trainer, pl_module, targets, self.include, self.exclude, DEFAULT_QUANT_TYPES, "QuantizeOnFitEnd", "float"
         )
         self._check_qat_epochs(trainer)
+        if self.onnx_path is not None:
+            _check_onnx_path(self.onnx_path)
         if self.mode == "static":
             source = data_source(trainer, "fit")
             if source is None or not source.is_defined() or trainer.limit_train_batches == 0:
@@ -239,9 +264,6 @@ class QuantizeOnFitEnd(CompressionCallback):
             # How each int8 layer computes on its current device (core/quant/kernels.py): int8 or, where int8
             # does not pay on this CPU, float from the cached dequantized weight.
             "kernels": {name: str(getattr(layer, "kernel", "dequant")) for name, layer in layers.items()},
-            # How each int8 layer computes on its current device (core/quant/kernels.py): int8 or, where int8
-            # does not pay on this CPU, float from the cached dequantized weight.
-            "kernels": {name: str(getattr(layer, "kernel", "dequant")) for name, layer in layers.items()},
             "fallbacks": dict(result.fallbacks),
             "skipped": dict(skipped),
             "weight_bytes_before": weight_before,
@@ -260,6 +282,13 @@ class QuantizeOnFitEnd(CompressionCallback):
             trainer.strategy.barrier("QuantizeOnFitEnd.save")
         self._log(trainer)
         pl_module.cpu()
+        if self.onnx_path is not None:
+            if trainer.is_global_zero and batches:
+                from lightning_compress.core.batches import model_call
+                from lightning_compress.export.onnx import export_onnx
+
+                export_onnx(root, self.onnx_path, model_call(root, batches[0]).example_inputs())
+            trainer.strategy.barrier("QuantizeOnFitEnd.onnx")
 
     def _calibration_batches(self, trainer: pl.Trainer) -> list[Any]:
         """The first ``calibration_batches`` batches, kept where the loader made them (the CPU, usually)."""
