@@ -24,7 +24,9 @@ user who changed them meant.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -131,6 +133,26 @@ class CompressionCallback(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._release()
+        if isinstance(exception, CompressionConfigError) and trainer.global_step == 0:
+            _remove_empty_log_dirs(trainer)
+
+
+def _remove_empty_log_dirs(trainer: pl.Trainer) -> None:
+    """Remove the logger folders a refused fit left empty (``lightning_logs/version_N``).
+
+    Lightning creates them before any callback's ``setup`` runs, so a run that a callback refuses
+    before its first step would otherwise leave an empty ``version_N`` behind, and the next run would
+    be ``version_N+1``. Only empty folders are removed (``os.rmdir`` refuses any other), on rank zero.
+    """
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        folder = getattr(logger, "log_dir", None)
+        if not isinstance(folder, (str, os.PathLike)):
+            continue
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+            log.debug("removed the empty logger folder %s of a refused fit", folder)
 
 
 def _differs(saved: Any, current: Any) -> bool:

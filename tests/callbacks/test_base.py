@@ -89,3 +89,22 @@ def test_callbacks_release_the_model_after_fit(tmp_path) -> None:
     trainer.fit(model, DigitsDataModule(batch_size=32))
     assert pruning._keeper is None and regularizer._targets == [] and regularizer._handles == []
     assert torch.is_tensor(next(iter(model.parameters())))
+
+
+def test_a_fit_refused_at_setup_leaves_no_empty_logger_folder(tmp_path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path, name="logs")
+    trainer = quiet_trainer(tmp_path, logger=logger, callbacks=[PruningCallback(0.5, start_epoch=3)], max_epochs=2)
+    with pytest.raises(CompressionConfigError, match="start_epoch"):
+        trainer.fit(Classifier(), DigitsDataModule(batch_size=32))
+    assert not (tmp_path / "logs" / "version_0").exists()
+    # A folder that holds anything is never removed.
+    kept = tmp_path / "logs" / "version_0"
+    kept.mkdir(parents=True)
+    (kept / "notes.txt").write_text("mine")
+    logger = CSVLogger(tmp_path, name="logs", version=0)
+    trainer = quiet_trainer(tmp_path, logger=logger, callbacks=[PruningCallback(0.5, start_epoch=3)], max_epochs=2)
+    with pytest.raises(CompressionConfigError):
+        trainer.fit(Classifier(), DigitsDataModule(batch_size=32))
+    assert (kept / "notes.txt").read_text() == "mine"
