@@ -91,13 +91,12 @@ def test_compress_measures_both_models(run):
 def test_compress_writes_reloadable_artifacts_and_reports(run):
     result, model, tmp_path = run
     folder = tmp_path / "run"
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "compressed.pt",
-        "original.pt",
-        "report.json",
-        "report.png",
-        "report.txt",
-    ]
+    from lightning_compress.export.runtime import runtime_available
+
+    onnx_files = ["compressed.onnx", "original.onnx"] if runtime_available() else []
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["compressed.pt", "original.pt", "report.json", "report.png", "report.txt", *onnx_files]
+    )
     for role in ("original", "compressed"):
         assert os.path.getsize(result.files[role]) == getattr(result, role).artifact_bytes
         assert torch.load(result.files[role], weights_only=True)["format"] == "lightning-compress"
@@ -129,7 +128,9 @@ def test_ratios_and_table_are_computed_from_the_measurements(run):
         "weight_bytes": c.weight_bytes / o.weight_bytes,
         "artifact_bytes": c.artifact_bytes / o.artifact_bytes,
         "latency": c.latency_ms / o.latency_ms,
+        "latency_onnxruntime": None if c.latency_ms_onnxruntime is None else c.latency_ms_onnxruntime / o.latency_ms,
     }
+    onnx_rows = ["ONNX Runtime latency / batch"] if c.latency_ms_onnxruntime is not None else []
     table = result.table().splitlines()
     assert [line.split("  ")[0] for line in table[2:]] == [
         "accuracy (test/acc)",
@@ -137,9 +138,23 @@ def test_ratios_and_table_are_computed_from_the_measurements(run):
         "weight bytes",
         "artifact on disk",
         "CPU latency / batch",
+        *onnx_rows,
     ]
     assert f"{result.ratios['weight_bytes']:.3f}x" in table[4]
-    assert result.markdown().count("\n") == 6
+    assert result.markdown().count("\n") == 6 + len(onnx_rows)
+
+
+def test_compress_writes_and_times_the_onnx_models(run):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    result, _, tmp_path = run
+    folder = tmp_path / "run"
+    assert (folder / "original.onnx").is_file() and (folder / "compressed.onnx").is_file()
+    report = json.loads((folder / "report.json").read_text())
+    for role in ("original", "compressed"):
+        assert report[role]["latency_ms_onnxruntime"] > 0
+    assert result.compressed.latency_ms_onnxruntime == report["compressed"]["latency_ms_onnxruntime"]
+    assert "ONNX Runtime latency / batch" in result.table()
 
 
 def _measurement(accuracy: float, nonzero: int, weight_bytes: int, artifact: int, latency: float) -> Measurement:

@@ -61,6 +61,7 @@ def write_figure(result: ComparisonResult, path: str | os.PathLike[str]) -> None
         ("weight_bytes", "weight\nbytes"),
         ("artifact_bytes", "artifact\non disk"),
         ("latency", "CPU latency\nper batch"),
+        ("latency_onnxruntime", "ONNX Runtime\nlatency"),
     ]
     shown = [(label, ratios[k]) for k, label in keys if ratios[k]]  # a ratio is None when the original is 0
     values = [v for _, v in shown if v is not None]

@@ -44,6 +44,8 @@ class Measurement:
     artifact_bytes: int
     latency_ms: float
     report: CompressionReport
+    latency_ms_onnxruntime: float | None = None
+    """Median time of one ONNX Runtime run of the model's ONNX export on the same batch (``None``: not measured)."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view, with the per-layer report under ``"layers"``."""
@@ -56,11 +58,18 @@ class Measurement:
             "model_bytes": self.report.bytes,
             "artifact_bytes": self.artifact_bytes,
             "latency_ms": self.latency_ms,
+            "latency_ms_onnxruntime": self.latency_ms_onnxruntime,
             "layers": self.report.to_dict()["layers"],
         }
 
 
-def measure(module: nn.Module, accuracy: float, artifact: str | os.PathLike[str], latency_ms: float) -> Measurement:
+def measure(
+    module: nn.Module,
+    accuracy: float,
+    artifact: str | os.PathLike[str],
+    latency_ms: float,
+    latency_ms_onnxruntime: float | None = None,
+) -> Measurement:
     """Gather the numbers of ``module`` whose artifact was written to ``artifact``.
 
     Example:
@@ -81,6 +90,7 @@ def measure(module: nn.Module, accuracy: float, artifact: str | os.PathLike[str]
         artifact_bytes=os.path.getsize(artifact),
         latency_ms=float(latency_ms),
         report=report,
+        latency_ms_onnxruntime=None if latency_ms_onnxruntime is None else float(latency_ms_onnxruntime),
     )
 
 

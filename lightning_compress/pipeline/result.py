@@ -108,6 +108,10 @@ class ComparisonResult:
             "weight_bytes": _ratio(c.weight_bytes, o.weight_bytes),
             "artifact_bytes": _ratio(c.artifact_bytes, o.artifact_bytes),
             "latency": _ratio(c.latency_ms, o.latency_ms),
+            # The compressed model in ONNX Runtime against the original in PyTorch (what deploying gains).
+            "latency_onnxruntime": None
+            if c.latency_ms_onnxruntime is None
+            else _ratio(c.latency_ms_onnxruntime, o.latency_ms),
         }
 
     def rows(self) -> list[tuple[str, str, str, str]]:
@@ -128,7 +132,17 @@ class ComparisonResult:
                 times(r["artifact_bytes"]),
             ),
             ("CPU latency / batch", f"{o.latency_ms:.3f} ms", f"{c.latency_ms:.3f} ms", times(r["latency"])),
+            *self._onnxruntime_rows(),
         ]
+
+    def _onnxruntime_rows(self) -> list[tuple[str, str, str, str]]:
+        """The ONNX Runtime latency row, when both exports were measured (ratio: to the original in PyTorch)."""
+        o, c = self.original.latency_ms_onnxruntime, self.compressed.latency_ms_onnxruntime
+        if o is None or c is None:
+            return []
+        ratio = self.ratios["latency_onnxruntime"]
+        shown = "n/a" if ratio is None else f"{ratio:.3f}x"
+        return [("ONNX Runtime latency / batch", f"{o:.3f} ms", f"{c:.3f} ms", f"{shown} of PyTorch original")]
 
     def table(self) -> str:
         """A fixed-width text table of :meth:`rows` with a header."""

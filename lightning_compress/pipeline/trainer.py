@@ -293,6 +293,9 @@ class CompressTrainer(pl.Trainer):
         restored = load_compressed(files["compressed"], copy.deepcopy(original))
         roundtrip_error = _max_output_difference(compressed, restored, inputs)
         latencies = measure_latencies([original, compressed], inputs, repeats=latency_repeats)
+        ort_latencies = _onnxruntime_latencies(
+            folder, {"original": original, "compressed": compressed}, inputs, files, latency_repeats
+        )
         seconds["measure"] = time.perf_counter() - start
         log.debug("compress: seconds per phase %s", seconds)
         settings = {
@@ -319,8 +322,8 @@ class CompressTrainer(pl.Trainer):
             files["figure"] = str(folder / "report.png")
         result = ComparisonResult(
             metric=metric,
-            original=measure(original, original_accuracy, files["original"], latencies[0]),
-            compressed=measure(compressed, compressed_accuracy, files["compressed"], latencies[1]),
+            original=measure(original, original_accuracy, files["original"], latencies[0], ort_latencies[0]),
+            compressed=measure(compressed, compressed_accuracy, files["compressed"], latencies[1], ort_latencies[1]),
             settings=settings,
             files=files,
             artifacts={role: file_record(files[role]) for role in ("original", "compressed")},
@@ -339,6 +342,35 @@ class CompressTrainer(pl.Trainer):
             )
         rank_zero_info(f"\n{result.table()}\n\nRun folder: {os.fspath(folder)}")
         return result
+
+
+def _onnxruntime_latencies(
+    folder: Path, models: dict[str, torch.nn.Module], inputs: Any, files: dict[str, str], repeats: int
+) -> list[float | None]:
+    """Write ``<role>.onnx`` beside each artifact and time it in ONNX Runtime, when the export extra is installed.
+
+    An export that fails is reported with a warning and leaves both latencies out (``None``): the
+    comparison itself never fails for the optional ONNX part.
+    """
+    from lightning_compress.export.runtime import onnxruntime_latency_ms, runtime_available
+
+    if not runtime_available():
+        return [None, None]
+    from lightning_compress.core.batches import model_call
+    from lightning_compress.export.onnx import export_onnx
+
+    latencies: list[float | None] = []
+    try:
+        for role, model in models.items():
+            example = model_call(model, inputs).example_inputs()
+            path = str(folder / f"{role}.onnx")
+            export_onnx(model, path, example)
+            files[f"{role}_onnx"] = path
+            latencies.append(onnxruntime_latency_ms(path, example, repeats=repeats))
+    except Exception as err:  # optional: the PyTorch comparison stands without it
+        rank_zero_warn(f"lightning-compress: no ONNX Runtime latency ({type(err).__name__}: {err})")
+        return [None, None]
+    return latencies
 
 
 def _mark_incomplete(folder: Path) -> None:
