@@ -20,6 +20,7 @@ from lightning_compress.callbacks._channel_removal import ChannelRemoval
 from lightning_compress.callbacks._pruning_args import _check_arguments, _check_epochs
 from lightning_compress.callbacks._selection import warn_left_out
 from lightning_compress.callbacks._statistics import ScoreStatistics
+from lightning_compress.callbacks._strategies import check_strategy
 from lightning_compress.core.layout import WeightLayout
 from lightning_compress.core.prune.keeper import MaskKeeper
 from lightning_compress.core.prune.masks import compute_masks
@@ -228,6 +229,7 @@ class PruningCallback(CompressionCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer, "PruningCallback")  # FSDP1 and DeepSpeed are refused before training
         if self._keeper is not None:
             self._keeper.close()
         self._reset()

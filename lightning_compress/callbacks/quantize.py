@@ -16,6 +16,7 @@ from typing_extensions import override
 from lightning_compress._lightning_compat import data_source
 from lightning_compress.callbacks._base import CompressionCallback
 from lightning_compress.callbacks._selection import warn_left_out
+from lightning_compress.callbacks._strategies import check_strategy
 from lightning_compress.core.batches import call_model, check_model_call, first_loader, first_tensor
 from lightning_compress.core.files import file_problem
 from lightning_compress.core.quant.agreement import is_poor, layer_errors, poor_agreement_message
@@ -183,6 +184,7 @@ class QuantizeOnFitEnd(CompressionCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer, "QuantizeOnFitEnd")  # FSDP1 and DeepSpeed are refused before training
         problem = file_problem(self.save_path) if self.save_path is not None else None
         if problem is not None:  # found now, not after training
             raise config_error(

@@ -26,8 +26,10 @@ from typing_extensions import override
 
 from lightning_compress.callbacks._base import CompressionCallback
 from lightning_compress.callbacks._selection import warn_left_out
+from lightning_compress.callbacks._strategies import check_strategy
 from lightning_compress.core.penalties import PENALTIES, penalty_of, proximal_step_, strength_at
 from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, Target, select_targets
+from lightning_compress.core.sharding import has_dtensors, local_tensor, sum_over_shards
 from lightning_compress.errors import check_choice, check_number, check_str_list, config_error
 
 __all__ = ["SparseRegularizer"]
@@ -134,6 +136,7 @@ class SparseRegularizer(CompressionCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer, "SparseRegularizer")  # FSDP1 and DeepSpeed are refused before training
         self._release()
         self._reset()  # a second fit starts clean; a resumed one is restored by load_state_dict next
         if trainer.world_size > 1:
@@ -156,6 +159,14 @@ class SparseRegularizer(CompressionCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._targets = select_targets(pl_module, self.include, self.exclude)  # a tied weight is one target
+        laid_out = [t.param_name for t in self._targets if t.layout is not None and not t.layout.is_standard]
+        if self.penalty == "group_lasso" and laid_out and has_dtensors(t.weight for t in self._targets):
+            raise config_error(
+                "penalty",
+                "'l1' for sharded (FSDP2) weights stored as [in, out] or packed q/k/v",
+                self.penalty,
+                f"The output channels of {laid_out[:3]} run across the shards of their rows.",
+            )
         weight_ids = {id(t.weight) for t in self._targets}
         trained = False
         for optimizer in trainer.optimizers:
@@ -245,7 +256,11 @@ class SparseRegularizer(CompressionCallback):
         layouts = [t.layout for t in self._targets]  # group lasso along the true output channels
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         trained = [w for w in weights if id(w) in in_optimizer and w.requires_grad and w.is_floating_point()]
-        if self.proximal or lam == 0 or not trained:
+        if has_dtensors(weights):  # FSDP2: each rank its rows; the value is the sum over the shards
+            value = self._sharded_step(weights, layouts, trained, lam * scale * _pending_loss_scale(trainer, optimizer))
+            if self.proximal and lam > 0 and trained:
+                self._prox_pending.add(id(optimizer))
+        elif self.proximal or lam == 0 or not trained:
             with torch.no_grad():
                 value = penalty_of(weights, self.penalty, layouts)
             if self.proximal and lam > 0 and trained:
@@ -262,6 +277,35 @@ class SparseRegularizer(CompressionCallback):
         value = value.detach()
         pl_module.log(_PENALTY_METRIC, value, on_step=True, on_epoch=True, batch_size=1)
         pl_module.log(_WEIGHTED_METRIC, value * lam, on_step=True, on_epoch=True, batch_size=1)
+
+    def _sharded_step(self, weights: list[Tensor], layouts: list[Any], trained: list[Tensor], factor: float) -> Tensor:
+        """The penalty of row-sharded weights: local penalties summed over the ranks; gradients added locally.
+
+        Both penalties are sums over rows (``l1`` over entries, ``group_lasso`` over output channels), so
+        the sum of the local penalties is the penalty of the full weights and each local gradient is the
+        full gradient's block. ``factor`` is ``strength * scale``; the gradient is added only where
+        ``factor`` is nonzero and the proximal step is not used.
+        """
+        trained_ids = {id(w) for w in trained}
+        add = not self.proximal and factor != 0
+        total = torch.zeros((), dtype=torch.float64)
+        for weight, layout in zip(weights, layouts, strict=True):
+            block = local_tensor(weight).detach()
+            if add and id(weight) in trained_ids and block.is_floating_point():
+                leaf = block.clone().requires_grad_(True)
+                with torch.enable_grad():
+                    value = penalty_of([leaf], self.penalty, [layout])
+                    (grad,) = torch.autograd.grad(value * factor, leaf)
+                if weight.grad is None:
+                    raise RuntimeError(
+                        f"SparseRegularizer: the sharded weight of shape {tuple(weight.shape)} has no gradient"
+                    )
+                local_tensor(weight.grad).add_(grad)
+            else:
+                with torch.no_grad():
+                    value = penalty_of([block], self.penalty, [layout])
+            total += value.detach().double().cpu()
+        return sum_over_shards(total, weights).float()
 
     def _proximal_hook(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """After a real optimizer step (AMP skips the step, and this hook, on non-finite gradients)."""
@@ -280,7 +324,7 @@ class SparseRegularizer(CompressionCallback):
                 raise config_error("proximal", "False for an optimizer without a learning rate", self.proximal)
             threshold = group["lr"] * self._current_strength
             for param in params:
-                proximal_step_(param.detach(), self.penalty, threshold, layouts[id(param)])
+                proximal_step_(local_tensor(param).detach(), self.penalty, threshold, layouts[id(param)])  # local rows
 
     # ------------------------------------------------------------------ checkpointing
 

@@ -41,6 +41,7 @@ __all__ = [
     "nonfinite",
     "row_shardable",
     "sharded_masks",
+    "sum_over_shards",
     "unshard_module_",
 ]
 
@@ -382,3 +383,16 @@ def unshard_module_(module: torch.nn.Module) -> int:
     for sub in module.modules():
         _strip_fsdp(sub)
     return count
+
+
+def sum_over_shards(value: Tensor, tensors: Iterable[Tensor]) -> Tensor:
+    """``value`` (a rank's share of a sum over ``tensors``) summed over the ranks of the first ``DTensor``'s group.
+
+    ``value`` is returned unchanged when no tensor is a ``DTensor``; otherwise every rank must call it.
+    """
+    sharded = [t for t in tensors if is_dtensor(t)]
+    if not sharded:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, group=_group(sharded[0]))
+    return total
