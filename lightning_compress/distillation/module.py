@@ -21,6 +21,7 @@ from typing_extensions import Self, override
 
 from lightning_compress._lightning_compat import given_by_cli
 from lightning_compress.core.distill import HintProjection, capture_outputs, distillation_loss, hint_loss
+from lightning_compress.core.sharding import is_dtensor
 from lightning_compress.distillation._helpers import (
     FeaturePair,
     load_teacher_weights,
@@ -28,9 +29,19 @@ from lightning_compress.distillation._helpers import (
     read_teacher_checkpoint,
     resolve_feature_pairs,
 )
-from lightning_compress.errors import CompressionConfigError, check_number, config_error
+from lightning_compress.errors import CompressionConfigError, check_choice, check_number, config_error
 
-__all__ = ["DistillationModule"]
+__all__ = ["OUTPUT_LOSSES", "DistillationModule"]
+
+OUTPUT_LOSSES: tuple[str, ...] = ("kd", "cosine", "mse")
+"""How ``DistillationModule`` matches the outputs: soft targets on logits, or cosine / MSE on embeddings."""
+
+
+def embedding_loss(student: Tensor, teacher: Tensor, kind: str) -> Tensor:
+    """``"cosine"``: mean ``1 - cos`` over the last dimension; ``"mse"``: the mean squared error."""
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+    return F.mse_loss(student.float(), teacher.float())
 
 
 class DistillationModule(pl.LightningModule):
@@ -64,6 +75,12 @@ class DistillationModule(pl.LightningModule):
             ``student.``/``teacher.`` prefixes are optional). Each submodule's output (or the first
             element of a returned tuple) is captured with a forward hook during the step.
         feature_weight: weight of the summed hint losses.
+        output_loss: how the student's output is matched to the teacher's: ``"kd"`` (the soft-target
+            loss above, for logits), or, for models whose output is an embedding (a sentence encoder
+            with no classification head), ``"cosine"`` (mean of :math:`1 - \cos(s, t)` over the batch)
+            or ``"mse"``. With an embedding loss no labels are needed (``alpha`` and the cross-entropy
+            are unused, batches may be plain input tensors), and validation logs ``val/loss`` (that
+            loss against the teacher) and ``val/cosine`` (the mean cosine) instead of accuracies.
 
     Raises:
         CompressionConfigError: on invalid arguments, feature names that do not exist (with close
@@ -93,6 +110,7 @@ class DistillationModule(pl.LightningModule):
         weight_decay: float = 0.01,
         feature_pairs: dict[str, str] | None = None,
         feature_weight: float = 1.0,
+        output_loss: str = "kd",
     ) -> None:
         super().__init__()
         for name, value in (("student", student), ("teacher", teacher)):
@@ -110,6 +128,7 @@ class DistillationModule(pl.LightningModule):
         check_number("lr", lr, low=0.0)  # 0 as torch.optim allows: evaluate or freeze the student
         check_number("weight_decay", weight_decay, low=0.0)
         check_number("feature_weight", feature_weight, low=0.0)
+        check_choice("output_loss", output_loss, OUTPUT_LOSSES)
         if num_classes is not None:
             check_number("num_classes", num_classes, low=1, integer=True)
         if teacher_checkpoint is not None:
@@ -128,6 +147,7 @@ class DistillationModule(pl.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.feature_weight = float(feature_weight)
+        self.output_loss = output_loss
         self.feature_pairs: list[FeaturePair] = resolve_feature_pairs(feature_pairs, student, teacher)
         self.feature_projections = nn.ModuleDict({p.key: HintProjection() for p in self.feature_pairs})
         self.num_classes = num_classes
@@ -200,6 +220,8 @@ class DistillationModule(pl.LightningModule):
         """
         if isinstance(batch, (tuple, list)) and len(batch) == 2:
             return batch[0], batch[1]
+        if isinstance(batch, Tensor) and self.output_loss != "kd":  # an embedding loss needs no labels
+            return batch, None
         raise TypeError(
             f"Expected a batch `(x, y)`, but got {type(batch).__name__}"
             f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}. Override"
@@ -253,6 +275,9 @@ class DistillationModule(pl.LightningModule):
                 f" {tuple(teacher_out.shape)} and student {tuple(student_out.shape)} on the same batch."
                 " Give both the same number of classes."
             )
+        if self.output_loss != "kd":  # embeddings: no classes, no labels
+            self._configure_features(s_feats, t_feats, device)
+            return
         classes = teacher_out.shape[1]
         if self.num_classes is None:
             self._build_metrics(classes)
@@ -261,6 +286,9 @@ class DistillationModule(pl.LightningModule):
             raise config_error("num_classes", f"the teacher's number of outputs ({classes})", self.num_classes)
         if stage == "fit" and y is None and self.alpha != 1 and self.example_input_array is None:
             raise config_error("alpha", "1.0 when batches carry no labels", self.alpha)
+        self._configure_features(s_feats, t_feats, device)
+
+    def _configure_features(self, s_feats: dict[str, Tensor], t_feats: dict[str, Tensor], device: torch.device) -> None:
         for pair in self.feature_pairs:
             self._projection(pair.key).configure(s_feats[pair.student].shape, t_feats[pair.teacher].shape)
         self.feature_projections.to(device)
@@ -281,6 +309,8 @@ class DistillationModule(pl.LightningModule):
         if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             with torch.no_grad():
                 for tensor in itertools.chain(self.teacher.parameters(), self.teacher.buffers()):
+                    if is_dtensor(tensor):  # FSDP2: each rank holds its own rows of the one sharded teacher
+                        continue
                     dist.broadcast(tensor.data, src=0)
 
     # ------------------------------------------------------------------ steps
@@ -297,11 +327,15 @@ class DistillationModule(pl.LightningModule):
             teacher_logits = self._teacher_forward(x)
         with capture_outputs(self._feature_modules("student")) as s_feats:
             student_logits = self.student(x)
-        terms = distillation_loss(student_logits, teacher_logits, y, temperature=self.temperature, alpha=self.alpha)
-        loss = terms.loss
-        self.log("distill/kd_loss", terms.kd)
-        if terms.ce is not None:
-            self.log("distill/ce_loss", terms.ce)
+        if self.output_loss != "kd":
+            loss = embedding_loss(student_logits, teacher_logits, self.output_loss)
+            self.log("distill/embedding_loss", loss)
+        else:
+            terms = distillation_loss(student_logits, teacher_logits, y, temperature=self.temperature, alpha=self.alpha)
+            loss = terms.loss
+            self.log("distill/kd_loss", terms.kd)
+            if terms.ce is not None:
+                self.log("distill/ce_loss", terms.ce)
         if self.feature_pairs:
             hint = torch.stack(
                 [hint_loss(self._projection(p.key)(s_feats[p.student]), t_feats[p.teacher]) for p in self.feature_pairs]
@@ -315,6 +349,11 @@ class DistillationModule(pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = self.unpack_batch(batch)
         logits = self(x)
+        if self.output_loss != "kd":
+            teacher = self._teacher_forward(x)
+            self.log("val/loss", embedding_loss(logits, teacher, self.output_loss))
+            self.log("val/cosine", F.cosine_similarity(logits.float(), teacher.float(), dim=-1).mean(), prog_bar=True)
+            return
         if y is None:
             return
         self.log("val/loss", F.cross_entropy(logits, y))
@@ -325,7 +364,7 @@ class DistillationModule(pl.LightningModule):
 
     @override
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
+        if self.trainer.sanity_checking or self.output_loss != "kd":
             return
         if self._teacher_val_acc is None and self.val_teacher_acc.update_called:
             self._teacher_val_acc = float(self.val_teacher_acc.compute())  # synced across processes
@@ -337,6 +376,11 @@ class DistillationModule(pl.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         x, y = self.unpack_batch(batch)
         logits = self(x)
+        if self.output_loss != "kd":
+            teacher = self._teacher_forward(x)
+            self.log("test/loss", embedding_loss(logits, teacher, self.output_loss))
+            self.log("test/cosine", F.cosine_similarity(logits.float(), teacher.float(), dim=-1).mean())
+            return
         if y is None:
             return
         self.log("test/loss", F.cross_entropy(logits, y))
@@ -348,7 +392,7 @@ class DistillationModule(pl.LightningModule):
     @override
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = self.unpack_batch(batch)[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x).argmax(1)
+        return self(x) if self.output_loss != "kd" else self(x).argmax(1)
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
