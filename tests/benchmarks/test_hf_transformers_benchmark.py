@@ -1,4 +1,4 @@
-"""benchmarks/transformers.py runs end to end at tiny sizes (``--smoke``)."""
+"""benchmarks/hf_transformers.py runs end to end at tiny sizes (``--smoke``)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 def test_transformers_benchmark_smoke(tmp_path):
     pytest.importorskip("transformers")
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "transformers.py"), "--smoke", "--out", str(tmp_path)],
+        [sys.executable, str(BENCHMARKS / "hf_transformers.py"), "--smoke", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert (tmp_path / "transformers_smoke.md").read_text().startswith("# Hugging Face transformers")
-    r = json.loads((tmp_path / "transformers_smoke.json").read_text())
+    assert (tmp_path / "hf_transformers_smoke.md").read_text().startswith("# Hugging Face transformers")
+    r = json.loads((tmp_path / "hf_transformers_smoke.json").read_text())
     for name in ("gpt2", "vit"):
         s = r["sizes"][name]
         assert 0 < s["int8"] < s["float_artifact"] and s["pruned50_int8"] <= s["int8"] + 0.01

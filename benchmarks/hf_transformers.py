@@ -16,8 +16,8 @@ Measured side by side in one run, on the CPU at hand:
 
 Run::
 
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/transformers.py
-    python benchmarks/transformers.py --smoke   # tiny models, seconds
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/hf_transformers.py
+    python benchmarks/hf_transformers.py --smoke   # tiny models, seconds
 """
 
 from __future__ import annotations
@@ -41,18 +41,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 from torch import nn
 
-# This script is named like the library it measures: keep its own folder off the import path, so that
-# `import transformers` finds Hugging Face's package and not this file.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _HERE]
-
-from lightning_compress import save_compressed  # noqa: E402
-from lightning_compress.core.files import atomic_write_text  # noqa: E402
-from lightning_compress.core.prune.masks import compute_masks  # noqa: E402
-from lightning_compress.core.quant import kernels  # noqa: E402
-from lightning_compress.core.quant.convert import quantize  # noqa: E402
-from lightning_compress.core.quant.modules import Int8Module  # noqa: E402
-from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, select_targets  # noqa: E402
+from lightning_compress import save_compressed
+from lightning_compress.core.files import atomic_write_text
+from lightning_compress.core.prune.masks import compute_masks
+from lightning_compress.core.quant import kernels
+from lightning_compress.core.quant.convert import quantize
+from lightning_compress.core.quant.modules import Int8Module
+from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, select_targets
 
 SENTENCES = [
     "The train to the coast leaves at seven every morning.",
@@ -289,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["sizes"]["vit"] = sizes(vit(args.smoke))
     result["view_cost"] = view_cost(args.smoke, 3 if args.smoke else args.rounds)
 
-    stem = "transformers_smoke" if args.smoke else "transformers"
+    stem = "hf_transformers_smoke" if args.smoke else "hf_transformers"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
