@@ -264,6 +264,14 @@ class PruningCallback(CompressionCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._channels is not None and has_dtensors(self._select(pl_module).values()):
+            raise config_error(
+                "remove_channels",
+                "False when the weights are sharded (FSDP2 DTensors)",
+                self.remove_channels,
+                "Removing channels reshapes the layers, which fully_shard holds as flat shards; prune with"
+                " method='channel' and remove them after training on an unsharded model (`remove_channels`).",
+            )
         self._keeper = MaskKeeper(
             self._select(pl_module), trainer.optimizers, guard_all=_may_touch_gradients(self, trainer, pl_module)
         )
