@@ -13,7 +13,10 @@ configuration runs in its own thread and the fits take their training steps stri
   epoch (``apply_pruning=lambda epoch: epoch == 0``), then its forward pre-hooks recompute
   ``weight = weight_orig * weight_mask`` on every forward;
 * ``PruningCallback, gradual``: the default cubic schedule over the timed steps with the default
-  ``update_every_n_steps``, so the mask updates themselves are in the time.
+  ``update_every_n_steps``, so the mask updates themselves are in the time;
+* ``PruningCallback, wanda`` / ``PruningCallback, gradual, wanda``: the same with ``score="wanda"``
+  (the constant one gathers its input norms in a no-grad pass before the first step and has no hook
+  afterwards; the gradual one has forward pre-hooks on the ``score_batches`` batches before each update).
 
 A step is timed from the first callback's ``on_train_batch_start`` to the last callback's
 ``on_train_batch_end`` (forward, backward, optimizer step and every callback hook in between);
@@ -63,7 +66,15 @@ from lightning_compress import PruningCallback
 from lightning_compress.core.files import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CONFIGS = ("none", "empty callback", "PruningCallback", "ModelPruning", "PruningCallback, gradual")
+CONFIGS = (
+    "none",
+    "empty callback",
+    "PruningCallback",
+    "PruningCallback, wanda",
+    "ModelPruning",
+    "PruningCallback, gradual",
+    "PruningCallback, gradual, wanda",
+)
 
 
 class Net(pl.LightningModule):
@@ -167,8 +178,12 @@ def _pruning_callbacks(config: str, target: float, model: nn.Module, epochs: int
         return [_Empty()]
     if config == "PruningCallback":
         return [PruningCallback(target, schedule="constant", verbose=0)]
+    if config == "PruningCallback, wanda":  # input norms from a no-grad pass before step 0, then no hooks
+        return [PruningCallback(target, schedule="constant", score="wanda", verbose=0)]
     if config == "PruningCallback, gradual":
         return [PruningCallback(target, start_epoch=1, end_epoch=epochs - 1, verbose=0)]
+    if config == "PruningCallback, gradual, wanda":  # hooks on the score_batches batches before each update
+        return [PruningCallback(target, start_epoch=1, end_epoch=epochs - 1, score="wanda", verbose=0)]
     if config == "ModelPruning":
         layers = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         return [

@@ -9,7 +9,8 @@ other batches and the weeks after the window never see them. An update that find
 (the first update at step 0: ``schedule="constant"`` or any schedule at ``start_epoch=0``; or a run
 resumed past the start without pruning state) first runs the LightningModule's ``forward`` without
 gradients, in eval mode, over the first ``score_batches`` batches of the train loader (each fed by
-the rule of :mod:`lightning_compress.core.batches`), with the random state restored afterwards.
+the rule of :mod:`lightning_compress.core.batches`; a LightningModule without its own ``forward`` runs
+its ``training_step`` instead, under ``no_grad``: what it logs is logged once more for step 0), with the random state restored afterwards.
 Under DDP the sums are all-reduced (summed) across ranks before rank zero scores the weights.
 """
 
@@ -78,8 +79,12 @@ class ScoreStatistics:
         self.collector.install()
         try:
             with torch.random.fork_rng(devices=[]):
-                for batch in itertools.islice(loader, self.batches):
-                    call_model(pl_module, _to_device(pl_module, batch))
+                for i, batch in enumerate(itertools.islice(loader, self.batches)):
+                    batch = _to_device(pl_module, batch)
+                    if _overrides_forward(pl_module):
+                        call_model(pl_module, batch)
+                    else:  # no forward: the training step is the only way the module is called
+                        pl_module.training_step(batch, i)
         finally:
             self.collector.remove()
             for module, mode in modes.items():
@@ -110,6 +115,10 @@ class ScoreStatistics:
                 " magnitude alone."
             )
         return norms
+
+
+def _overrides_forward(pl_module: pl.LightningModule) -> bool:
+    return type(pl_module).forward is not pl.LightningModule.forward
 
 
 def _to_device(pl_module: pl.LightningModule, batch: Any) -> Any:

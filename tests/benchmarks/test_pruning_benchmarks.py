@@ -34,10 +34,18 @@ def test_step_time_smoke(tmp_path) -> None:
     _run("pruning_step_time.py", "--out", str(tmp_path), "--threads", "1")
     data = json.loads((tmp_path / "pruning_step_time_smoke.json").read_text())
     rows = {row["config"]: row for row in data["rows"]}
-    assert set(rows) == {"none", "empty callback", "PruningCallback", "ModelPruning", "PruningCallback, gradual"}
+    assert set(rows) == {
+        "none",
+        "empty callback",
+        "PruningCallback",
+        "PruningCallback, wanda",
+        "ModelPruning",
+        "PruningCallback, gradual",
+        "PruningCallback, gradual, wanda",
+    }
     assert rows["none"]["ratio"] == 1.0 and rows["none"]["final_sparsity"] == 0.0
     assert rows["empty callback"]["final_sparsity"] == 0.0
-    for config in ("PruningCallback", "ModelPruning", "PruningCallback, gradual"):
+    for config in set(rows) - {"none", "empty callback"}:
         assert rows[config]["final_sparsity"] == pytest.approx(0.9, abs=1e-3)  # same sparsity for all
         assert rows[config]["steps"] == rows["none"]["steps"] == 5
     mechanisms = [m["mechanism"] for m in data["mechanisms"]]
