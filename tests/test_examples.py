@@ -124,6 +124,7 @@ def test_every_config_is_tested():
         "distill.yaml",
         "distill_prune_quantize.yaml",
         "distill_resnet18_mobilenet.yaml",  # tested by tests/test_distillation_cli.py
+        "prune_pretrained.yaml",
     }
     assert {p.name for p in CONFIGS.glob("*.yaml")} == tested
 
@@ -184,6 +185,29 @@ def test_quantize_config(tmp_path):
     model = load_compressed(artifact, Classifier(backbone=SmallCNN()))
     assert {type(m).__name__ for m in model.modules()} >= {"Int8Conv2d", "Int8Linear"}
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_prune_pretrained_config(tmp_path):
+    pytest.importorskip("transformers")
+    import yaml
+
+    config = yaml.safe_load((CONFIGS / "prune_pretrained.yaml").read_text())
+    tiny = {"path": None, "vocab_size": 200, "hidden_size": 16, "layers": 1, "heads": 2, "intermediate_size": 32}
+    for role in ("student", "teacher"):  # a tiny BERT instead of the real MiniLM, same recipe
+        config["model"]["init_args"][role]["init_args"] = tiny
+    config["data"]["init_args"].update(tokenizer=None, vocab_size=200, batch_size=8, held_out=16, train_sentences=40)
+    config["trainer"]["callbacks"][0]["init_args"].update(update_every_n_steps=2, score_batches=2)
+    path = tmp_path / "prune_pretrained_tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with no_unexpected_warnings():
+        main(["fit", "--config", str(path), *MINIATURE])
+    state = _checkpoint_state(tmp_path / "lightning_logs")
+    assert {key.split(".")[0] for key in state} == {"student"}
+    linears = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2 and "embeddings" not in k]
+    assert len(linears) == 6  # q, k, v, attention output, intermediate, output
+    for weight in linears:  # every output row exactly half zero
+        assert ((weight == 0).sum(1) == weight.shape[1] // 2).all()
 
 
 @pytest.mark.slow
