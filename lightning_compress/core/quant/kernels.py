@@ -10,13 +10,17 @@ Kernels (:data:`KERNELS`, shown as :attr:`Int8Linear.kernel <lightning_compress.
   ``torch.ops.quantized.linear_prepack`` and every call is one
   ``torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32``: unsigned 8-bit activations
   (the symmetric integer ``q`` shifted by a zero point ``Z = qmax + 1``) times the signed int8
-  weight, float32 out. Dynamic mode keeps its per-row activation scale: the rows are scaled to
-  ``[-qmax, qmax]`` here and the op rounds them (scale 1, zero point ``Z``), so the int32 sums are
-  exactly ``sum_k q_mk w_nk``; static mode passes its calibrated scale to the op (one call, no
-  reduction). ``qmax`` is 127 where the CPU's u8 x s8 instruction accumulates without saturation
+  weight, float32 out. Static mode passes its calibrated scale to that op (one call, plus a clamp).
+  Dynamic mode calls ``torch.ops.quantized.linear_dynamic`` (the kernel of torch's own
+  ``quantize_dynamic``: the op finds the input's range and quantizes it to u8 with a zero point,
+  asymmetric, in one call). A single row goes to it as is; a batch of rows is first divided by each
+  row's ``max |x|`` (and the product multiplied back), so that every row keeps its own scale: an
+  outlier row cannot flatten the others' grid, as it would with one scale per call.
+  ``qmax`` is 127 where the CPU's u8 x s8 instruction accumulates without saturation
   (VNNI: checked once per process by :func:`activation_qmax` on an adversarial product) and 63
   elsewhere (AVX2 / AVX-512 without VNNI sum two u8 x s8 products in a saturating int16, so the
-  activations get 7 bits: the same reduction torch's own dynamic quantization applies there).
+  activations get 7 bits: static mode's symmetric grid is ``[-63, 63]``, dynamic mode passes
+  ``reduce_range=True``, as torch's own dynamic quantization does there).
   Those quantized-tensor ops are marked for removal in a future torch: they are used behind
   :func:`fbgemm_available`, and without them the layer falls back to the kernels below.
 * ``"float"``: ``F.linear`` with the dequantized weight ``weight_scale * weight`` computed once and
@@ -104,7 +108,7 @@ def _has_vnni() -> bool:
     return bool(_PROBED["vnni"])
 
 
-_FBGEMM_OPS = ("linear_prepack", "linear_with_input_q_dq_qweight_dq_output_fp32")
+_FBGEMM_OPS = ("linear_prepack", "linear_with_input_q_dq_qweight_dq_output_fp32", "linear_dynamic")
 
 
 def fbgemm_available() -> bool:
@@ -253,6 +257,7 @@ class _Plan:
         "mode",
         "packed",
         "qmax",
+        "reduce_range",
         "sources",
         "versions",
         "weight",
@@ -270,6 +275,7 @@ class _Plan:
         self.bias: Tensor | None = None
         self.packed: Any = None
         self.qmax = QMAX
+        self.reduce_range = False
         self.x_scale = 1.0
         self.bound = 0.0
         # Plain tensors even when built under inference_mode (the model may later run with autograd on).
@@ -279,6 +285,7 @@ class _Plan:
                 self.bias = None if bias is None else bias.detach().to(torch.float32)
             elif self.kernel == "fbgemm_u8s8":
                 self.qmax = activation_qmax()
+                self.reduce_range = self.qmax < QMAX
                 if self.mode == "static":
                     # The calibrated range stays [-127 s, 127 s]; with 7-bit activations its step is doubled.
                     s = float(input_scale) if input_scale is not None else 0.0
@@ -371,6 +378,14 @@ def linear_forward(layer: Int8Linear, x: Tensor) -> Tensor | None:
     return _fbgemm_forward(plan, x, layer.in_features, layer.out_features)
 
 
+_INF = float("inf")
+
+
+def _linear_dynamic(x: Tensor, packed: Any, reduce_range: bool) -> Tensor:
+    """``torch.ops.quantized.linear_dynamic``: u8 activations quantized on the range of ``x``, one call."""
+    return torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+
+
 def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int) -> Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
@@ -381,12 +396,16 @@ def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int)
         # The clamp keeps NaN but the op's rounding would make it a finite integer: 0 * sum(row) is 0
         # for a finite row and NaN for a row with a NaN or an inf, as in float.
         out.add_(x2.sum(dim=1, keepdim=True).mul_(0.0))
+    elif x2.shape[0] == 1:  # one row: its own range is the call's range
+        out = _linear_dynamic(x2, plan.packed, plan.reduce_range)
+        if plan.bias is not None:
+            out.add_(plan.bias)
     else:
-        # NaN for a row with a NaN, inf with an inf; an all-zero row gets a tiny scale and zeros.
-        row_scale = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30).div_(qmax)
-        rows = torch.div(x2, row_scale)  # in [-qmax, qmax]; the op rounds it to the integers q
-        out = fbgemm_u8s8_mm(rows, plan.packed, 1.0, qmax + 1)
-        out = out.mul_(row_scale) if plan.bias is None else torch.addcmul(plan.bias, out, row_scale)
+        # Each row divided by its max |x| (NaN for a row with a NaN, inf with an inf; an all-zero row
+        # gets a tiny divisor and zeros), quantized by the op on the batch's range of [-1, 1].
+        row_max = torch.linalg.vector_norm(x2, _INF, dim=1, keepdim=True).clamp_min_(1e-30)
+        out = _linear_dynamic(torch.div(x2, row_max), plan.packed, plan.reduce_range)
+        out = out.mul_(row_max) if plan.bias is None else torch.addcmul(plan.bias, out, row_max)
     return out.reshape(*lead, out_features)
 
 

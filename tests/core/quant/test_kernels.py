@@ -62,30 +62,64 @@ def test_activation_qmax_matches_whether_full_range_u8_saturates():
     assert kernels.activation_qmax() == (127 if exact else 63)
 
 
+def _dynamic_reference(t, w, w_scale):
+    """The per-call u8 product of rows ``t``, by hand: ATen's qparams, rounding, an int64 sum."""
+    reduce_range = kernels.activation_qmax() < QMAX
+    scale, zero_point = torch._choose_qparams_per_tensor(t, reduce_range)
+    # fbgemm clamps to the u8 range even with reduce_range: the top of a 7-bit range may round to 128
+    # (128 * 127 * 2 still fits the int16 pair sum).
+    u = torch.clamp(torch.round(t.double() / scale) + zero_point, 0, 255).long()
+    assert int(u.max()) <= (128 if reduce_range else 255)
+    acc = _int_reference(u - zero_point, w).double()
+    return acc * scale * w_scale.double()
+
+
 @needs_fbgemm
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("per_channel", [True, False])
-def test_fbgemm_dynamic_equals_the_s8_product_of_the_same_integers(bias, per_channel):
+def test_fbgemm_dynamic_equals_a_hand_quantized_integer_product(bias, per_channel):
     torch.manual_seed(1)
     float_layer = nn.Linear(96, 40, bias=bias)
     layer = Int8Linear.from_float(float_layer, "dynamic", per_channel=per_channel)
     x = torch.randn(2, 7, 96) * torch.logspace(-2, 2, 7)[:, None]  # rows of very different sizes
+    x[0, 0] = x[0, 0].abs()  # a row without negatives, for a zero point other than the midpoint
     with kernels.use_kernel("fbgemm_u8s8"):
         assert layer.kernel == "fbgemm_u8s8"
         got = layer(x)
-    qmax = kernels.activation_qmax()
-    # The documented relation: per-row symmetric integers on the grid of qmax (63 without VNNI).
+        one = layer(x[1, 3])  # a single row: the op quantizes it on its own range
+    # The documented relation: each row divided by its max |x|, then one asymmetric u8 grid over
+    # the batch's range of those rows (7 bits without VNNI), an exact integer sum, the row's max back.
     x2 = x.reshape(-1, 96)
-    row_scale = x2.abs().amax(1, keepdim=True) / qmax
-    q = torch.round(x2 / row_scale).long()
-    assert q.abs().max() <= qmax
-    acc = _int_reference(q, layer.int8_weight).double()
-    expected = acc * row_scale.double() * layer.weight_scale.double()
+    row_max = x2.abs().amax(1, keepdim=True)
+    t = x2 / row_max
+    expected = _dynamic_reference(t, layer.int8_weight, layer.weight_scale) * row_max.double()
+    expected_one = _dynamic_reference(x[1, 3][None], layer.int8_weight, layer.weight_scale)
     if bias:
         expected = expected + layer.bias.double()
+        expected_one = expected_one + layer.bias.double()
     torch.testing.assert_close(got.reshape(-1, 40).double(), expected, rtol=2e-6, atol=1e-5)
-    assert got.shape == (2, 7, 40)
+    torch.testing.assert_close(one.double(), expected_one[0], rtol=2e-6, atol=1e-5)
+    assert got.shape == (2, 7, 40) and one.shape == (40,)
     assert float((got - float_layer(x)).norm() / float_layer(x).norm()) < 0.03
+
+
+@needs_fbgemm
+def test_fbgemm_dynamic_keeps_small_rows_accurate_next_to_an_outlier_row():
+    torch.manual_seed(2)
+    float_layer = nn.Linear(256, 64)
+    layer = Int8Linear.from_float(float_layer, "dynamic")
+    x = torch.randn(8, 256)
+    x[0] *= 1000.0  # one row far larger than the rest (one scale per call would zero the others)
+    with kernels.use_kernel("fbgemm_u8s8"):
+        got = layer(x)
+        alone = torch.stack([layer(row) for row in x[1:]])
+        packed = kernels._plan(layer).packed
+    ref = float_layer(x).detach()
+    row_err = (got - ref).norm(dim=1) / ref.norm(dim=1)
+    assert float(row_err.max()) < 0.05
+    per_call = torch.ops.quantized.linear_dynamic(x, packed, True) + layer.bias
+    assert float(((per_call - ref).norm(dim=1) / ref.norm(dim=1))[1:].min()) > 0.3  # what it avoids
+    torch.testing.assert_close(alone, got[1:], rtol=0.05, atol=0.05)
 
 
 @needs_fbgemm
