@@ -99,7 +99,9 @@ def test_nm_with_a_target_it_cannot_mean() -> None:
 
 
 def test_unknown_scope() -> None:
-    with pytest.raises(CompressionConfigError, match="`scope` to be one of 'global' or 'layer', but got 'model'"):
+    with pytest.raises(
+        CompressionConfigError, match="`scope` to be one of 'global', 'layer' or 'row', but got 'model'"
+    ):
         PruningCallback(0.5, scope="model")
 
 
