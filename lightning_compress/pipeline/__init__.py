@@ -4,16 +4,16 @@
 command line's ``lightning-compress compress``); :class:`ComparisonResult` holds the numbers.
 """
 
-from lightning_compress.pipeline.figure import write_figure
-from lightning_compress.pipeline.measure import Measurement, measure, measure_latencies
-from lightning_compress.pipeline.result import ComparisonResult
-from lightning_compress.pipeline.trainer import (
+from lightning_compress.pipeline.defaults import (
     DEFAULT_CALLBACKS,
     DEFAULT_COMPRESS_EPOCHS,
-    CompressTrainer,
     PipelineData,
     default_callbacks,
 )
+from lightning_compress.pipeline.figure import write_figure
+from lightning_compress.pipeline.measure import Measurement, measure, measure_latencies
+from lightning_compress.pipeline.result import ComparisonResult
+from lightning_compress.pipeline.trainer import CompressTrainer
 
 __all__ = [
     "DEFAULT_CALLBACKS",

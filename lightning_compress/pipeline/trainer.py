@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
 import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import lightning
 import lightning.pytorch as pl
@@ -30,24 +29,21 @@ from lightning_compress.core.batches import (
 from lightning_compress.core.files import atomic_write_text, folder_problem
 from lightning_compress.core.selection import compression_root
 from lightning_compress.errors import CompressionConfigError, check_choice, check_number, config_error
+
+# Their old home: the recipe defaults and PipelineData are imported from here (explicit re-exports, not in
+# __all__: they belong to pipeline/defaults.py).
+from lightning_compress.pipeline.defaults import DEFAULT_CALLBACKS as DEFAULT_CALLBACKS
+from lightning_compress.pipeline.defaults import DEFAULT_COMPRESS_EPOCHS as DEFAULT_COMPRESS_EPOCHS
+from lightning_compress.pipeline.defaults import PipelineData as PipelineData
+from lightning_compress.pipeline.defaults import _in_memory_data
+from lightning_compress.pipeline.defaults import default_callbacks as default_callbacks
 from lightning_compress.pipeline.figure import MATPLOTLIB_HINT, matplotlib_available, write_figure
 from lightning_compress.pipeline.measure import measure, measure_latencies
 from lightning_compress.pipeline.result import INCOMPLETE_MARKER, ComparisonResult, file_record
 
-__all__ = ["DEFAULT_CALLBACKS", "DEFAULT_COMPRESS_EPOCHS", "CompressTrainer", "PipelineData", "default_callbacks"]
+__all__ = ["CompressTrainer"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CALLBACKS: tuple[dict[str, Any], ...] = (
-    {"class_path": "lightning_compress.PruningCallback", "init_args": {"target_sparsity": 0.9}},
-    {"class_path": "lightning_compress.SparseRegularizer", "init_args": {"strength": 1e-5}},
-    {"class_path": "lightning_compress.QuantizeOnFitEnd", "init_args": {"mode": "dynamic"}},
-)
-"""The callbacks of the main job when none are configured: gradual magnitude pruning to 90 %, an L1
-penalty that moves small weights toward zero while they are pruned, and int8 conversion at the end."""
-
-DEFAULT_COMPRESS_EPOCHS = 30
-"""Epochs of the compression fit in the command line's ``compress`` when ``--trainer.max_epochs`` is unset."""
 
 # Arguments that belong to one fit only: the dense phase gets its own.
 _PHASE_ARGUMENTS = frozenset(
@@ -58,52 +54,6 @@ _COMPRESSION_CALLBACKS = (
     "lightning_compress.callbacks.regularizer.SparseRegularizer",
     "lightning_compress.callbacks.quantize.QuantizeOnFitEnd",
 )
-
-
-@runtime_checkable
-class PipelineData(Protocol):
-    """What :meth:`CompressTrainer.compress` asks a data module beyond Lightning's own hooks.
-
-    Every attribute is optional: a plain ``LightningDataModule`` works as it is, and the pipeline
-    assumes the default where one is missing. A data module states a property by setting the
-    attribute (a class attribute is enough), never by its type, so a user's own data module is
-    treated like the demo's.
-
-    Attributes:
-        in_memory_data: ``True`` when the data sets are tensors already in memory, so DataLoader
-            worker processes would only add start-up time; the pipeline then silences Lightning's
-            "does not have many workers" warning. Default ``False``;
-            :class:`~lightning_compress.demo.DigitsDataModule` sets it.
-
-    Example:
-        >>> import lightning.pytorch as pl
-        >>> class Tensors(pl.LightningDataModule):
-        ...     in_memory_data = True
-        >>> isinstance(Tensors(), PipelineData), _in_memory_data(Tensors()), _in_memory_data(None)
-        (True, True, False)
-    """
-
-    in_memory_data: bool
-
-
-def _in_memory_data(datamodule: object) -> bool:
-    """The data module's ``in_memory_data`` (:class:`PipelineData`), ``False`` where it says nothing."""
-    return getattr(datamodule, "in_memory_data", False) is True
-
-
-def _import(path: str) -> Any:
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-def default_callbacks() -> list[Callback]:
-    """New instances of :data:`DEFAULT_CALLBACKS`.
-
-    Example:
-        >>> [type(c).__name__ for c in default_callbacks()]
-        ['PruningCallback', 'SparseRegularizer', 'QuantizeOnFitEnd']
-    """
-    return [_import(c["class_path"])(**c["init_args"]) for c in DEFAULT_CALLBACKS]
 
 
 def _class_path(obj: object) -> str:
