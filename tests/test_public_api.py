@@ -25,6 +25,7 @@ PUBLIC = {
     "load_compressed",
     "sparse_penalty",
     "export_onnx",
+    "remove_channels",
 }
 
 KW = inspect.Parameter.KEYWORD_ONLY
@@ -43,6 +44,8 @@ CONTRACT = {
         ("update_every_n_steps", KW, 10),
         ("include", KW, ["Linear", "Conv1d", "Conv2d", "Conv3d"]),
         ("exclude", KW, []),
+        ("score", KW, "magnitude"),
+        ("remove_channels", KW, False),
         ("verbose", KW, 1),
     ],
     "SparseRegularizer": [
@@ -56,9 +59,10 @@ CONTRACT = {
         ("mode", POS, "dynamic"),
         ("per_channel", KW, True),
         ("calibration_batches", KW, 32),
-        ("include", KW, ["Linear", "Conv2d"]),
+        ("include", KW, ["Linear", "Conv2d", "Embedding"]),
         ("exclude", KW, []),
         ("save_path", KW, None),
+        ("qat_epochs", KW, 0),
         ("onnx_path", KW, None),
         ("verbose", KW, 1),
     ],
@@ -75,6 +79,7 @@ CONTRACT = {
     "save_compressed": [("module", POS, REQUIRED), ("path", POS, REQUIRED)],
     "load_compressed": [("path", POS, REQUIRED), ("module", POS, REQUIRED)],
     "export_onnx": [("module", POS, REQUIRED), ("path", POS, REQUIRED), ("example_inputs", POS, REQUIRED)],
+    "remove_channels": [("module", POS, REQUIRED), ("example_inputs", POS, REQUIRED)],
     "sparse_penalty": [
         ("module", POS, REQUIRED),
         ("penalty", POS, "l1"),

@@ -149,8 +149,6 @@ def test_fit_ends_with_an_int8_model_that_validate_and_test_run(tmp_path, mode):
     assert r["layers_converted"] == 3 and r["layers"] == dict.fromkeys(layers, mode)
     assert r["kernels"] == {name: getattr(m, "kernel", "dequant") for name, m in layers.items()}
     assert all(k in ("float", "fbgemm_u8s8", "int_mm", "dequant") for k in r["kernels"].values())
-    assert r["kernels"] == {name: getattr(m, "kernel", "dequant") for name, m in layers.items()}
-    assert all(k in ("float", "fbgemm_u8s8", "int_mm", "dequant") for k in r["kernels"].values())
     expected_before = sum(
         4 * (m.weight.numel() + m.bias.numel()) for m in layers.values()
     )  # float32 weights and biases
