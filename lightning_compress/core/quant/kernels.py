@@ -282,7 +282,8 @@ class _Plan:
         with torch.inference_mode(False), torch.no_grad():
             if self.kernel == "float":
                 self.weight = dequantize(weight, scale, axis=0).contiguous()
-                self.bias = None if bias is None else bias.detach().to(torch.float32)
+                # The bias itself (a float32 parameter still trains, e.g. in a second fit of the int8 model).
+                self.bias = bias if bias is None or bias.dtype is torch.float32 else bias.detach().to(torch.float32)
             elif self.kernel == "fbgemm_u8s8":
                 self.qmax = activation_qmax()
                 self.reduce_range = self.qmax < QMAX
