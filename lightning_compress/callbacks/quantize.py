@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +14,13 @@ from typing_extensions import override
 
 from lightning_compress._lightning_compat import data_source
 from lightning_compress.callbacks._base import CompressionCallback
+from lightning_compress.callbacks._quantize_report import (
+    check_onnx_path,
+    float_layers,
+    owned_bytes,
+    report_metrics,
+    summary,
+)
 from lightning_compress.callbacks._selection import warn_left_out
 from lightning_compress.callbacks._strategies import check_strategy
 from lightning_compress.core.batches import call_model, check_model_call, first_loader, first_tensor
@@ -36,40 +42,6 @@ from lightning_compress.core.sharding import has_dtensors, unshard_module_
 from lightning_compress.errors import CompressionConfigError, check_choice, check_number, check_str_list, config_error
 
 __all__ = ["QuantizeOnFitEnd"]
-
-
-def _owned_bytes(*modules: nn.Module) -> int:
-    """Bytes of the tensors the modules own themselves, each tensor counted once (a tied weight is one)."""
-    tensors = {id(t): t for m in modules for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _float_layers(model: nn.Module, targets: Sequence[Target]) -> dict[str, nn.Module]:
-    """``{name: float module}`` of the targets and their tied partners, before they are converted."""
-    layers = {t.name: t.module for t in targets}
-    for t in targets:
-        for key in getattr(t, "tied", ()):
-            name = key.rpartition(".")[0]
-            try:
-                layers.setdefault(name, model.get_submodule(name))
-            except AttributeError:
-                continue
-    return layers
-
-
-def _check_onnx_path(path: str) -> None:
-    """Refuse, before training, an ``onnx_path`` that cannot be written or an export that cannot run."""
-    from lightning_compress.core.files import folder_problem
-    from lightning_compress.export._deps import EXTRA_HINT, available
-
-    if os.path.isdir(path):
-        raise config_error("onnx_path", "the path of a file, not a folder", path)
-    problem = folder_problem(os.path.dirname(os.path.abspath(path)))
-    if problem is not None:
-        raise config_error("onnx_path", "a path whose folder can be written", path, problem)
-    missing = [name for name in ("onnx", "onnxscript") if not available(name)]
-    if missing:
-        raise config_error("onnx_path", f"None unless {' and '.join(missing)} are installed ({EXTRA_HINT})", path)
 
 
 class QuantizeOnFitEnd(CompressionCallback):
@@ -209,7 +181,7 @@ class QuantizeOnFitEnd(CompressionCallback):
         )
         self._check_qat_epochs(trainer)
         if self.onnx_path is not None:
-            _check_onnx_path(self.onnx_path)
+            check_onnx_path(self.onnx_path)
         if self.mode == "static":
             source = data_source(trainer, "fit")
             if source is None or not source.is_defined() or trainer.limit_train_batches == 0:
@@ -229,7 +201,7 @@ class QuantizeOnFitEnd(CompressionCallback):
         device = trainer.strategy.root_device
         pl_module.to(device)  # the trainer moved it to the CPU in its teardown
         targets, skipped = quantizable_targets(pl_module, self.include, self.exclude)
-        weight_before = _owned_bytes(*(t.module for t in targets))
+        weight_before = owned_bytes(*(t.module for t in targets))
         model_before = compression_report(root).bytes
 
         was_training = root.training
@@ -241,7 +213,7 @@ class QuantizeOnFitEnd(CompressionCallback):
             self._stop_qat()
         else:
             ranges, float_outputs = self._float_pass(trainer, root, targets, batches)
-        originals = _float_layers(pl_module, targets)
+        originals = float_layers(pl_module, targets)
         result = quantize_model(pl_module, targets, self.mode, self.per_channel, ranges)
         agreement = self._agreement(trainer, root, batches, float_outputs)
         worst: dict[str, float] = {}
@@ -256,7 +228,7 @@ class QuantizeOnFitEnd(CompressionCallback):
         root.train(was_training)
 
         layers = int8_layers(pl_module)
-        weight_after = _owned_bytes(*(layers[name] for name in result.converted))
+        weight_after = owned_bytes(*(layers[name] for name in result.converted))
         self.report = {
             "mode": self.mode,
             "per_channel": self.per_channel,
@@ -388,46 +360,11 @@ class QuantizeOnFitEnd(CompressionCallback):
         return {"calibration_batches": int(total[4]), "relative_error": rel, "top1_agreement": top1}
 
     def _log(self, trainer: pl.Trainer) -> None:
-        r = self.report
-        metrics = {
-            f"quantize/{k}": float(r[k])
-            for k in (
-                "layers_converted",
-                "weight_bytes_before",
-                "weight_bytes_after",
-                "weight_bytes_ratio",
-                "model_bytes_before",
-                "model_bytes_after",
-                "relative_error",
-                "top1_agreement",
-            )
-            if r.get(k) is not None
-        }
+        metrics = report_metrics(self.report)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         if self.verbose:
-            rank_zero_info(self._summary())
-
-    def _summary(self) -> str:
-        r = self.report
-        lines = [
-            f"QuantizeOnFitEnd ({r['mode']}, {'per channel' if r['per_channel'] else 'per tensor'}):"
-            f" {r['layers_converted']} layers converted to int8 in {r['compressed_module']}",
-            f"  weight bytes: {r['weight_bytes_before']:,} -> {r['weight_bytes_after']:,}"
-            f" ({r['weight_bytes_ratio']:.3f}x); model bytes: {r['model_bytes_before']:,} ->"
-            f" {r['model_bytes_after']:,}",
-        ]
-        if r["relative_error"] is not None:
-            top1 = "n/a" if r["top1_agreement"] is None else f"{r['top1_agreement']:.2%}"
-            lines.append(
-                f"  float vs int8 on {r['calibration_batches']} calibration batches: relative output error"
-                f" {r['relative_error']:.4f}, top-1 agreement {top1}"
-            )
-        for name, why in {**r["fallbacks"], **r["skipped"]}.items():
-            lines.append(f"  {name}: {why}")
-        if r["save_path"]:
-            lines.append(f"  artifact written to {r['save_path']}")
-        return "\n".join(lines)
+            rank_zero_info(summary(self.report))
 
     @override
     def _state(self) -> dict[str, Any]:

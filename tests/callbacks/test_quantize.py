@@ -113,6 +113,7 @@ def test_state_key_and_state_dict():
             "calibration_batches": cb.calibration_batches,
             "save_path": None,
             "qat_epochs": 0,
+            "onnx_path": None,
         },
         "report": {"layers_converted": 2},
         "qat": {},
