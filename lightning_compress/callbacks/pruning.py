@@ -8,7 +8,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
@@ -18,6 +17,13 @@ from lightning_compress._lightning_compat import unwrap_optimizer
 from lightning_compress.callbacks._base import CompressionCallback
 from lightning_compress.callbacks._channel_removal import ChannelRemoval
 from lightning_compress.callbacks._pruning_args import _check_arguments, _check_epochs
+from lightning_compress.callbacks._pruning_checks import (
+    check_finite,
+    check_no_overlap,
+    cut_off_message,
+    may_touch_gradients,
+    newly_cut_off,
+)
 from lightning_compress.callbacks._selection import warn_left_out
 from lightning_compress.callbacks._statistics import ScoreStatistics
 from lightning_compress.callbacks._strategies import check_strategy
@@ -28,7 +34,7 @@ from lightning_compress.core.prune.schedules import PruningWindow, place_window,
 from lightning_compress.core.prune.scores import score_named, score_names
 from lightning_compress.core.report import compression_report
 from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, Target, compression_root, select_targets
-from lightning_compress.core.sharding import has_dtensors, nonfinite, sharded_masks
+from lightning_compress.core.sharding import has_dtensors, sharded_masks
 from lightning_compress.errors import CompressionConfigError, check_choice, check_number, check_str_list, config_error
 
 __all__ = ["PruningCallback"]
@@ -235,7 +241,7 @@ class PruningCallback(CompressionCallback):
         self._reset()
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
         _check_epochs(self.start_epoch, self.end_epoch, max_epochs, trainer.max_steps)
-        self._check_no_overlap(trainer, pl_module)
+        check_no_overlap(self, trainer.callbacks, pl_module)  # type: ignore[attr-defined]
         if any(True for _ in pl_module.parameters()):  # layers made in configure_model are not there yet
             targets = select_targets(pl_module, self.include, self.exclude)
             warn_left_out(
@@ -247,18 +253,6 @@ class PruningCallback(CompressionCallback):
         self._layouts = {t.param_name: t.layout for t in targets}  # Conv1D [in, out], packed q/k/v
         self._targets = targets
         return {t.param_name: t.weight for t in targets}
-
-    def _check_no_overlap(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        mine = set(self._select(pl_module))
-        for other in trainer.callbacks:  # type: ignore[attr-defined]
-            if other is self or not isinstance(other, PruningCallback):
-                continue
-            shared = sorted(mine & set(other._select(pl_module)))
-            if shared:
-                raise CompressionConfigError(
-                    f"Expected the PruningCallbacks of a Trainer to select disjoint weights, but two of them both"
-                    f" select {shared[:5]}{' ...' if len(shared) > 5 else ''}. Use `include`/`exclude` to split them."
-                )
 
     # ------------------------------------------------------------------ fit lifecycle
 
@@ -273,7 +267,7 @@ class PruningCallback(CompressionCallback):
                 " method='channel' and remove them after training on an unsharded model (`remove_channels`).",
             )
         self._keeper = MaskKeeper(
-            self._select(pl_module), trainer.optimizers, guard_all=_may_touch_gradients(self, trainer, pl_module)
+            self._select(pl_module), trainer.optimizers, guard_all=may_touch_gradients(self, trainer, pl_module)
         )
         if score_named(self.score).statistic is not None:
             self._statistics = ScoreStatistics(self._targets, self.score_batches)
@@ -315,7 +309,7 @@ class PruningCallback(CompressionCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._channels is not None and not self._channels.ready and self._keeper is not None:
-            guard = _may_touch_gradients(self, trainer, pl_module)
+            guard = may_touch_gradients(self, trainer, pl_module)
             self._channels.prepare(pl_module, batch, self._keeper, guard, self._masks)
         self._maybe_update(trainer, pl_module, after_step=False)
         if self._statistics is not None and self._statistics.wanted(self._window, trainer.global_step, self._changes):
@@ -429,7 +423,7 @@ class PruningCallback(CompressionCallback):
         # every rank takes part in the all-reduce of the statistics; rank 0 decides
         stats = self._statistics.norms(trainer, pl_module, "PruningCallback") if self._statistics is not None else None
         sharded = has_dtensors(keeper.params.values())  # FSDP2: every rank decides on its rows, collectively
-        _check_finite(keeper.params, trainer.global_step)  # on every rank: they hold the same weights
+        check_finite(keeper.params, trainer.global_step)  # on every rank: they hold the same weights
         if sharded:
             _, masks = sharded_masks(
                 keeper.params,
@@ -477,20 +471,10 @@ class PruningCallback(CompressionCallback):
             )
 
     def _warn_cut_off(self, step: int) -> None:
-        """Warn when a layer has lost every weight, which disconnects the network there.
-
-        One global threshold can do that to a layer whose weights are all small (as a wide layer's
-        are at initialization).
-        """
-        cut = sorted(name for name, mask in self._masks.items() if not bool(mask.any()) and name not in self._cut_off)
-        if not cut:
-            return
-        self._cut_off.update(cut)
-        rank_zero_warn(
-            f"PruningCallback: at step {step} the {self.scope} {self.method} masks removed every weight of {cut},"
-            " which cuts the network there. Consider `scope='layer'`, a later `start_epoch` (prune a trained"
-            " network), or `exclude` for these layers."
-        )
+        cut = newly_cut_off(self._masks, self._cut_off)
+        if cut:
+            self._cut_off.update(cut)
+            rank_zero_warn(cut_off_message(cut, step, self.scope, self.method))
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -515,36 +499,3 @@ class PruningCallback(CompressionCallback):
         self._masks = dict(self._loaded["masks"])
         self._achieved = state.get("achieved_sparsity")
         self._loaded_statistics = state.get("statistics")  # the sums gathered so far (score="wanda")
-
-
-def _overrides(obj: object, base: type, name: str) -> bool:
-    return getattr(type(obj), name, None) is not getattr(base, name, None)
-
-
-def _may_touch_gradients(callback: PruningCallback, trainer: pl.Trainer, module: pl.LightningModule) -> bool:
-    """Whether code other than the optimizer may change gradients between our masking and the step.
-
-    True with manual optimization (the user steps the optimizers), when the LightningModule
-    overrides a hook that runs after ours (``on_before_optimizer_step``, ``configure_gradient_clipping``,
-    ``optimizer_step``), or when a callback after this one in the Trainer's list overrides
-    ``on_before_optimizer_step``. Then the masks are re-applied after every optimizer step.
-    """
-    if not module.automatic_optimization:
-        return True
-    for name in ("on_before_optimizer_step", "configure_gradient_clipping", "optimizer_step"):
-        if _overrides(module, pl.LightningModule, name):
-            return True
-    callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
-    later = callbacks[callbacks.index(callback) + 1 :] if callback in callbacks else []
-    return any(_overrides(cb, Callback, "on_before_optimizer_step") for cb in later)
-
-
-def _check_finite(params: Mapping[str, Tensor], step: int) -> None:
-    """Raise, naming the layer, when a weight to prune holds NaN or infinity: its magnitudes cannot be ranked."""
-    for name in nonfinite(params):  # the flags are all-reduced over the shards of a sharded weight
-        raise FloatingPointError(
-            f"PruningCallback: the weight `{name}` holds NaN or infinite values at the mask update of step"
-            f" {step}, so its magnitudes cannot be ranked (pruning it would report 0 % sparsity and leave NaN"
-            " in place of zeros). Training diverged: lower the learning rate, clip gradients"
-            " (`Trainer(gradient_clip_val=...)`) or check the inputs and the loss for NaN."
-        )
