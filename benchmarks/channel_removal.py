@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -44,33 +43,16 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-# Python puts this folder first on sys.path; a benchmark script named like a package (transformers.py)
-# would then shadow that package for every import below (torchmetrics imports transformers).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(HERE))  # _cpu, also when a smoke test loads this script from its path
 
 import torch  # noqa: E402
+from _cpu import cpu_header  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 RESULTS = HERE / "results"
 LATENCY_GOAL = {0.5: 0.45}  # fraction of channels -> slim/dense latency goal (ResNet-18)
 ACC_GOAL = {0.5: 0.5}  # fraction of hidden units -> allowed accuracy drop in points (digits MLP)
 EXACT_GOAL = 1e-5
-
-
-def cpu_header() -> str:
-    """The CPU's model name and its SIMD flags (from /proc/cpuinfo, lscpu's source)."""
-    name, flags = platform.processor() or platform.machine(), ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return name
-    for line in text.splitlines():
-        if line.startswith("model name") and name == (platform.processor() or platform.machine()):
-            name = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and not flags:
-            wanted = ("avx", "fma", "amx", "f16c", "sse4")
-            flags = " ".join(f for f in line.split(":", 1)[1].split() if f.startswith(wanted) or "vnni" in f)
-    return f"{name}; {os.cpu_count()} logical CPUs; SIMD flags: {flags}"
 
 
 def params(model: nn.Module) -> int:

@@ -28,8 +28,8 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -46,22 +46,8 @@ from lightning_compress.core.quant.modules import Int8Conv2d
 from lightning_compress.core.quant.primitives import quantize_rows
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_header() -> str:
-    """The CPU's model name and its SIMD flags (from lscpu's source, /proc/cpuinfo)."""
-    name, flags = platform.processor() or platform.machine(), ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return name
-    for line in text.splitlines():
-        if line.startswith("model name") and name == (platform.processor() or platform.machine()):
-            name = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and not flags:
-            wanted = ("avx", "fma", "vnni", "amx", "f16c", "sse4")
-            flags = " ".join(f for f in line.split(":", 1)[1].split() if f.startswith(wanted) or "vnni" in f)
-    return f"{name}; SIMD flags: {flags}"
+sys.path.insert(0, str(RESULTS.parent))  # _cpu, also when a smoke test loads this script from its path
+from _cpu import cpu_header  # noqa: E402
 
 
 def digits_mlp() -> nn.Sequential:
@@ -189,7 +175,7 @@ def unfold_int8_conv(x: Tensor, conv: Int8Conv2d) -> Tensor:
     wo = (w + 2 * conv.padding[1] - conv.dilation[1] * (kw - 1) - 1) // conv.stride[1] + 1  # type: ignore[index]
     rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
     q, s = quantize_rows(rows)
-    acc = torch._int_mm(q, conv.weight.reshape(conv.out_channels, -1).t())
+    acc = torch._int_mm(q, conv.int8_weight.reshape(conv.out_channels, -1).t())
     out = acc.float().mul_(s).mul_(conv.weight_scale)
     if conv.bias is not None:
         out.add_(conv.bias)

@@ -26,8 +26,8 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,22 +43,8 @@ from lightning_compress.core.files import atomic_write_text
 from lightning_compress.core.quant.convert import quantizable_targets, quantize_model, record_input_ranges
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_header() -> str:
-    """The CPU's model name and its SIMD flags (/proc/cpuinfo)."""
-    name, flags = platform.processor() or platform.machine(), ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return name
-    for line in text.splitlines():
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and not flags:
-            wanted = ("avx", "fma", "vnni", "amx", "f16c", "sse4")
-            flags = " ".join(f for f in line.split(":", 1)[1].split() if f.startswith(wanted) or "vnni" in f)
-    return f"{name}; SIMD flags: {flags}"
+sys.path.insert(0, str(RESULTS.parent))  # _cpu, also when a smoke test loads this script from its path
+from _cpu import cpu_header  # noqa: E402
 
 
 def call(model: nn.Module, inputs: Any) -> Any:
