@@ -5,12 +5,13 @@ pre-hooks only during the training batches that precede a mask update that will 
 for an update at optimizer step ``u``, the batches run at global steps ``u - score_batches`` to
 ``u - 1`` (with gradient accumulation, every micro-batch of those steps). The hooks are put on in
 ``on_train_batch_start`` and taken off in ``on_train_batch_end`` of each such batch, so validation,
-other batches and the weeks after the window never see them. An update that finds no statistics
+other batches and the steps after the window never see them. An update that finds no statistics
 (the first update at step 0: ``schedule="constant"`` or any schedule at ``start_epoch=0``; or a run
 resumed past the start without pruning state) first runs the LightningModule's ``forward`` without
 gradients, in eval mode, over the first ``score_batches`` batches of the train loader (each fed by
 the rule of :mod:`lightning_compress.core.batches`; a LightningModule without its own ``forward`` runs
-its ``training_step`` instead, under ``no_grad``: what it logs is logged once more for step 0), with the random state restored afterwards.
+its ``training_step`` instead, under ``no_grad``: what it logs is logged once more for step 0), with
+the random state restored afterwards.
 Under DDP the sums are all-reduced (summed) across ranks before rank zero scores the weights.
 """
 
