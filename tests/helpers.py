@@ -6,10 +6,12 @@ test modules in its subfolders import it the same way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -67,3 +69,26 @@ def run_ddp_script(name: str, out: Path, timeout: float = 300) -> subprocess.Com
 def load_ranks(out: Path, name: str) -> tuple[Any, Any]:
     """What ranks 0 and 1 saved as ``OUT/<name>_rank<r>.pt``, loaded with ``weights_only=True``."""
     return tuple(torch.load(out / f"{name}_rank{rank}.pt", weights_only=True) for rank in (0, 1))  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def one_rank_gloo_group() -> Iterator[None]:
+    """A gloo process group of one rank in this process (DTensors on a 1-rank mesh), destroyed on exit.
+
+    A test that needs it is skipped when a process group exists already.
+    """
+    import socket
+
+    import pytest
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group exists already")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

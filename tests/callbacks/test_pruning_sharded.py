@@ -5,12 +5,11 @@ The two-rank behaviour of PruningCallback under FSDP2 is tested in ``tests/distr
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
-import torch.distributed as dist
+from helpers import one_rank_gloo_group
 from torch import nn
 
 from lightning_compress import CompressionConfigError, PruningCallback
@@ -18,14 +17,8 @@ from lightning_compress import CompressionConfigError, PruningCallback
 
 @pytest.fixture
 def one_rank_group() -> Iterator[None]:
-    if dist.is_initialized():
-        pytest.skip("a process group exists already")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    with one_rank_gloo_group():
+        yield
 
 
 def test_remove_channels_is_refused_on_sharded_weights(one_rank_group: None) -> None:

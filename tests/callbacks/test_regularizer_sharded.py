@@ -6,13 +6,12 @@ behaviour is tested in ``tests/distributed/test_fsdp2_regularizer.py``.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
+from helpers import one_rank_gloo_group
 from torch import nn
 
 from lightning_compress import CompressionConfigError, SparseRegularizer
@@ -22,14 +21,8 @@ Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
 
 @pytest.fixture
 def one_rank_group() -> Iterator[None]:
-    if dist.is_initialized():
-        pytest.skip("a process group exists already")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    with one_rank_gloo_group():
+        yield
 
 
 def test_group_lasso_on_sharded_conv1d_is_refused(one_rank_group: None) -> None:

@@ -6,12 +6,11 @@ The two-rank behaviour (uneven shards, ties across ranks) is tested in ``tests/d
 from __future__ import annotations
 
 import math
-import socket
 from collections.abc import Iterator
 
 import pytest
 import torch
-import torch.distributed as dist
+from helpers import one_rank_gloo_group
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -70,14 +69,8 @@ def test_plain_tensors_pass_through() -> None:
 @pytest.fixture(scope="module")
 def one_rank_group() -> Iterator[None]:
     """A gloo process group of one rank in this process (DTensors on a 1-rank mesh)."""
-    if dist.is_initialized():
-        pytest.skip("a process group exists already")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    with one_rank_gloo_group():
+        yield
 
 
 def _dtensors(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
