@@ -19,7 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.optim import Optimizer
 
-__all__ = ["data_source", "given_by_cli", "unwrap_optimizer"]
+__all__ = ["data_source", "given_by_cli", "loader_at_setup", "unwrap_optimizer"]
 
 
 def unwrap_optimizer(optimizer: Any) -> Optimizer:
@@ -35,6 +35,20 @@ def data_source(trainer: pl.Trainer, stage: str) -> Any | None:
     """
     loop = {"fit": trainer.fit_loop, "validate": trainer.validate_loop, "test": trainer.test_loop}.get(stage)
     return getattr(loop, "_data_source", None)
+
+
+def loader_at_setup(trainer: pl.Trainer, stage: str) -> Any | None:
+    """The ``stage`` dataloader(s) as the loop will get them, built at a callback's ``setup``; ``None`` when unsafe.
+
+    Lightning runs ``LightningDataModule.setup`` before the callbacks' ``setup`` and the
+    ``LightningModule``'s own ``setup`` after them. Loaders passed to ``fit`` and a data module's
+    loaders can therefore be built now; a loader from the ``LightningModule``'s own
+    ``train_dataloader`` hook may need that module's ``setup`` and is left for the loop (``None``).
+    """
+    source = data_source(trainer, stage)
+    if source is None or not source.is_defined() or isinstance(source.instance, pl.LightningModule):
+        return None
+    return source.dataloader()
 
 
 def given_by_cli() -> bool:

@@ -10,7 +10,7 @@ import torch
 from helpers import quiet_trainer
 from lightning.pytorch.core.optimizer import LightningOptimizer
 
-from lightning_compress._lightning_compat import data_source, given_by_cli, unwrap_optimizer
+from lightning_compress._lightning_compat import data_source, given_by_cli, loader_at_setup, unwrap_optimizer
 from lightning_compress.demo import Classifier, DigitsDataModule
 
 
@@ -40,6 +40,25 @@ def test_loops_still_have_a_data_source_that_knows_whether_it_is_defined(tmp_pat
     trainer.fit(Probe(), DigitsDataModule(batch_size=8))
     assert seen["defined"] is True and len(next(iter(seen["loader"]))) == 2
     assert data_source(trainer, "predict") is None
+
+
+def test_loader_at_setup_builds_a_data_modules_loader_and_leaves_the_modules_own_hook(tmp_path) -> None:
+    seen = {}
+
+    class Probe(Classifier):
+        def setup(self, stage: str) -> None:
+            seen[stage] = loader_at_setup(self.trainer, "fit")
+
+        def train_dataloader(self):
+            data = torch.utils.data.TensorDataset(torch.zeros(2, 64), torch.zeros(2, dtype=torch.long))
+            return torch.utils.data.DataLoader(data, batch_size=2)
+
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(Probe(), DigitsDataModule(batch_size=8))  # the data module's loader: built now
+    assert len(next(iter(seen["fit"]))[0]) == 8
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(Probe())  # the module's own hook: left to the loop
+    assert seen["fit"] is None
 
 
 def test_given_hyperparameters_is_set_while_lightning_cli_instantiates() -> None:

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_compress._lightning_compat import data_source
+from lightning_compress._lightning_compat import data_source, loader_at_setup
 from lightning_compress.callbacks._base import CompressionCallback
 from lightning_compress.callbacks._quantize_report import (
     check_onnx_path,
@@ -137,6 +137,7 @@ class QuantizeOnFitEnd(CompressionCallback):
         self.save_path = save_path
         self.report: dict[str, Any] = {}
         self._skip = False
+        self._call_checked = False
 
     @override
     def _identity(self) -> dict[str, Any]:
@@ -190,6 +191,10 @@ class QuantizeOnFitEnd(CompressionCallback):
                     " trainer has no train dataloader (or `limit_train_batches=0`). Use mode='dynamic' or"
                     " 'weight_only', or give `fit` a train dataloader."
                 )
+        # Loaders given to `fit` or made by a data module exist now: check the model call before any
+        # training. A loader from the LightningModule's own hook may need its `setup` (which runs after
+        # this one): that one is checked at `on_train_start`, still before the first step.
+        self._call_checked = self._check_call(pl_module, loader_at_setup(trainer, "fit"))
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -294,24 +299,28 @@ class QuantizeOnFitEnd(CompressionCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Check, before the first step, that the model can be called on a training batch as fit end will call it.
+        """The model-call check of ``setup`` for a loader that only the training loop could build."""
+        if not self._skip and not self._call_checked:
+            self._check_call(pl_module, trainer.train_dataloader)
+
+    @staticmethod
+    def _check_call(pl_module: pl.LightningModule, loaders: Any) -> bool:
+        """Check that the model can be called on a training batch as fit end will call it; ``False``: no batch.
 
         The check binds the batch to ``forward``'s signature (no forward pass, the global random state
-        is restored), so a model that cannot be driven fails now with a ``CompressionConfigError``
-        instead of after the whole fit. It runs here rather than in ``setup`` because the train
-        dataloader exists only once every ``setup`` hook has run.
+        is restored), so a model that cannot be driven fails with a ``CompressionConfigError`` before
+        training instead of after the whole fit.
         """
-        if self._skip:
-            return
-        loader = first_loader(trainer.train_dataloader)
+        loader = first_loader(loaders)
         if loader is None:
-            return
+            return False
         with torch.random.fork_rng(devices=[]):
             try:
                 batch = next(iter(loader))
             except StopIteration:
-                return
+                return False
         check_model_call(compression_root(pl_module)[1], batch, "QuantizeOnFitEnd")
+        return True
 
     @torch.no_grad()
     def _float_pass(

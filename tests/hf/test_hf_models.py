@@ -86,11 +86,34 @@ def test_a_model_that_cannot_take_the_batches_fails_before_the_first_step(tmp_pa
         def forward(self, input_ids, token_type_ids):  # the dict batch has no token_type_ids
             return self.model(input_ids=input_ids, token_type_ids=token_type_ids)
 
+        def setup(self, stage):
+            self.set_up = True
+
     model = Positional()
+    model.set_up = False
     cb = QuantizeOnFitEnd(calibration_batches=2, verbose=0)
     with pytest.raises(CompressionConfigError, match=r"QuantizeOnFitEnd cannot call Positional.*'token_type_ids'"):
         quiet_trainer(tmp_path, max_steps=3, callbacks=[cb]).fit(model, DataLoader(TokenBatches(), batch_size=8))
-    assert model.steps == 0
+    # Raised in the callback's `setup`, which Lightning runs before the module's own `setup`.
+    assert model.steps == 0 and model.set_up is False
+
+
+def test_a_model_whose_own_loader_needs_its_setup_is_checked_before_the_first_step(tmp_path):
+    class OwnLoader(HFClassifier):
+        def setup(self, stage):
+            self.data = TokenBatches()  # the loader can only be built after this
+
+        def train_dataloader(self):
+            return DataLoader(self.data, batch_size=8)
+
+        def forward(self, input_ids, token_type_ids):
+            return self.model(input_ids=input_ids, token_type_ids=token_type_ids)
+
+    model = OwnLoader()
+    cb = QuantizeOnFitEnd(calibration_batches=2, verbose=0)
+    with pytest.raises(CompressionConfigError, match=r"QuantizeOnFitEnd cannot call OwnLoader.*'token_type_ids'"):
+        quiet_trainer(tmp_path, max_steps=3, callbacks=[cb]).fit(model)
+    assert model.steps == 0 and isinstance(model.data, TokenBatches)
 
 
 def test_lightning_demo_transformer_quantizes_after_fit(tmp_path):
