@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: one quiet Trainer, and int8 conversion as ``QuantizeOnFitEnd`` does it.
+"""What the benchmark scripts share: one quiet Trainer, int8 conversion as ``QuantizeOnFitEnd`` does it,
+file sizes, a timing child process, and the markdown and JSON files of the results.
 
 A script imports it after putting its own folder first on ``sys.path`` (so that it also works when a
 smoke test loads the script from its path)::
@@ -10,13 +11,21 @@ smoke test loads the script from its path)::
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from torch import nn
 
+from lightning_compress.core.files import atomic_write_text
 from lightning_compress.core.quant.convert import quantize
 
 QUIET: dict[str, Any] = {
@@ -48,3 +57,47 @@ def to_int8(model: nn.Module, mode: str = "dynamic", per_channel: bool = True, c
     converted = copy.deepcopy(model).eval()
     quantize(converted, mode, per_channel, calibration=calibration)
     return converted
+
+
+def file_bytes(write: Callable[[str], None]) -> int:
+    """The size in bytes of the file ``write(path)`` writes (in a temporary folder, removed afterwards)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "f.pt")
+        write(path)
+        return os.path.getsize(path)
+
+
+RESULT = "RESULT "
+"""What starts the line in which a child process of :func:`run_child` prints its JSON result."""
+
+
+def run_child(script: Path, args: Sequence[str], threads: int) -> tuple[dict[str, Any], str]:
+    """Run ``script`` with ``args`` in a child process with ``threads`` OpenMP/MKL threads; its last ``RESULT`` line.
+
+    One thread runs pinned to core 1 (``taskset -c 1``) where taskset exists and the core is ours.
+    Returns the parsed JSON and how the child was launched, e.g. ``OMP_NUM_THREADS=1 taskset -c 1 (child)``.
+    """
+    cmd = [sys.executable, str(Path(script).resolve()), *args]
+    pin = threads == 1 and shutil.which("taskset") is not None and 1 in os.sched_getaffinity(0)
+    if pin:
+        cmd = ["taskset", "-c", "1", *cmd]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    shown = f"OMP_NUM_THREADS={threads} " + ("taskset -c 1 " if pin else "") + "(child)"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(RESULT)]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"latency child ({shown}) failed:\n{done.stdout}\n{done.stderr}")
+    return json.loads(lines[-1][len(RESULT) :]), shown
+
+
+def table_head(*columns: str) -> list[str]:
+    """The first two lines of a markdown table: its column names and the separator row."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def write_results(out: Path, stem: str, result: dict[str, Any], markdown: list[str]) -> None:
+    """Write ``out/<stem>.json`` and ``out/<stem>.md`` (atomically; ``out`` is created) and say so."""
+    out.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", "\n".join(markdown) + "\n")):
+        atomic_write_text(out / f"{stem}{suffix}", text)
+    print(f"wrote {out / stem}.md and .json")

@@ -31,22 +31,21 @@ import copy
 import json
 import os
 import shlex
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # _cpu, also when a smoke test loads this script from its path
+sys.path.insert(0, str(HERE))  # _common, _cpu, _timing, also when a smoke test loads this script from its path
 
 import torch  # noqa: E402
+from _common import RESULT, bench_trainer, run_child  # noqa: E402
 from _cpu import cpu_header  # noqa: E402
+from _timing import interleaved  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -63,24 +62,15 @@ def rel_err(out: Tensor, ref: Tensor) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner: int) -> dict[str, float]:
-    """Median seconds per call of each fn, timed in interleaved rounds after a warm-up."""
-    for fn in fns.values():
-        fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / inner)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 # ----------------------------------------------------------------------------------------- ResNet-18
 
 
-def _randomize_norms(model: nn.Module) -> None:
+def resnet18() -> nn.Module:
+    """ResNet-18 in eval mode, random weights (seed 0), BatchNorm statistics and affine randomized as after training."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
@@ -90,19 +80,16 @@ def _randomize_norms(model: nn.Module) -> None:
                 m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
                 m.weight.copy_(torch.rand(n, generator=g) + 0.5)
                 m.bias.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+    return model
 
 
 def pruned_resnet18(fraction: float, example: Tensor) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
     """``(masked, slim, info)``: ResNet-18 with ``fraction`` of every coupled group's units zeroed, and removed."""
-    import torchvision
-
     from lightning_compress import remove_channels
     from lightning_compress.core.prune.group_masks import extra_masks, extra_targets, group_channel_masks
     from lightning_compress.core.prune.groups import find_groups
 
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18().eval()
-    _randomize_norms(model)
+    model = resnet18()
     found = find_groups(model, example)
     named = dict(model.named_parameters())
     weights = {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
@@ -135,18 +122,11 @@ def bench_resnet(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size)
     example = torch.randn(1, 3, min(args.image_size, 64), min(args.image_size, 64))
-    models: dict[str, nn.Module] = {}
+    dense = resnet18()
+    models: dict[str, nn.Module] = {"dense": dense}
     rows: dict[str, dict[str, Any]] = {}
-    dense: nn.Module | None = None
     for f in args.fractions:
         masked, slim, info = pruned_resnet18(f, example)
-        if dense is None:
-            torch.manual_seed(0)
-            import torchvision
-
-            dense = torchvision.models.resnet18().eval()
-            _randomize_norms(dense)
-            models["dense"] = dense
         with torch.no_grad():
             err = rel_err(slim(x), masked(x))
         models[f"slim_{f:g}"] = slim
@@ -161,7 +141,6 @@ def bench_resnet(args: argparse.Namespace) -> dict[str, Any]:
                 }
             models["hand_cut"] = cut
         del masked
-    assert dense is not None
     with torch.no_grad():
         fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
         times = interleaved(fns, args.rounds, 1)
@@ -178,8 +157,6 @@ def bench_resnet(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def fit_digits(fraction: float, seed: int, args: argparse.Namespace, save: Path | None) -> dict[str, Any]:
-    import lightning.pytorch as pl
-
     from lightning_compress import PruningCallback, save_compressed
     from lightning_compress.demo import MLP, Classifier, DigitsDataModule
 
@@ -188,15 +165,8 @@ def fit_digits(fraction: float, seed: int, args: argparse.Namespace, save: Path 
     callbacks: list[Any] = []
     if fraction:
         callbacks.append(PruningCallback(fraction, method="channel", scope="layer", remove_channels=True, verbose=0))
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        callbacks=callbacks,
-        limit_train_batches=args.limit_batches,
-        default_root_dir=args.tmp,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    trainer = bench_trainer(
+        max_epochs=args.epochs, callbacks=callbacks, limit_train_batches=args.limit_batches, default_root_dir=args.tmp
     )
     data = DigitsDataModule(batch_size=64)
     with warnings.catch_warnings():
@@ -249,23 +219,13 @@ def child(args: argparse.Namespace) -> None:
         "resnet18": bench_resnet(args),
         "mlp": bench_mlp_latency(json.loads(args.artifacts), args.mlp_batch, args.rounds * 3),
     }
-    print("RESULT " + json.dumps(result), flush=True)
+    print(RESULT + json.dumps(result), flush=True)
 
 
-def run_child(threads: int, args: argparse.Namespace, artifacts: dict[str, str]) -> tuple[dict[str, Any], str]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(threads), "--artifacts", json.dumps(artifacts)]
-    cmd += ["--rounds", str(args.rounds), "--batch", str(args.batch), "--image-size", str(args.image_size)]
-    cmd += ["--mlp-batch", str(args.mlp_batch), "--fractions", *map(str, args.fractions)]
-    pin = threads == 1 and shutil.which("taskset") is not None and 1 in os.sched_getaffinity(0)
-    if pin:
-        cmd = ["taskset", "-c", "1", *cmd]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    shown = f"OMP_NUM_THREADS={threads} " + ("taskset -c 1 " if pin else "") + "(child)"
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"latency child ({shown}) failed:\n{done.stdout}\n{done.stderr}")
-    return json.loads(lines[-1][len("RESULT ") :]), shown
+def latency_child(threads: int, args: argparse.Namespace, artifacts: dict[str, str]) -> tuple[dict[str, Any], str]:
+    flags = ["--child", str(threads), "--artifacts", json.dumps(artifacts), "--rounds", str(args.rounds)]
+    flags += ["--batch", str(args.batch), "--image-size", str(args.image_size), "--mlp-batch", str(args.mlp_batch)]
+    return run_child(Path(__file__), [*flags, "--fractions", *map(str, args.fractions)], threads)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -373,7 +333,7 @@ def main() -> None:
             )
         latency = []
         for threads in args.threads:
-            res, shown = run_child(threads, args, artifacts)
+            res, shown = latency_child(threads, args, artifacts)
             res["launched_as"] = shown
             latency.append(res)
             r = res["resnet18"]

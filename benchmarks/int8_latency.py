@@ -28,9 +28,7 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -46,8 +44,12 @@ from lightning_compress.core.quant.modules import Int8Conv2d
 from lightning_compress.core.quant.primitives import quantize_rows
 
 RESULTS = Path(__file__).resolve().parent / "results"
-sys.path.insert(0, str(RESULTS.parent))  # _cpu, also when a smoke test loads this script from its path
+sys.path.insert(0, str(RESULTS.parent))  # _cpu, _timing, also when a smoke test loads this script from its path
 from _cpu import cpu_header  # noqa: E402
+from _timing import interleaved  # noqa: E402
+
+WARMUP = 10
+"""Calls of each variant before its timing (the first calls of a compiled model compile it)."""
 
 
 def digits_mlp() -> nn.Sequential:
@@ -103,21 +105,6 @@ def torchao_dynamic(model: nn.Module) -> tuple[nn.Module | None, str]:
     return m, f"torchao {torchao.__version__}"
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner: int) -> dict[str, float]:
-    """Median seconds per call of each fn, timed in interleaved rounds."""
-    for fn in fns.values():  # warm-up (the first calls of a compiled model compile it)
-        for _ in range(10):
-            fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / inner)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def bench_linear(
     base: nn.Module, width: int, batches: list[int], rounds: int, compiled: bool
 ) -> tuple[list[dict[str, object]], str, dict[str, str]]:
@@ -148,7 +135,7 @@ def bench_linear(
             inner = max(1, int(64 / max(batch, 1) ** 0.5)) if width >= 1024 else 50
             fns = {k: (lambda m=m, x=x: m(x)) for k, m in calls.items()}
             # Small models: many short rounds, so that the median sees through a shared machine's load.
-            times = interleaved(fns, rounds if width >= 1024 else max(rounds, 5) * 6, inner)
+            times = interleaved(fns, rounds if width >= 1024 else max(rounds, 5) * 6, inner, WARMUP)
         row: dict[str, object] = {"batch": batch, "float32_ms": times["float32"] * 1e3}
         for k in calls:
             if k != "float32":
@@ -202,6 +189,7 @@ def bench_conv(smoke: bool, rounds: int) -> list[dict[str, object]]:
                 },
                 rounds,
                 3,
+                WARMUP,
             )
         rows.append(
             {
@@ -229,7 +217,7 @@ def bench_conv(smoke: bool, rounds: int) -> list[dict[str, object]]:
     with torch.no_grad():
         ref = net(x)
         err = float((qnet(x) - ref).norm() / ref.norm())
-        times = interleaved({"float32": lambda: net(x), "ours": lambda: qnet(x)}, rounds, 1)
+        times = interleaved({"float32": lambda: net(x), "ours": lambda: qnet(x)}, rounds, 1, WARMUP)
     rows.append(
         {
             "layer": f"resnet18 on {batch}x3x{size}x{size}",
