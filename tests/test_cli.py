@@ -379,11 +379,31 @@ def test_fit_and_compress_keep_a_models_own_loaders(tmp_path, monkeypatch):
     assert _saved_config(tmp_path / "demo")["data"]["class_path"] == "lightning_compress.demo.DigitsDataModule"
 
 
-def test_compress_of_a_model_that_logs_no_metric_is_one_line(tmp_path, capsys):
+def test_compress_runs_boring_model_that_logs_no_metric(tmp_path):
+    # BoringModel logs nothing in `test`: the default metric is optional, the report has no accuracy.
+    with pytest.warns(UserWarning, match=r"BoringModel logs no metric in `test`, so the report compares sizes"):
+        main(
+            ["compress", "--model=lightning.pytorch.demos.boring_classes.BoringModel", *QUIET, *FEW,
+             "--trainer.max_epochs=2", "--dense_epochs=1", "--latency_repeats=2", "--figure=false",
+             f"--trainer.default_root_dir={tmp_path}"]
+        )  # fmt: skip
+    report = json.loads(next(tmp_path.glob("lightning_logs/version_*/report.json")).read_text())
+    assert report["original"]["accuracy"] is None and report["compressed"]["accuracy"] is None
+    assert report["ratios"]["accuracy_delta"] is None
+    # its test batches hold one sample: the ONNX files are exported on two and timed on the one
+    assert report["compressed"]["latency_ms_onnxruntime"] > 0
+    assert report["compressed"]["params"] == report["original"]["params"] == 32 * 2 + 2
+    assert report["compressed"]["nonzero_params"] < report["original"]["nonzero_params"]  # it was pruned
+    table = next(tmp_path.glob("lightning_logs/version_*/report.txt")).read_text()
+    assert "accuracy (test/acc)" in table and "not logged" in table
+
+
+def test_compress_with_a_named_metric_the_model_does_not_log_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(
             ["compress", "--model=lightning.pytorch.demos.boring_classes.BoringModel", *QUIET, *FEW,
-             "--trainer.max_epochs=2", "--dense_epochs=1", "--figure=false", f"--trainer.default_root_dir={tmp_path}"]
+             "--trainer.max_epochs=2", "--dense_epochs=1", "--figure=false", "--metric=test/acc",
+             f"--trainer.default_root_dir={tmp_path}"]
         )  # fmt: skip
     assert exit_info.value.code == 2
     assert "metrics that BoringModel logs in `test` (none), but got 'test/acc'" in capsys.readouterr().err

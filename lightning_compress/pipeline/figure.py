@@ -74,8 +74,11 @@ def write_figure(result: ComparisonResult, path: str | os.PathLike[str]) -> None
     right.set_ylim(min([*values, 1.0]) / 2.5, max([*values, 1.0]) * 2.5)
     right.set_ylabel("compressed / original (log scale)")
     right.legend(loc="upper left", fontsize=8)
+    o, c = result.original.accuracy, result.compressed.accuracy
     right.set_title(
-        f"{result.metric}: {result.original.accuracy:.2%} original, {result.compressed.accuracy:.2%} compressed"
+        f"{result.metric}: not logged by the model"
+        if o is None or c is None
+        else f"{result.metric}: {o:.2%} original, {c:.2%} compressed"
     )
 
     atomic_write(path, lambda f: figure.savefig(f, dpi=110, format="png"))

@@ -28,7 +28,8 @@ class Measurement:
     """The numbers of one model in the comparison.
 
     Attributes:
-        accuracy: the evaluation metric (``test/acc`` by default), a fraction in ``[0, 1]``.
+        accuracy: the evaluation metric (``test/acc`` by default), a fraction in ``[0, 1]``; ``None``
+            when the model logs no metric in the evaluation stage and none was named.
         params: parameters, counting quantized weights (entries, not bytes).
         nonzero_params: those of ``params`` that are not exactly zero.
         weight_bytes: bytes the layers hold in memory (weights, biases, int8 scales).
@@ -37,7 +38,7 @@ class Measurement:
         report: the per-layer :class:`~lightning_compress.CompressionReport`.
     """
 
-    accuracy: float
+    accuracy: float | None
     params: int
     nonzero_params: int
     weight_bytes: int
@@ -65,7 +66,7 @@ class Measurement:
 
 def measure(
     module: nn.Module,
-    accuracy: float,
+    accuracy: float | None,
     artifact: str | os.PathLike[str],
     latency_ms: float,
     latency_ms_onnxruntime: float | None = None,
@@ -83,7 +84,7 @@ def measure(
     """
     report = compression_report(module)
     return Measurement(
-        accuracy=float(accuracy),
+        accuracy=None if accuracy is None else float(accuracy),
         params=report.params,
         nonzero_params=report.nonzero_params,
         weight_bytes=report.weight_bytes,

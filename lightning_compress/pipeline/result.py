@@ -103,7 +103,7 @@ class ComparisonResult:
         """
         o, c = self.original, self.compressed
         return {
-            "accuracy_delta": (c.accuracy - o.accuracy) * 100.0,
+            "accuracy_delta": None if c.accuracy is None or o.accuracy is None else (c.accuracy - o.accuracy) * 100.0,
             "nonzero_params": _ratio(c.nonzero_params, o.nonzero_params),
             "weight_bytes": _ratio(c.weight_bytes, o.weight_bytes),
             "artifact_bytes": _ratio(c.artifact_bytes, o.artifact_bytes),
@@ -121,8 +121,17 @@ class ComparisonResult:
         def times(value: float | None) -> str:
             return "n/a" if value is None else f"{value:.3f}x"
 
+        def fraction(value: float | None, spec: str) -> str:
+            return "not logged" if value is None else format(value, spec)
+
+        delta = r["accuracy_delta"]
         return [
-            (f"accuracy ({self.metric})", f"{o.accuracy:.2%}", f"{c.accuracy:.2%}", f"{r['accuracy_delta']:+.2f} pt"),
+            (
+                f"accuracy ({self.metric})",
+                fraction(o.accuracy, ".2%"),
+                fraction(c.accuracy, ".2%"),
+                "n/a" if delta is None else f"{delta:+.2f} pt",
+            ),
             ("nonzero parameters", f"{o.nonzero_params:,}", f"{c.nonzero_params:,}", times(r["nonzero_params"])),
             ("weight bytes", _human_bytes(o.weight_bytes), _human_bytes(c.weight_bytes), times(r["weight_bytes"])),
             (

@@ -39,6 +39,7 @@ from lightning_compress.pipeline.defaults import _in_memory_data
 from lightning_compress.pipeline.defaults import default_callbacks as default_callbacks
 from lightning_compress.pipeline.figure import MATPLOTLIB_HINT, matplotlib_available, write_figure
 from lightning_compress.pipeline.measure import measure, measure_latencies
+from lightning_compress.pipeline.onnx_timing import onnxruntime_latencies
 from lightning_compress.pipeline.result import INCOMPLETE_MARKER, ComparisonResult, file_record
 
 __all__ = ["CompressTrainer"]
@@ -116,7 +117,10 @@ class CompressTrainer(pl.Trainer):
             run_dir: folder for the artifacts and the report; the logger's folder by default
                 (``lightning_logs/version_N``), or ``default_root_dir`` without a logger.
             stage: ``"test"`` or ``"validate"``: which loop measures the accuracy.
-            metric: the logged metric to compare; ``test/acc`` (or ``val/acc``) by default.
+            metric: the logged metric to compare; ``test/acc`` (or ``val/acc``) by default. A metric
+                named here must be logged by the model; the default may be absent when the model logs
+                no metric at all in ``stage`` (``BoringModel``): the report then compares sizes and
+                latency, its accuracy row says "not logged", and a warning says so.
             latency_repeats: timed forward passes per model (the median is reported).
             figure: draw ``report.png`` (needs matplotlib; without it a message says how to get it).
 
@@ -125,6 +129,7 @@ class CompressTrainer(pl.Trainer):
         """
         check_number("dense_epochs", dense_epochs, low=0, integer=True)
         check_choice("stage", stage, ("test", "validate"))
+        metric_named = metric is not None
         metric = metric if metric is not None else ("test/acc" if stage == "test" else "val/acc")
         if not isinstance(metric, str) or not metric:
             raise config_error("metric", "the name of a logged metric such as 'test/acc'", metric)
@@ -142,7 +147,9 @@ class CompressTrainer(pl.Trainer):
         in_memory = _in_memory_data(datamodule)
         log.debug("compress: %s in_memory_data=%s", type(datamodule).__name__, in_memory)
         with quiet_known_warnings(in_memory_data=in_memory):
-            return self._compress(model, datamodule, dense_epochs, run_dir, stage, metric, latency_repeats, figure)
+            return self._compress(
+                model, datamodule, dense_epochs, run_dir, stage, (metric, metric_named), latency_repeats, figure
+            )
 
     def _run_folder(self, run_dir: str | os.PathLike[str] | None) -> Path:
         return Path(run_dir if run_dir is not None else (self.log_dir or self.default_root_dir))
@@ -183,10 +190,11 @@ class CompressTrainer(pl.Trainer):
         dense_epochs: int,
         run_dir: str | None,
         stage: str,
-        metric: str,
+        metric_and_named: tuple[str, bool],
         latency_repeats: int,
         figure: bool,
     ) -> ComparisonResult:
+        metric, named = metric_and_named
         callbacks: list[Callback] = self.callbacks  # type: ignore[attr-defined]
         compressing = [c for c in callbacks if _class_path(c) in _COMPRESSION_CALLBACKS]
         if not compressing:
@@ -209,14 +217,20 @@ class CompressTrainer(pl.Trainer):
                     "enable_model_summary": False,
                 }
             )
-            _evaluate(probe, stage, model, datamodule, metric)
+            measured = _evaluate(probe, stage, model, datamodule, metric, required=named) is not None
             inputs = _first_input(probe, stage, compression_root(model)[1])
 
         dense = self._sibling(max_epochs=max(dense_epochs, 1))
         if dense_epochs:
             rank_zero_info(f"lightning-compress: [1/3] training the dense model for {dense_epochs} epochs")
             dense.fit(model, datamodule=datamodule)
-        original_accuracy = _evaluate(dense, stage, model, datamodule, metric)
+        if not measured:
+            rank_zero_warn(
+                f"CompressTrainer.compress: {type(model).__name__} logs no metric in `{stage}`, so the report compares"
+                f" sizes and latency without accuracy. Log {metric!r} in its `{stage}_step` (self.log), or name a"
+                " logged metric with `metric`."
+            )
+        original_accuracy = _evaluate(dense, stage, model, datamodule, metric, required=measured)
         _, root = compression_root(model)
         original = copy.deepcopy(root).cpu()
         seconds["dense"] = time.perf_counter() - start
@@ -226,7 +240,7 @@ class CompressTrainer(pl.Trainer):
         rank_zero_info(f"lightning-compress: [2/3] compressing with {names} for {length}")
         start = time.perf_counter()
         self.fit(model, datamodule=datamodule)
-        compressed_accuracy = _evaluate(self, stage, model, datamodule, metric)
+        compressed_accuracy = _evaluate(self, stage, model, datamodule, metric, required=measured)
         _, root = compression_root(model)
         compressed = root.cpu()
         seconds["compress"] = time.perf_counter() - start
@@ -243,7 +257,7 @@ class CompressTrainer(pl.Trainer):
         restored = load_compressed(files["compressed"], copy.deepcopy(original))
         roundtrip_error = _max_output_difference(compressed, restored, inputs)
         latencies = measure_latencies([original, compressed], inputs, repeats=latency_repeats)
-        ort_latencies = _onnxruntime_latencies(
+        ort_latencies = onnxruntime_latencies(
             folder, {"original": original, "compressed": compressed}, inputs, files, latency_repeats
         )
         seconds["measure"] = time.perf_counter() - start
@@ -294,35 +308,6 @@ class CompressTrainer(pl.Trainer):
         return result
 
 
-def _onnxruntime_latencies(
-    folder: Path, models: dict[str, torch.nn.Module], inputs: Any, files: dict[str, str], repeats: int
-) -> list[float | None]:
-    """Write ``<role>.onnx`` beside each artifact and time it in ONNX Runtime, when the export extra is installed.
-
-    An export that fails is reported with a warning and leaves both latencies out (``None``): the
-    comparison itself never fails for the optional ONNX part.
-    """
-    from lightning_compress.export.runtime import onnxruntime_latency_ms, runtime_available
-
-    if not runtime_available():
-        return [None, None]
-    from lightning_compress.core.batches import model_call
-    from lightning_compress.export.onnx import export_onnx
-
-    latencies: list[float | None] = []
-    try:
-        for role, model in models.items():
-            example = model_call(model, inputs).example_inputs()
-            path = str(folder / f"{role}.onnx")
-            export_onnx(model, path, example)
-            files[f"{role}_onnx"] = path
-            latencies.append(onnxruntime_latency_ms(path, example, repeats=repeats))
-    except Exception as err:  # optional: the PyTorch comparison stands without it
-        rank_zero_warn(f"lightning-compress: no ONNX Runtime latency ({type(err).__name__}: {err})")
-        return [None, None]
-    return latencies
-
-
 def _mark_incomplete(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(
@@ -334,14 +319,23 @@ def _mark_incomplete(folder: Path) -> None:
 
 
 def _evaluate(
-    trainer: pl.Trainer, stage: str, model: pl.LightningModule, datamodule: pl.LightningDataModule | None, metric: str
-) -> float:
+    trainer: pl.Trainer,
+    stage: str,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule | None,
+    metric: str,
+    *,
+    required: bool = True,
+) -> float | None:
+    """``metric`` after one evaluation loop; ``None`` (when not ``required``) for a model that logs nothing there."""
     loop = trainer.test if stage == "test" else trainer.validate
     results = loop(model, datamodule=datamodule, verbose=False)
     for metrics in results:
         if metric in metrics:
             return float(metrics[metric])
     logged = sorted({k for metrics in results for k in metrics})
+    if not logged and not required:
+        return None
     raise config_error(
         "metric",
         f"one of the metrics that {type(model).__name__} logs in `{stage}` ({', '.join(map(repr, logged)) or 'none'})",
