@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,11 +16,12 @@ import torchmetrics
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from torch.nn import functional as F
-from typing_extensions import Self, override
+from typing_extensions import override
 
 from lightning_compress._lightning_compat import given_by_cli
 from lightning_compress.core.distill import HintProjection, capture_outputs, distillation_loss, hint_loss
 from lightning_compress.core.sharding import is_dtensor
+from lightning_compress.distillation._frozen_teacher import FrozenTeacherMixin
 from lightning_compress.distillation._helpers import (
     FeaturePair,
     load_teacher_weights,
@@ -44,7 +44,7 @@ def embedding_loss(student: Tensor, teacher: Tensor, kind: str) -> Tensor:
     return F.mse_loss(student.float(), teacher.float())
 
 
-class DistillationModule(pl.LightningModule):
+class DistillationModule(FrozenTeacherMixin, pl.LightningModule):
     r"""Train ``student`` to match a frozen ``teacher`` (Hinton et al. 2015), optionally with hints (FitNets).
 
     The student minimizes :math:`\alpha T^2 \mathrm{KL}(\mathrm{softmax}(z_t/T) \| \mathrm{softmax}(z_s/T))
@@ -155,53 +155,9 @@ class DistillationModule(pl.LightningModule):
             self._build_metrics(num_classes)
         self._teacher_val_acc: float | None = None
 
-    # ------------------------------------------------------------------ the teacher, held outside the module tree
-
-    @property
-    def teacher(self) -> nn.Module:
-        """The frozen teacher (not a registered submodule, so not in ``state_dict`` or ``parameters``)."""
-        teacher: nn.Module = self.__dict__["_frozen_teacher"]
-        return teacher
-
-    @teacher.setter
-    def teacher(self, teacher: nn.Module) -> None:
-        teacher.requires_grad_(False)
-        teacher.eval()
-        object.__setattr__(self, "_frozen_teacher", teacher)  # bypasses nn.Module registration
+    @override
+    def _teacher_changed(self) -> None:
         self._teacher_val_acc = None
-
-    @override
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "teacher":  # nn.Module.__setattr__ would register it as a submodule
-            object.__setattr__(self, name, value)  # runs the property setter
-        else:
-            super().__setattr__(name, value)
-
-    @override
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Self:
-        # .to(), .cuda(), .half(), .double()... move and cast the teacher with the student.
-        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
-        if recurse and "_frozen_teacher" in self.__dict__:
-            self.teacher._apply(fn)  # type: ignore[no-untyped-call]
-        return self
-
-    @override
-    def train(self, mode: bool = True) -> Self:
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
-    @override
-    def extra_repr(self) -> str:
-        n = sum(p.numel() for p in self.teacher.parameters())
-        return f"(teacher): {type(self.teacher).__name__} (frozen, {n:,} parameters, not in state_dict)"
-
-    def _teacher_forward(self, x: Any) -> Any:
-        teacher = self.teacher
-        if teacher.training:  # someone called teacher.train() directly
-            teacher.eval()
-        with torch.no_grad():
-            return teacher(x)
 
     # ------------------------------------------------------------------ batches and metrics
 
@@ -345,22 +301,30 @@ class DistillationModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    @override
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def _evaluate(self, batch: Any, stage: str) -> tuple[Any, Tensor] | None:
+        """Log ``stage``'s loss and the student's score; the labelled ``(x, y)`` for the teacher's accuracy."""
         x, y = self.unpack_batch(batch)
         logits = self(x)
+        on_bar = stage == "val"
         if self.output_loss != "kd":
             teacher = self._teacher_forward(x)
-            self.log("val/loss", embedding_loss(logits, teacher, self.output_loss))
-            self.log("val/cosine", F.cosine_similarity(logits.float(), teacher.float(), dim=-1).mean(), prog_bar=True)
-            return
+            self.log(f"{stage}/loss", embedding_loss(logits, teacher, self.output_loss))
+            cosine = F.cosine_similarity(logits.float(), teacher.float(), dim=-1).mean()
+            self.log(f"{stage}/cosine", cosine, prog_bar=on_bar)
+            return None
         if y is None:
-            return
-        self.log("val/loss", F.cross_entropy(logits, y))
-        self.val_acc(logits, y)
-        self.log("val/acc", self.val_acc, prog_bar=True)
-        if self._teacher_val_acc is None and not self.trainer.sanity_checking:
-            self.val_teacher_acc.update(self._teacher_forward(x), y)
+            return None
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y))
+        accuracy = self.val_acc if stage == "val" else self.test_acc
+        accuracy(logits, y)
+        self.log(f"{stage}/acc", accuracy, prog_bar=on_bar)
+        return x, y
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        labelled = self._evaluate(batch, "val")
+        if labelled is not None and self._teacher_val_acc is None and not self.trainer.sanity_checking:
+            self.val_teacher_acc.update(self._teacher_forward(labelled[0]), labelled[1])
 
     @override
     def on_validation_epoch_end(self) -> None:
@@ -374,20 +338,10 @@ class DistillationModule(pl.LightningModule):
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = self.unpack_batch(batch)
-        logits = self(x)
-        if self.output_loss != "kd":
-            teacher = self._teacher_forward(x)
-            self.log("test/loss", embedding_loss(logits, teacher, self.output_loss))
-            self.log("test/cosine", F.cosine_similarity(logits.float(), teacher.float(), dim=-1).mean())
-            return
-        if y is None:
-            return
-        self.log("test/loss", F.cross_entropy(logits, y))
-        self.test_acc(logits, y)
-        self.log("test/acc", self.test_acc)
-        self.test_teacher_acc(self._teacher_forward(x), y)
-        self.log("test/teacher_acc", self.test_teacher_acc)
+        labelled = self._evaluate(batch, "test")
+        if labelled is not None:
+            self.test_teacher_acc(self._teacher_forward(labelled[0]), labelled[1])
+            self.log("test/teacher_acc", self.test_teacher_acc)
 
     @override
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
