@@ -35,14 +35,13 @@ Kernels (:data:`KERNELS`, shown as :attr:`Int8Linear.kernel <lightning_compress.
   that are not float32 on the CPU).
 
 The choice is a pure function of the layer's shape, its mode, the device and what this torch and
-CPU offer (:func:`select_kernel`), so it is the same in every run on the same machine.
+CPU offer (:func:`select_kernel`), so it is the same in every run on the same machine. What they offer
+is probed, once per process, in :mod:`~lightning_compress.core.quant.fbgemm` (its names are re-exported here).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import warnings
 import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -51,6 +50,15 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from lightning_compress.core.quant.fbgemm import (
+    activation_qmax,
+    cpu_flags,
+    fbgemm_available,
+    fbgemm_pack,
+    fbgemm_u8s8_mm,
+    has_vnni,
+    linear_dynamic,
+)
 from lightning_compress.core.quant.primitives import QMAX, dequantize
 
 if TYPE_CHECKING:
@@ -84,112 +92,6 @@ batch 1 and 2-5x faster from batch 16.
 """
 
 _ATTR = "_lc_kernel_plan"
-
-_PROBED: dict[str, Any] = {}
-"""What this process found out about the CPU once (read as constants while ``torch.compile`` traces)."""
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none, e.g. macOS)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def _has_vnni() -> bool:
-    if "vnni" not in _PROBED:
-        _probe()
-    return bool(_PROBED["vnni"])
-
-
-_FBGEMM_OPS = ("linear_prepack", "linear_with_input_q_dq_qweight_dq_output_fp32", "linear_dynamic")
-
-
-def fbgemm_available() -> bool:
-    """Whether this torch has fbgemm's prepacked int8 Linear ops and they run on this CPU."""
-    if "fbgemm" not in _PROBED:
-        _probe()
-    return bool(_PROBED["fbgemm"])
-
-
-@torch.compiler.disable
-def _probe() -> None:
-    ok = "fbgemm" in torch.backends.quantized.supported_engines and all(
-        hasattr(torch.ops.quantized, name) for name in _FBGEMM_OPS
-    )
-    qmax = 0
-    if ok:
-        try:
-            qmax = _measure_qmax()
-        except Exception:  # an op that exists but fails here (a torch built without it)
-            ok = False
-    _PROBED["vnni"] = bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
-    _PROBED["qmax"] = qmax
-    _PROBED["fbgemm"] = ok
-
-
-def fbgemm_pack(weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Any:
-    """Prepack an int8 ``[N, K]`` weight with its float scales (and bias) for fbgemm.
-
-    The scales become the packed weight's per-channel (or per-tensor) scales; a zero scale (an
-    all-zero channel) is packed as 1, which changes nothing since its weights are zeros.
-    """
-    scale = torch.where(weight_scale > 0, weight_scale, torch.ones_like(weight_scale)).to(torch.float64)
-    w = weight.detach().contiguous()
-    engine = torch.backends.quantized.engine
-    with warnings.catch_warnings():
-        # Quantized tensors are marked for removal; they are only the carrier of the packed weight.
-        warnings.simplefilter("ignore")
-        try:
-            torch.backends.quantized.engine = "fbgemm"
-            if scale.numel() == 1:
-                qw = torch._make_per_tensor_quantized_tensor(w, float(scale), 0)
-            else:
-                zeros = torch.zeros(scale.numel(), dtype=torch.long)
-                qw = torch._make_per_channel_quantized_tensor(w, scale, zeros, 0)
-            b = None if bias is None else bias.detach().to(torch.float32).contiguous()
-            return torch.ops.quantized.linear_prepack(qw, b)
-        finally:
-            torch.backends.quantized.engine = engine
-
-
-def fbgemm_u8s8_mm(x: Tensor, packed: Any, x_scale: float, zero_point: int) -> Tensor:
-    """``x_scale * weight_scale * sum_k (u_mk - zero_point) w_nk (+ bias)`` in float32, one fbgemm call.
-
-    ``u = clamp(round(x / x_scale) + zero_point, 0, 255)`` is the op's own quantization of the
-    float32 ``[M, K]`` input.
-    """
-    op = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-    return op(x, x_scale, zero_point, packed)
-
-
-def activation_qmax() -> int:
-    """The largest activation magnitude for which fbgemm's u8 x s8 product is exact on this CPU.
-
-    127 when an adversarial product (activations 127, zero point 128, so ``u = 255``, times
-    weights 127) comes out exact, i.e. the CPU accumulates u8 x s8 into int32 (VNNI); otherwise 63
-    (``u <= 127``, so no pair of products can saturate int16). Measured once per process; 0 where
-    fbgemm is not available.
-    """
-    if "qmax" not in _PROBED:
-        _probe()
-    return int(_PROBED["qmax"])
-
-
-def _measure_qmax() -> int:
-    k = 64
-    w = torch.full((8, k), QMAX, dtype=torch.int8)
-    packed = fbgemm_pack(w, torch.ones(8), None)
-    x = torch.full((4, k), float(QMAX))
-    got = fbgemm_u8s8_mm(x, packed, 1.0, QMAX + 1)
-    return QMAX if bool((got == float(QMAX * QMAX * k)).all()) else (QMAX + 1) // 2 - 1
-
 
 _FORCED: list[str | None] = [None]
 
@@ -234,7 +136,7 @@ def select_kernel(in_features: int, out_features: int, mode: str, device: torch.
         return "float"
     if fbgemm_available():
         return "fbgemm_u8s8"
-    return "int_mm" if _has_vnni() else "float"
+    return "int_mm" if has_vnni() else "float"
 
 
 def _version(t: Tensor | None) -> int:
@@ -382,11 +284,6 @@ def linear_forward(layer: Int8Linear, x: Tensor) -> Tensor | None:
 _INF = float("inf")
 
 
-def _linear_dynamic(x: Tensor, packed: Any, reduce_range: bool) -> Tensor:
-    """``torch.ops.quantized.linear_dynamic``: u8 activations quantized on the range of ``x``, one call."""
-    return torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
-
-
 def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int) -> Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
@@ -398,14 +295,14 @@ def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int)
         # for a finite row and NaN for a row with a NaN or an inf, as in float.
         out.add_(x2.sum(dim=1, keepdim=True).mul_(0.0))
     elif x2.shape[0] == 1:  # one row: its own range is the call's range
-        out = _linear_dynamic(x2, plan.packed, plan.reduce_range)
+        out = linear_dynamic(x2, plan.packed, plan.reduce_range)
         if plan.bias is not None:
             out.add_(plan.bias)
     else:
         # Each row divided by its max |x| (NaN for a row with a NaN, inf with an inf; an all-zero row
         # gets a tiny divisor and zeros), quantized by the op on the batch's range of [-1, 1].
         row_max = torch.linalg.vector_norm(x2, _INF, dim=1, keepdim=True).clamp_min_(1e-30)
-        out = _linear_dynamic(torch.div(x2, row_max), plan.packed, plan.reduce_range)
+        out = linear_dynamic(torch.div(x2, row_max), plan.packed, plan.reduce_range)
         out = out.mul_(row_max) if plan.bias is None else torch.addcmul(plan.bias, out, row_max)
     return out.reshape(*lead, out_features)
 
@@ -463,13 +360,5 @@ def _int8_linear_fbgemm(
 
 
 @_int8_linear_fbgemm.register_fake
-def _(
-    x: Tensor,
-    weight: Tensor,
-    weight_scale: Tensor,
-    bias: Tensor | None,
-    input_scale: Tensor | None,
-    mode: str,
-    key: int,
-) -> Tensor:
+def _(x: Tensor, weight: Tensor, *rest: Any) -> Tensor:  # the other arguments do not shape the output
     return x.new_empty(x.shape[0], weight.shape[0])
