@@ -7,7 +7,7 @@ torchvision on first use. Both come with the ``demo`` extra: ``pip install "ligh
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -178,6 +178,20 @@ def _load_digits() -> tuple[Tensor, Tensor]:
     return x, y
 
 
+def _stage_loader(
+    name: str, stage: str, dataset: str, shuffle: bool = False
+) -> Callable[[_SplitDataModule], DataLoader[Any]]:
+    """The ``<name>_dataloader`` hook of :class:`_SplitDataModule`: ``setup(stage)``, then a loader over ``dataset``."""
+
+    def loader(self: _SplitDataModule) -> DataLoader[Any]:
+        self.setup(stage)
+        return self._loader(getattr(self, dataset), shuffle=shuffle)
+
+    loader.__name__ = f"{name}_dataloader"
+    loader.__qualname__ = f"_SplitDataModule.{name}_dataloader"
+    return override(loader)  # the hook of LightningDataModule
+
+
 class _SplitDataModule(pl.LightningDataModule):
     """Train, validation and test sets that ``setup`` fills, and one DataLoader recipe for all of them.
 
@@ -208,25 +222,10 @@ class _SplitDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    @override
-    def train_dataloader(self) -> DataLoader[Any]:
-        self.setup("fit")
-        return self._loader(self.train_set, shuffle=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader[Any]:
-        self.setup("validate")
-        return self._loader(self.val_set, shuffle=False)
-
-    @override
-    def test_dataloader(self) -> DataLoader[Any]:
-        self.setup("test")
-        return self._loader(self.test_set, shuffle=False)
-
-    @override
-    def predict_dataloader(self) -> DataLoader[Any]:
-        self.setup("predict")
-        return self._loader(self.test_set, shuffle=False)
+    train_dataloader = _stage_loader("train", "fit", "train_set", shuffle=True)
+    val_dataloader = _stage_loader("val", "validate", "val_set")
+    test_dataloader = _stage_loader("test", "test", "test_set")
+    predict_dataloader = _stage_loader("predict", "predict", "test_set")
 
 
 class DigitsDataModule(_SplitDataModule):
