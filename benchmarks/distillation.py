@@ -233,25 +233,17 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     ce_lrs = [1e-2] if smoke else [1e-3, 3e-3, 1e-2]
     kd_lrs = [1e-2] if smoke else [3e-3, 1e-2]
     results: dict[str, list[float]] = {}
+    common: dict[str, Any] = {"hidden": HIDDEN, "epochs": student_epochs, "limit": limit}  # as in run_main
     for seed in seeds:
         teacher, t = train_teacher(seed, teacher_epochs, limit)
         results.setdefault("teacher", []).append(t["val_acc"])
         for lr in ce_lrs:
-            r = train_student(seed, None, hidden=HIDDEN, lr=lr, epochs=student_epochs, limit=limit)
+            r = train_student(seed, None, lr=lr, **common)
             results.setdefault(f"scratch lr={lr:g}", []).append(r["val_acc"])
         for lr in kd_lrs:
             for temperature in grid_t:
                 for alpha in grid_a:
-                    r = train_student(
-                        seed,
-                        teacher,
-                        hidden=HIDDEN,
-                        lr=lr,
-                        epochs=student_epochs,
-                        limit=limit,
-                        temperature=temperature,
-                        alpha=alpha,
-                    )
+                    r = train_student(seed, teacher, lr=lr, temperature=temperature, alpha=alpha, **common)
                     results.setdefault(f"distilled lr={lr:g} T={temperature:g} alpha={alpha:g}", []).append(
                         r["val_acc"]
                     )
