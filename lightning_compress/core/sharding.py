@@ -236,7 +236,8 @@ def sharded_masks(
         ``(local, full)``: each rank's masks of its local rows, and the full masks (CPU bool, the same
         on every rank).
     """
-    from lightning_compress.core.prune.masks import _channel_scores, compute_masks, global_channel_keep, parse_nm
+    from lightning_compress.core.prune.masks import _channel_scores, compute_masks, global_channel_keep
+    from lightning_compress.core.prune.nm import parse_nm
     from lightning_compress.core.prune.patterns import prune_count, rank_pruned_last, smallest
 
     prev = dict(previous or {})

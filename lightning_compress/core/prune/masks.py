@@ -1,4 +1,4 @@
-"""Which weights to zero: magnitude, channel and N:M masks, one table of mask patterns, and applying them.
+"""Which weights to zero: magnitude and channel masks, the N:M ones re-exported, and the one entry point.
 
 A *mask* is a ``bool`` tensor shaped like its weight, ``True`` where the weight is kept. Masks
 travel as a dict ``parameter name -> mask``. Every function here is deterministic: ties between
@@ -7,8 +7,10 @@ the same weights compute the same masks.
 
 A *mask pattern* decides which entries to zero from the weights' *scores*
 (:mod:`~lightning_compress.core.prune.scores`): ``"magnitude"`` zeroes the lowest-scored entries
-anywhere, ``"channel"`` whole output channels, ``"N:M"`` all but N of every M along the input.
-:func:`compute_masks` looks the ``method`` up in one table; a new pattern is one entry
+anywhere, ``"channel"`` whole output channels, ``"N:M"`` all but N of every M along the input
+(:mod:`~lightning_compress.core.prune.nm`; :func:`nm_masks`, :func:`nm_keep_per_group` and
+:func:`parse_nm` are re-exported here). :func:`compute_masks` looks the ``method`` up in one table,
+where this module registers the three; a new pattern is one entry
 (:mod:`~lightning_compress.core.prune.patterns`: ``register_pattern``, or ``register_pattern_family`` for a
 parametrised one such as N:M). Applying masks in place lives with the mask keeper
 (:func:`~lightning_compress.core.prune.keeper.apply_masks_`, re-exported here).
@@ -20,7 +22,6 @@ is what gradual pruning (Zhu & Gupta 2017) does, since a pruned weight is exactl
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -28,6 +29,10 @@ from torch import Tensor
 
 from lightning_compress.core.layout import LayoutPlan, WeightLayout
 from lightning_compress.core.prune.keeper import apply_masks_, mask_optimizer_state_  # noqa: F401  (their old home)
+from lightning_compress.core.prune.nm import _nm_family
+from lightning_compress.core.prune.nm import nm_keep_per_group as nm_keep_per_group  # their old home
+from lightning_compress.core.prune.nm import nm_masks as nm_masks
+from lightning_compress.core.prune.nm import parse_nm as parse_nm
 from lightning_compress.core.prune.patterns import (
     MaskPattern,
     pattern_for,
@@ -47,29 +52,11 @@ __all__ = [
     "compute_masks",
     "magnitude_masks",
     "masks_sparsity",
-    "nm_keep_per_group",
-    "nm_masks",
-    "parse_nm",
 ]
 
 SCOPES: tuple[str, ...] = ("global", "layer", "row")
 """``global``: one ranking over all selected weights; ``layer``: each layer to the target; ``row``: each
 output row (output channel) of each layer to the target, the comparison group of Wanda (Sun et al. 2023)."""
-
-_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-
-
-def parse_nm(method: str) -> tuple[int, int] | None:
-    """``(N, M)`` for an N:M method such as ``"2:4"``, ``None`` for any other string.
-
-    The numbers are not validated here (the callback checks ``0 < N < M``).
-
-    Example:
-        >>> parse_nm("2:4"), parse_nm("magnitude")
-        ((2, 4), None)
-    """
-    match = _NM.match(method)
-    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def _magnitudes(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -276,94 +263,6 @@ def global_channel_keep(channels: list[Tensor], row_numels: list[int], sparsity:
 _channel_pattern = _scoped(_channel_layer, _channel_global)
 
 
-def nm_keep_per_group(sparsity: float, n: int, m: int) -> int:
-    """Weights kept per group of ``m`` at ``sparsity`` on the way to N:M: ``m - round(sparsity * m)``, at least ``n``.
-
-    A gradual schedule thus climbs a staircase (4:4, 3:4, 2:4 for ``"2:4"``) and ends exactly on N:M.
-
-    Example:
-        >>> [nm_keep_per_group(s, 2, 4) for s in (0.0, 0.1, 0.2, 0.4, 0.5)]
-        [4, 4, 3, 2, 2]
-    """
-    return max(n, m - prune_count(sparsity, m))
-
-
-def _reduction_last(weight: Tensor) -> Tensor:
-    """The weight as ``(out, K)`` with the reduction axis last: ``(out, *kernel, in)`` flattened for convs."""
-    if weight.dim() <= 2:
-        return weight.reshape(weight.shape[0], -1)
-    return weight.permute(0, *range(2, weight.dim()), 1).reshape(weight.shape[0], -1)
-
-
-def _from_reduction_last(flat: Tensor, shape: torch.Size) -> Tensor:
-    if len(shape) <= 2:
-        return flat.reshape(shape)
-    permuted = flat.reshape(shape[0], *shape[2:], shape[1])
-    return permuted.permute(0, len(shape) - 1, *range(1, len(shape) - 1))
-
-
-@torch.no_grad()
-def nm_masks(
-    weights: Mapping[str, Tensor],
-    n: int,
-    m: int,
-    keep: int | None = None,
-    previous: Mapping[str, Tensor] | None = None,
-) -> dict[str, Tensor]:
-    """Keep the ``keep`` (default ``n``) largest ``|w|`` in every ``m`` consecutive weights along the input.
-
-    Groups run along the reduction axis of the layer seen as a matrix product: the input features
-    of a ``Linear``; for a convolution the weight is read as ``(out, *kernel, in / groups)``
-    (channels-last, as sparse tensor cores read it), so a group spans ``m`` consecutive input
-    channels at one kernel position whenever ``in / groups`` is a multiple of ``m``, and otherwise
-    continues across kernel positions. A depthwise 3x3 filter (9 weights) thus forms groups of
-    4, 4 and 1. A trailing partial group of ``r < m`` weights keeps at most ``min(r, keep)``.
-    Scope does not apply: every group meets the pattern on its own.
-
-    Args:
-        weights: ``name -> weight`` with at least one dimension.
-        n: nonzeros allowed per group at the end (``0 < n < m``).
-        m: group size.
-        keep: nonzeros kept per group now (``n <= keep <= m``), see :func:`nm_keep_per_group`.
-        previous: masks from the last update; entries they prune stay pruned.
-
-    Returns:
-        ``name -> bool mask`` (``True`` = kept).
-
-    Example:
-        >>> import torch
-        >>> w = {"fc": torch.tensor([[4.0, -1.0, 3.0, 0.5, 9.0, -8.0]])}
-        >>> nm_masks(w, 2, 4)["fc"].int().tolist()
-        [[1, 0, 1, 0, 1, 1]]
-    """
-    return _nm_pattern(_magnitudes(weights), n, m, n if keep is None else keep, previous)
-
-
-def _nm_pattern(
-    scores: Mapping[str, Tensor], n: int, m: int, k: int, previous: Mapping[str, Tensor] | None
-) -> dict[str, Tensor]:
-    """The N:M pattern on scores: keep the ``k`` best of every ``m`` along the input (see :func:`nm_masks`)."""
-    prev = previous or {}
-    masks = {}
-    for name, s in scores.items():
-        rows = _reduction_last(rank_pruned_last(s, prev.get(name)).view(s.shape))
-        width = rows.shape[1]
-        pad = (-width) % m
-        if pad:
-            rows = torch.cat([rows, rows.new_full((rows.shape[0], pad), -math.inf)], dim=1)
-        groups = rows.view(rows.shape[0], -1, m)
-        order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
-        kept = torch.zeros_like(groups, dtype=torch.bool)
-        kept.scatter_(-1, order[..., :k], True)
-        kept &= groups > -math.inf  # padding is never kept
-        flat = kept.view(rows.shape[0], -1)[:, :width]
-        mask = _from_reduction_last(flat, s.shape).contiguous()
-        if name in prev:  # an entry pruned before stays pruned even where its group keeps spare room
-            mask &= prev[name].to(mask.device)
-        masks[name] = mask
-    return masks
-
-
 def compute_masks(
     weights: Mapping[str, Tensor],
     sparsity: float,
@@ -415,20 +314,6 @@ def compute_masks(
         stats = plan.repeat(statistics) if statistics is not None else None
         scores = score_weights(plan.split(weights), score, stats)
         return plan.join(pattern(scores, sparsity, scope, plan.split(previous) if previous is not None else None))
-
-
-def _nm_family(method: str) -> MaskPattern | None:
-    nm = parse_nm(method)
-    if nm is None:
-        return None
-    n, m = nm
-
-    def pattern(
-        scores: Mapping[str, Tensor], sparsity: float, scope: str, previous: Mapping[str, Tensor] | None
-    ) -> dict[str, Tensor]:
-        return _nm_pattern(scores, n, m, nm_keep_per_group(sparsity, n, m), previous)
-
-    return pattern
 
 
 register_pattern("magnitude", _unstructured_pattern)
