@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -39,6 +40,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when a smoke test loads this script from its path
+from _common import bench_trainer
 
 from lightning_compress import QuantizeOnFitEnd
 from lightning_compress.core.files import atomic_write_text
@@ -106,14 +110,10 @@ class _StepTimer(Callback):
 
 
 def make_trainer(epochs: int, callbacks: list[Callback], limit_batches: int | None) -> pl.Trainer:
-    return pl.Trainer(
+    return bench_trainer(
         max_epochs=epochs,
         accelerator="cpu",
         devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
         limit_train_batches=limit_batches if limit_batches else 1.0,
