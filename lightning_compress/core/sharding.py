@@ -236,16 +236,18 @@ def sharded_masks(
         ``(local, full)``: each rank's masks of its local rows, and the full masks (CPU bool, the same
         on every rank).
     """
-    from lightning_compress.core.prune.masks import _channel_scores, compute_masks, global_channel_keep
+    from lightning_compress.core.prune.masks import (
+        _channel_scores,
+        _expand_channels,
+        compute_masks,
+        global_channel_keep,
+        layer_channel_keep,
+    )
     from lightning_compress.core.prune.nm import parse_nm
-    from lightning_compress.core.prune.patterns import prune_count, rank_pruned_last, smallest
+    from lightning_compress.core.prune.patterns import prune_count, rank_pruned_last
 
     prev = dict(previous or {})
-    lean = (
-        all(row_shardable(w) for w in weights.values()) and not any(layouts.get(n) for n in weights)
-        if layouts
-        else all(row_shardable(w) for w in weights.values())
-    )
+    lean = all(row_shardable(w) for w in weights.values()) and not any((layouts or {}).get(n) for n in weights)
     lean = lean and score == "magnitude" and statistics is None
     if not lean or not (method in ("magnitude", "channel") or parse_nm(method) is not None) or not weights:
         full = {n: full_tensor(w) for n, w in weights.items()}  # the fallback: every rank decides alike
@@ -272,25 +274,18 @@ def sharded_masks(
             chosen = _smallest_sharded(flats, k, group)
         local = {n: (~c).view(locals_[n].shape) for n, c in zip(weights, chosen, strict=True)}
     else:  # channel: one score per output channel crosses the wire
-        scores = {
-            n: all_gather_rows(_channel_scores(locals_[n].abs().float(), local_prev.get(n)), w)
+        gathered = [
+            all_gather_rows(_channel_scores(locals_[n].abs().float(), local_prev.get(n)), w).cpu()
             for n, w in weights.items()
-        }
+        ]
         if scope == "layer":
-            keeps = []
-            for n, w in weights.items():
-                k = min(prune_count(sparsity, w.shape[0]), w.shape[0] - 1)
-                flat = scores[n]
-                keeps.append(~smallest(flat.cpu(), k))
+            keeps = [layer_channel_keep(s, sparsity) for s in gathered]
         else:
-            keeps = global_channel_keep(
-                [s.cpu() for s in scores.values()], [w[0].numel() for w in weights.values()], sparsity
-            )
-        local = {}
-        for (n, w), keep in zip(weights.items(), keeps, strict=True):
-            rows = local_rows(keep, w).to(locals_[n].device)
-            shape = (rows.shape[0],) + (1,) * (w.dim() - 1)
-            local[n] = rows.view(shape).expand(locals_[n].shape).clone()
+            keeps = global_channel_keep(gathered, [w[0].numel() for w in weights.values()], sparsity)
+        local = {
+            n: _expand_channels(local_rows(keep, w), locals_[n])
+            for (n, w), keep in zip(weights.items(), keeps, strict=True)
+        }
     full_masks = {n: all_gather_rows(local[n].to(torch.uint8), weights[n]).bool().cpu() for n in weights}
     return local, full_masks
 

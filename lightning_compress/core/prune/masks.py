@@ -206,9 +206,18 @@ def channel_masks(
 
 def _channel_layer(score: Tensor, sparsity: float, previous: Tensor | None) -> Tensor:
     """The ``"channel"`` pattern on one layer: its channels of least RMS score, one always kept."""
-    channels = score.shape[0]
-    k = min(prune_count(sparsity, channels), channels - 1)
-    return _expand_channels(~smallest(_channel_scores(score, previous), k), score)
+    return _expand_channels(layer_channel_keep(_channel_scores(score, previous), sparsity), score)
+
+
+def layer_channel_keep(channel: Tensor, sparsity: float) -> Tensor:
+    """Which channels of one layer the ``"layer"``-scoped ``"channel"`` pattern keeps, from their scores alone.
+
+    ``channel`` holds one score per output channel (see :func:`global_channel_keep`); the
+    ``round(sparsity * C)`` lowest go, at most ``C - 1``. Sharded training calls it with the scores
+    gathered from every shard.
+    """
+    k = min(prune_count(sparsity, channel.numel()), channel.numel() - 1)
+    return ~smallest(channel, k)
 
 
 def _channel_global(scores: Mapping[str, Tensor], sparsity: float, prev: Mapping[str, Tensor]) -> dict[str, Tensor]:
