@@ -164,7 +164,7 @@ def _layer_state(
             layer.configure(mode, per_channel)
         else:
             placeholder = torch.ones(()) if mode == "static" else None
-            layer = int8_type.from_float(_meta_copy(current), mode, per_channel, placeholder)  # type: ignore[attr-defined]
+            layer = int8_type.from_float(_meta_copy(current), mode, per_channel, placeholder)
     return {k: (tuple(v.shape), v.dtype) for k, v in layer.state_dict().items()}
 
 

@@ -129,7 +129,7 @@ def _apply(module: nn.Module, plan: _Plan) -> None:
     for name, int8_type, current, mode, per_channel in plan.convert:
         device = next(iter(current.parameters()), torch.empty(0)).device
         placeholder = torch.ones((), device=device) if mode == "static" else None
-        new = int8_type.from_float(current, mode, per_channel, placeholder)  # type: ignore[attr-defined]
+        new = int8_type.from_float(current, mode, per_channel, placeholder)
         new.train(current.training)
         parent_name, _, child = name.rpartition(".")
         if new is not current:

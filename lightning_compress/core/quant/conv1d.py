@@ -16,7 +16,7 @@ asked about a model while ``transformers.pytorch_utils`` is imported
 from __future__ import annotations
 
 from torch import Tensor, nn
-from typing_extensions import override
+from typing_extensions import Self, override
 
 from lightning_compress.core.quant.modules import Int8Linear
 
@@ -51,23 +51,17 @@ class Int8Conv1D(Int8Linear):
         super().__init__(nx, nf, bias, mode, per_channel)
         self.nf = nf
 
+    @override
     @classmethod
-    def from_float(
-        cls,
-        module: nn.Module,
-        mode: str = "dynamic",
-        per_channel: bool = True,
-        input_scale: Tensor | None = None,
-    ) -> Int8Conv1D:
-        """Quantize a trained ``Conv1D``; ``input_scale`` is needed for ``"static"``."""
+    def _from_float(cls, module: nn.Module, mode: str, per_channel: bool, input_scale: Tensor | None) -> Self:
+        """``module``: a ``Conv1D`` (weight ``[in, out]``); ``input_scale`` is needed for ``"static"``."""
         weight = module.weight
         bias = module.bias
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             raise TypeError(f"Expected a Conv1D with a 2-D `weight`, but got {type(module).__name__}.")
         nx, nf = weight.shape
         new = cls(int(nf), int(nx), isinstance(bias, Tensor), mode, per_channel)
-        new._set_from_float(weight.t(), bias if isinstance(bias, Tensor) else None, input_scale)
-        return new.to(device=weight.device)
+        return new._filled(weight.t(), bias if isinstance(bias, Tensor) else None, input_scale)
 
     @override
     def extra_repr(self) -> str:

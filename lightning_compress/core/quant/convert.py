@@ -303,7 +303,7 @@ def _convert_one(
             layer_mode = "dynamic"
             reason = "input never observed" if name not in ranges else "input was all zeros"
             result.fallbacks[name] = f"dynamic ({reason} during calibration)"
-    new: Int8Module = entry.int8_type.from_float(module, layer_mode, per_channel, scale)  # type: ignore[attr-defined]
+    new: Int8Module = entry.int8_type.from_float(module, layer_mode, per_channel, scale)
     new.train(module.training)
     _set_submodule(model, name, new)
     result.converted[name] = layer_mode

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from typing_extensions import override
+from typing_extensions import Self, override
 
 from lightning_compress.core.quant.modules import Int8Module
 
@@ -67,25 +67,15 @@ class Int8Embedding(Int8Module):
             padding_idx += num_embeddings
         self.padding_idx = padding_idx
 
+    @override
     @classmethod
-    def from_float(
-        cls,
-        module: nn.Embedding,
-        mode: str = "dynamic",
-        per_channel: bool = True,
-        input_scale: Tensor | None = None,
-    ) -> Int8Embedding:
-        """Quantize a trained ``nn.Embedding``; ``input_scale`` is ignored.
-
-        Raises:
-            ValueError: for an embedding with ``max_norm`` (see :func:`embedding_refusal`).
-        """
+    def _from_float(cls, module: nn.Embedding, mode: str, per_channel: bool, input_scale: Tensor | None) -> Self:
+        """``module``: an ``nn.Embedding`` without ``max_norm`` (see :func:`embedding_refusal`); no ``input_scale``."""
         why = embedding_refusal(module)
         if why is not None:
             raise ValueError(f"Cannot make an Int8Embedding: {why} (max_norm={module.max_norm}).")
         new = cls(module.num_embeddings, module.embedding_dim, module.padding_idx, mode, per_channel)
-        new._set_from_float(module.weight, None, None)
-        return new.to(device=module.weight.device)
+        return new._filled(module.weight, None, None)
 
     @override
     def forward(self, input: Tensor) -> Tensor:

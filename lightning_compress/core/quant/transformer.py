@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from typing_extensions import override
+from typing_extensions import Self, override
 
 from lightning_compress.core.quant.hf import guard_save_pretrained
 from lightning_compress.core.quant.modules import MODES, Int8Linear, Int8Module
@@ -174,19 +174,16 @@ class Int8InProjMultiheadAttention(Int8MultiheadAttention, Int8Module):
         self.mode = mode
         self.per_channel = bool(per_channel)
 
+    @override
     @classmethod
     @torch.no_grad()
-    def from_float(
-        cls,
-        module: nn.MultiheadAttention,
-        mode: str = "dynamic",
-        per_channel: bool = True,
-        input_scale: Tensor | None = None,
-    ) -> Int8InProjMultiheadAttention:
+    def _from_float(
+        cls, module: nn.MultiheadAttention, mode: str, per_channel: bool, input_scale: Tensor | None
+    ) -> Self:
         """Quantize ``module``'s packed ``in_proj_weight`` in place and return ``module``, now of this class."""
         if isinstance(module, Int8InProjMultiheadAttention):
             module.configure(mode, per_channel)
-            return module
+            return module  # type: ignore[return-value]  # already int8: configured, whatever its class
         if mode not in MODES:
             raise ValueError(f"Expected `mode` to be one of {MODES}, but got {mode!r}.")
         weight = module.in_proj_weight
@@ -204,7 +201,7 @@ class Int8InProjMultiheadAttention(Int8MultiheadAttention, Int8Module):
         module._buffers["in_proj_weight_scale"] = scale.to(weight.device).contiguous()
         module._buffers["input_scale"] = None
         module.__class__ = cls
-        new: Int8InProjMultiheadAttention = module  # type: ignore[assignment]
+        new: Self = module  # type: ignore[assignment]
         new.mode = mode
         new.per_channel = bool(per_channel)
         new.compute_dtype = weight.dtype

@@ -1,0 +1,121 @@
+"""``Int8Conv2d``: ``nn.Conv2d`` (grouped and depthwise included) with an int8 weight.
+
+A convolution always computes with its dequantized weight and ``F.conv2d`` (``mode`` is recorded
+for the artifact): on the CPU we measured an unfold + ``torch._int_mm`` convolution 2.5-15x slower
+than the float one, while dequantizing adds 0-17 % to the float convolution
+(see ``benchmarks/int8_latency.py`` and the quantization docs).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.nn.modules.utils import _pair
+from typing_extensions import Self, override
+
+from lightning_compress.core.quant.base import Int8Module
+
+__all__ = ["Int8Conv2d"]
+
+
+def _reversed_padding_twice(
+    padding: tuple[int, int] | str, kernel_size: tuple[int, int], dilation: tuple[int, int]
+) -> list[int]:
+    """The ``F.pad`` amounts (last dimension first) that ``nn.Conv2d`` uses for a non-zero padding mode."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0, 0, 0, 0]
+        pads: list[int] = []
+        for d, k in zip(reversed(dilation), reversed(kernel_size), strict=True):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return pads
+    return [p for p in reversed(padding) for _ in range(2)]
+
+
+class Int8Conv2d(Int8Module):
+    """A ``Conv2d`` (grouped and depthwise included) whose weight is stored as int8 with float scales.
+
+    It computes with the dequantized weight and ``F.conv2d`` in every mode (measured faster on the
+    CPU than an int8 unfold product); the int8 storage is what makes it small.
+
+    Example:
+        >>> import torch
+        >>> conv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        >>> q = Int8Conv2d.from_float(conv)
+        >>> x = torch.randn(2, 8, 5, 5)
+        >>> q.int8_weight.dtype, bool((q(x) - conv(x)).abs().max() < 0.05)
+        (torch.int8, True)
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        mode: str = "dynamic",
+        per_channel: bool = True,
+    ) -> None:
+        kh, kw = _pair(kernel_size)
+        super().__init__((out_channels, in_channels // groups, kh, kw), bias, mode, per_channel, static_input=False)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = (kh, kw)
+        self.stride = _pair(stride)
+        self.padding: tuple[int, int] | str = padding if isinstance(padding, str) else _pair(padding)
+        self.dilation = _pair(dilation)
+        self.groups = groups
+        self.padding_mode = padding_mode
+        # What nn.Conv2d pads with before the convolution when padding_mode is not "zeros".
+        self._pad_twice = _reversed_padding_twice(self.padding, self.kernel_size, self.dilation)
+
+    @override
+    @classmethod
+    def _from_float(cls, module: nn.Conv2d, mode: str, per_channel: bool, input_scale: Tensor | None) -> Self:
+        """``module``: an ``nn.Conv2d``; ``input_scale`` is ignored (a convolution computes in float)."""
+        padding = module.padding if isinstance(module.padding, str) else _pair(module.padding)
+        new = cls(
+            module.in_channels,
+            module.out_channels,
+            _pair(module.kernel_size),
+            _pair(module.stride),
+            padding,
+            _pair(module.dilation),
+            module.groups,
+            module.bias is not None,
+            module.padding_mode,
+            mode,
+            per_channel,
+        )
+        return new._filled(module.weight, module.bias, None)
+
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.dequantize_weight(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._pad_twice, mode=self.padding_mode)
+            return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    @override
+    def extra_repr(self) -> str:
+        text = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride},"
+            f" padding={self.padding}"
+        )
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation}"
+        if self.groups != 1:
+            text += f", groups={self.groups}"
+        if self.bias is None:
+            text += ", bias=False"
+        if self.padding_mode != "zeros":
+            text += f", padding_mode={self.padding_mode!r}"
+        return f"{text}, {self._extra()}"
