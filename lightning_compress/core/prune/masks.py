@@ -65,10 +65,7 @@ def _magnitudes(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def magnitude_masks(
-    weights: Mapping[str, Tensor],
-    sparsity: float,
-    scope: str = "global",
-    previous: Mapping[str, Tensor] | None = None,
+    weights: Mapping[str, Tensor], sparsity: float, scope: str = "global", previous: Mapping[str, Tensor] | None = None
 ) -> dict[str, Tensor]:
     """Keep the largest ``|w|``: zero the ``round(sparsity * n)`` smallest.
 
@@ -171,10 +168,7 @@ def _expand_channels(keep: Tensor, weight: Tensor) -> Tensor:
 
 @torch.no_grad()
 def channel_masks(
-    weights: Mapping[str, Tensor],
-    sparsity: float,
-    scope: str = "global",
-    previous: Mapping[str, Tensor] | None = None,
+    weights: Mapping[str, Tensor], sparsity: float, scope: str = "global", previous: Mapping[str, Tensor] | None = None
 ) -> dict[str, Tensor]:
     """Zero whole output channels (rows of a Linear weight, filters of a convolution) of least L2 norm.
 
