@@ -13,19 +13,9 @@ from lightning_compress.core.prune.patterns import (
     is_pattern,
     pattern_for,
     pattern_names,
-    prune_count,
-    rank_pruned_last,
     register_pattern,
     register_pattern_family,
-    smallest,
 )
-
-
-@pytest.fixture(autouse=True)
-def _own_table(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Patterns registered by a test stay in that test (the callback's error message lists the table)."""
-    monkeypatch.setattr(patterns, "_PATTERNS", dict(patterns._PATTERNS))
-    monkeypatch.setattr(patterns, "_FAMILIES", dict(patterns._FAMILIES))
 
 
 def test_builtin_patterns_are_the_table_entries() -> None:
@@ -84,9 +74,10 @@ def test_a_user_family_resolves_its_parameters() -> None:
 
 
 def test_ranking_tools() -> None:
-    assert [prune_count(s, 10) for s in (0.0, 0.25, 0.35, 1.0, -1.0)] == [0, 3, 4, 10, 0]
-    assert smallest(torch.tensor([2.0, 1.0, 2.0, 2.0]), 2).tolist() == [True, True, False, False]  # tie: lower index
-    assert smallest(torch.tensor([2.0, 1.0]), 0).tolist() == [False, False]
-    assert smallest(torch.tensor([2.0, 1.0]), 5).tolist() == [True, True]
-    ranked = rank_pruned_last(torch.tensor([[-3.0, 1.0]]), torch.tensor([[True, False]]))
+    assert [patterns.prune_count(s, 10) for s in (0.0, 0.25, 0.35, 1.0, -1.0)] == [0, 3, 4, 10, 0]
+    tied = torch.tensor([2.0, 1.0, 2.0, 2.0])
+    assert patterns.smallest(tied, 2).tolist() == [True, True, False, False]  # tie: lower index
+    assert patterns.smallest(torch.tensor([2.0, 1.0]), 0).tolist() == [False, False]
+    assert patterns.smallest(torch.tensor([2.0, 1.0]), 5).tolist() == [True, True]
+    ranked = patterns.rank_pruned_last(torch.tensor([[-3.0, 1.0]]), torch.tensor([[True, False]]))
     assert ranked.tolist() == [-3.0, float("-inf")]

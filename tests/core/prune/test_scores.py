@@ -3,7 +3,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_compress.core.prune import scores
 from lightning_compress.core.prune.masks import compute_masks, magnitude_masks
 from lightning_compress.core.prune.scores import (
     magnitude_score,
@@ -14,12 +13,6 @@ from lightning_compress.core.prune.scores import (
     wanda_score,
 )
 from lightning_compress.errors import CompressionConfigError
-
-
-@pytest.fixture(autouse=True)
-def _own_table(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Scores registered by a test stay in that test."""
-    monkeypatch.setattr(scores, "_SCORES", dict(scores._SCORES))
 
 
 def test_builtin_scores_are_registered_with_the_statistic_they_need() -> None:
