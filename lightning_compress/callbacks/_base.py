@@ -1,10 +1,13 @@
 """The base of every lightning-compress callback: identity, versioned state, ``verbose``, release.
 
-A callback subclasses :class:`CompressionCallback` and says three things:
+A callback subclasses :class:`CompressionCallback` and says what is its own:
 
-* ``_identity()``: the arguments that tell two instances apart in one checkpoint (they build
-  ``state_key``, as Lightning's ``EarlyStopping`` does);
-* ``_arguments()``: the arguments saved with the state and compared on resume;
+* ``IDENTITY``: the names of the arguments that tell two instances apart in one checkpoint (they
+  build ``state_key``, as Lightning's ``EarlyStopping`` does; ``_identity()`` reads them);
+* ``SAVED``: the names of the arguments saved with the state and compared on resume
+  (``_arguments()`` reads them; usually the identity and more: ``SAVED = (*IDENTITY, ...)``);
+* ``_setup_fit(trainer, pl_module)``: its checks before a fit (``setup`` has already refused the
+  strategies no callback supports);
 * ``_state()`` / ``_load_state(state)``: its own resumable state (plain, picklable values: numbers,
   strings, CPU tensors), and ``_release()``: drop every reference to the model and every hook.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -34,6 +38,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_compress.callbacks._selection import warn_left_out
+from lightning_compress.callbacks._strategies import check_strategy
+from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, Target, select_targets
 from lightning_compress.errors import CompressionConfigError, check_verbose
 
 __all__ = ["CompressionCallback"]
@@ -53,6 +60,18 @@ class CompressionCallback(Callback):
     VERBOSE_LEVELS: ClassVar[int] = 1
     """The highest ``verbose`` level the callback knows (0 is always silent)."""
 
+    IDENTITY: ClassVar[tuple[str, ...]] = ()
+    """The arguments (attribute names) that identify an instance among others of its class in one checkpoint."""
+
+    SAVED: ClassVar[tuple[str, ...]] = ()
+    """The arguments (attribute names) saved with the state and compared when a run resumes."""
+
+    include: list[str]
+    """Module type names the callback selects (every subclass sets it from its argument)."""
+
+    exclude: list[str]
+    """``fnmatch`` globs of module names left out of the selection."""
+
     def __init__(self, verbose: int = 1) -> None:
         super().__init__()
         check_verbose(verbose, self.VERBOSE_LEVELS)
@@ -63,11 +82,14 @@ class CompressionCallback(Callback):
 
     def _identity(self) -> dict[str, Any]:
         """The arguments that identify this instance among others of its class in one checkpoint."""
-        return {}
+        return {name: getattr(self, name) for name in self.IDENTITY}
 
     def _arguments(self) -> dict[str, Any]:
         """The arguments saved with the state and compared when a run resumes."""
-        return {}
+        return {name: getattr(self, name) for name in self.SAVED}
+
+    def _setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The checks before a fit that need the Trainer (the strategy has been checked)."""
 
     def _state(self) -> dict[str, Any]:
         """The resumable state, beside ``version`` and ``arguments``."""
@@ -79,7 +101,36 @@ class CompressionCallback(Callback):
     def _release(self) -> None:
         """Drop every reference to the model and every hook (teardown, exceptions, a second fit)."""
 
+    # ------------------------------------------------------------------ shared by the subclasses
+
+    def _warn_left_out(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        targets: Sequence[Target] | None = None,
+        default: Sequence[str] = DEFAULT_PRUNE_TYPES,
+        left_as: str = "dense",
+    ) -> None:
+        """Warn once when the default ``include`` leaves much of the model out (see ``warn_left_out``).
+
+        ``targets=None``: select them now, unless the module has no parameters yet (layers made in
+        ``configure_model`` are checked when they exist).
+        """
+        if targets is None:
+            if not any(True for _ in pl_module.parameters()):
+                return
+            targets = select_targets(pl_module, self.include, self.exclude)
+        name = type(self).__name__
+        warn_left_out(trainer, pl_module, targets, self.include, self.exclude, default, name, left_as)
+
     # ------------------------------------------------------------------ Lightning's interface
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_strategy(trainer, type(self).__name__)  # FSDP1 and DeepSpeed are refused before training
+        self._setup_fit(trainer, pl_module)
 
     @property
     @override

@@ -25,8 +25,6 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_compress.callbacks._base import CompressionCallback
-from lightning_compress.callbacks._selection import warn_left_out
-from lightning_compress.callbacks._strategies import check_strategy
 from lightning_compress.core.penalties import PENALTIES, penalty_of, proximal_step_, strength_at
 from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, Target, select_targets
 from lightning_compress.core.sharding import has_dtensors, local_tensor, sum_over_shards
@@ -73,6 +71,9 @@ class SparseRegularizer(CompressionCallback):
         'group_lasso'
     """
 
+    IDENTITY = ("penalty", "include", "exclude")
+    SAVED = ("strength", "penalty", "proximal", "start_epoch", "warmup_epochs")
+
     def __init__(
         self,
         strength: float = 1e-4,
@@ -111,20 +112,6 @@ class SparseRegularizer(CompressionCallback):
         self._epochs_done = 0.0
         self._prox_pending: set[int] = set()  # ids of optimizers whose next step gets the proximal step
 
-    @override
-    def _identity(self) -> dict[str, Any]:
-        return {"penalty": self.penalty, "include": self.include, "exclude": self.exclude}
-
-    @override
-    def _arguments(self) -> dict[str, Any]:
-        return {
-            "strength": self.strength,
-            "penalty": self.penalty,
-            "proximal": self.proximal,
-            "start_epoch": self.start_epoch,
-            "warmup_epochs": self.warmup_epochs,
-        }
-
     @property
     def current_strength(self) -> float:
         r"""The :math:`\lambda` applied at the latest optimizer step (after ``start_epoch`` and the ramp)."""
@@ -133,10 +120,7 @@ class SparseRegularizer(CompressionCallback):
     # ------------------------------------------------------------------ setup and checks
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        check_strategy(trainer, "SparseRegularizer")  # FSDP1 and DeepSpeed are refused before training
+    def _setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._release()
         self._reset()  # a second fit starts clean; a resumed one is restored by load_state_dict next
         if trainer.world_size > 1:
@@ -150,11 +134,7 @@ class SparseRegularizer(CompressionCallback):
                     category=PossibleUserWarning,
                 )
                 self._warning_filters.append(warnings.filters[0])
-        if any(True for _ in pl_module.parameters()):  # layers made in configure_model are checked at fit start
-            targets = select_targets(pl_module, self.include, self.exclude)
-            warn_left_out(
-                trainer, pl_module, targets, self.include, self.exclude, DEFAULT_PRUNE_TYPES, "SparseRegularizer"
-            )
+        self._warn_left_out(trainer, pl_module)  # layers made in configure_model are checked at fit start
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -330,12 +310,8 @@ class SparseRegularizer(CompressionCallback):
 
     @override
     def _state(self) -> dict[str, Any]:
-        return {
-            **self._arguments(),  # kept at the top level too, as version 1 wrote them
-            "current_strength": self._current_strength,
-            "epochs_done": self._epochs_done,
-            "steps": self._steps,
-        }
+        progress = {"current_strength": self._current_strength, "epochs_done": self._epochs_done, "steps": self._steps}
+        return {**self._arguments(), **progress}  # the arguments at the top level too, as version 1 wrote them
 
     @override
     def _load_state(self, state: dict[str, Any]) -> None:
