@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_compress._lightning_compat import data_source, loader_at_setup
 from lightning_compress.callbacks._base import CompressionCallback
+from lightning_compress.callbacks._quantize_calibration import (
+    agreement,
+    calibration_batches,
+    check_call,
+    float_pass,
+    predict,
+)
 from lightning_compress.callbacks._quantize_report import (
     check_onnx_path,
     float_layers,
@@ -21,22 +24,18 @@ from lightning_compress.callbacks._quantize_report import (
     report_metrics,
     summary,
 )
-from lightning_compress.callbacks._selection import warn_left_out
-from lightning_compress.callbacks._strategies import check_strategy
-from lightning_compress.core.batches import call_model, check_model_call, first_loader, first_tensor
 from lightning_compress.core.files import file_problem
 from lightning_compress.core.quant.agreement import is_poor, layer_errors, poor_agreement_message
 from lightning_compress.core.quant.convert import (
     int8_layers,
     quantizable_targets,
     quantize_model,
-    record_input_ranges,
     static_input_modules,
 )
 from lightning_compress.core.quant.fake import FakeQuantSession
 from lightning_compress.core.quant.modules import MODES
 from lightning_compress.core.report import compression_report
-from lightning_compress.core.selection import DEFAULT_QUANT_TYPES, Target, compression_root
+from lightning_compress.core.selection import DEFAULT_QUANT_TYPES, compression_root
 from lightning_compress.core.serialize import save_compressed
 from lightning_compress.core.sharding import has_dtensors, unshard_module_
 from lightning_compress.errors import CompressionConfigError, check_choice, check_number, check_str_list, config_error
@@ -102,6 +101,9 @@ class QuantizeOnFitEnd(CompressionCallback):
         trainer.test(model, datamodule=dm)  # int8 accuracy
     """
 
+    IDENTITY = ("mode", "per_channel", "include", "exclude")
+    SAVED = (*IDENTITY, "calibration_batches", "save_path", "qat_epochs", "onnx_path")
+
     def __init__(
         self,
         mode: str = "dynamic",
@@ -140,24 +142,7 @@ class QuantizeOnFitEnd(CompressionCallback):
         self._call_checked = False
 
     @override
-    def _identity(self) -> dict[str, Any]:
-        return {"mode": self.mode, "per_channel": self.per_channel, "include": self.include, "exclude": self.exclude}
-
-    @override
-    def _arguments(self) -> dict[str, Any]:
-        return {
-            **self._identity(),
-            "calibration_batches": self.calibration_batches,
-            "save_path": self.save_path,
-            "qat_epochs": self.qat_epochs,
-            "onnx_path": self.onnx_path,
-        }
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        check_strategy(trainer, "QuantizeOnFitEnd")  # FSDP1 and DeepSpeed are refused before training
+    def _setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         problem = file_problem(self.save_path) if self.save_path is not None else None
         if problem is not None:  # found now, not after training
             raise config_error(
@@ -177,9 +162,7 @@ class QuantizeOnFitEnd(CompressionCallback):
                 self.include,
                 "The selected layers all stay float (see `quantizable_targets`).",
             )
-        warn_left_out(
-            trainer, pl_module, targets, self.include, self.exclude, DEFAULT_QUANT_TYPES, "QuantizeOnFitEnd", "float"
-        )
+        self._warn_left_out(trainer, pl_module, targets, DEFAULT_QUANT_TYPES, "float")
         self._check_qat_epochs(trainer)
         if self.onnx_path is not None:
             check_onnx_path(self.onnx_path)
@@ -194,7 +177,7 @@ class QuantizeOnFitEnd(CompressionCallback):
         # Loaders given to `fit` or made by a data module exist now: check the model call before any
         # training. A loader from the LightningModule's own hook may need its `setup` (which runs after
         # this one): that one is checked at `on_train_start`, still before the first step.
-        self._call_checked = self._check_call(pl_module, loader_at_setup(trainer, "fit"))
+        self._call_checked = check_call(pl_module, loader_at_setup(trainer, "fit"))
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -211,23 +194,22 @@ class QuantizeOnFitEnd(CompressionCallback):
 
         was_training = root.training
         root.eval()
-        batches = self._calibration_batches(trainer)
+        batches = calibration_batches(trainer, self.calibration_batches, self.mode)
         if self._qat is not None:  # QAT: the reference is the fake-quantized model, the ranges QAT's own
             self._qat.attach()
-            ranges, float_outputs = self._qat.input_ranges(), self._float_pass(trainer, root, [], batches)[1]
+            ranges, float_outputs = self._qat.input_ranges(), float_pass(trainer, root, {}, batches)[1]
             self._stop_qat()
         else:
-            ranges, float_outputs = self._float_pass(trainer, root, targets, batches)
+            static = static_input_modules(pl_module, targets) if self.mode == "static" else {}
+            ranges, float_outputs = float_pass(trainer, root, static, batches)
         originals = float_layers(pl_module, targets)
         result = quantize_model(pl_module, targets, self.mode, self.per_channel, ranges)
-        agreement = self._agreement(trainer, root, batches, float_outputs)
+        agreed = agreement(trainer, root, batches, float_outputs)
         worst: dict[str, float] = {}
-        if batches and is_poor(agreement["relative_error"], agreement["top1_agreement"]):
-            worst = layer_errors(pl_module, originals, lambda: self._call(trainer, root, batches[0]))
+        if batches and is_poor(agreed["relative_error"], agreed["top1_agreement"]):
+            worst = layer_errors(pl_module, originals, lambda: predict(trainer, root, batches[0]))
             rank_zero_warn(
-                poor_agreement_message(
-                    "QuantizeOnFitEnd", agreement["relative_error"], agreement["top1_agreement"], worst
-                )
+                poor_agreement_message("QuantizeOnFitEnd", agreed["relative_error"], agreed["top1_agreement"], worst)
             )
         del originals
         root.train(was_training)
@@ -250,7 +232,7 @@ class QuantizeOnFitEnd(CompressionCallback):
             "weight_bytes_ratio": weight_after / weight_before if weight_before else float("nan"),
             "model_bytes_before": model_before,
             "model_bytes_after": compression_report(root).bytes,
-            **agreement,
+            **agreed,
             "worst_layers": dict(list(worst.items())[:10]),
             "save_path": self.save_path,
             "qat_epochs": self.qat_epochs,
@@ -269,104 +251,11 @@ class QuantizeOnFitEnd(CompressionCallback):
                 export_onnx(root, self.onnx_path, model_call(root, batches[0]).example_inputs())
             trainer.strategy.barrier("QuantizeOnFitEnd.onnx")
 
-    def _calibration_batches(self, trainer: pl.Trainer) -> list[Any]:
-        """The first ``calibration_batches`` batches, kept where the loader made them (the CPU, usually)."""
-        loader = first_loader(trainer.train_dataloader)
-        if loader is None:
-            if self.mode == "static":
-                rank_zero_warn(
-                    "QuantizeOnFitEnd: no training batches to calibrate on; every Linear falls back to dynamic."
-                )
-            return []
-        batches: list[Any] = []
-        for batch in loader:
-            if len(batches) >= self.calibration_batches:
-                break
-            batches.append(batch)
-        return batches
-
-    @staticmethod
-    def _call(trainer: pl.Trainer, root: nn.Module, batch: Any) -> Tensor | None:
-        """The prediction of ``root`` on ``batch``, called as a training step calls it (see ``core.batches``).
-
-        The batch goes through the precision plugin as in a training step (``"64-true"`` /
-        ``"bf16-true"``: inputs in the model's own dtype), so calibration and comparison run in it.
-        """
-        plugin = trainer.precision_plugin
-        batch = plugin.convert_input(trainer.strategy.batch_to_device(batch))
-        with plugin.forward_context():
-            return first_tensor(call_model(root, batch))
-
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The model-call check of ``setup`` for a loader that only the training loop could build."""
         if not self._skip and not self._call_checked:
-            self._check_call(pl_module, trainer.train_dataloader)
-
-    @staticmethod
-    def _check_call(pl_module: pl.LightningModule, loaders: Any) -> bool:
-        """Check that the model can be called on a training batch as fit end will call it; ``False``: no batch.
-
-        The check binds the batch to ``forward``'s signature (no forward pass, the global random state
-        is restored), so a model that cannot be driven fails with a ``CompressionConfigError`` before
-        training instead of after the whole fit.
-        """
-        loader = first_loader(loaders)
-        if loader is None:
-            return False
-        with torch.random.fork_rng(devices=[]):
-            try:
-                batch = next(iter(loader))
-            except StopIteration:
-                return False
-        check_model_call(compression_root(pl_module)[1], batch, "QuantizeOnFitEnd")
-        return True
-
-    @torch.no_grad()
-    def _float_pass(
-        self, trainer: pl.Trainer, root: nn.Module, targets: Sequence[Target], batches: list[Any]
-    ) -> tuple[dict[str, tuple[Tensor, Tensor]], list[Tensor | None]]:
-        modules = static_input_modules(trainer.lightning_module, targets) if self.mode == "static" else {}
-        outputs: list[Tensor | None] = []
-        with record_input_ranges(modules) as observers:
-            for batch in batches:
-                out = self._call(trainer, root, batch)
-                outputs.append(None if out is None else out.detach().float().cpu())
-        if not modules:
-            return {}, outputs
-        names = list(modules)
-        device = trainer.strategy.root_device
-        stats = torch.tensor(
-            [[observers[n].min_val.item(), observers[n].max_val.item(), float(observers[n].count > 0)] for n in names],
-            device=device,
-        )
-        gathered = trainer.strategy.all_gather(stats)
-        if gathered.dim() == 3:  # [world, layers, 3]: the widest range seen by any process
-            stats = torch.stack([gathered[..., 0].amin(0), gathered[..., 1].amax(0), gathered[..., 2].amax(0)], -1)
-        stats = stats.cpu()
-        return {n: (stats[i, 0], stats[i, 1]) for i, n in enumerate(names) if stats[i, 2] > 0}, outputs
-
-    @torch.no_grad()
-    def _agreement(
-        self, trainer: pl.Trainer, root: nn.Module, batches: list[Any], float_outputs: list[Tensor | None]
-    ) -> dict[str, Any]:
-        sums = torch.zeros(5, dtype=torch.float64)  # squared error, squared norm, top-1 agreeing, rows, batches
-        for batch, ref in zip(batches, float_outputs, strict=True):
-            out = self._call(trainer, root, batch)
-            if out is None or ref is None:
-                continue
-            out = out.detach().float().cpu()
-            sums[0] += float((out - ref).pow(2).sum())
-            sums[1] += float(ref.pow(2).sum())
-            if ref.dim() >= 2 and ref.shape[-1] > 1:
-                sums[2] += float((out.argmax(-1) == ref.argmax(-1)).sum())
-                sums[3] += ref.argmax(-1).numel()
-            sums[4] += 1
-        gathered = trainer.strategy.all_gather(sums.to(trainer.strategy.root_device))
-        total = (gathered.sum(0) if gathered.dim() == 2 else gathered).cpu()
-        rel = math.sqrt(total[0] / total[1]) if total[1] > 0 else None
-        top1 = float(total[2] / total[3]) if total[3] > 0 else None
-        return {"calibration_batches": int(total[4]), "relative_error": rel, "top1_agreement": top1}
+            check_call(pl_module, trainer.train_dataloader)
 
     def _log(self, trainer: pl.Trainer) -> None:
         metrics = report_metrics(self.report)
