@@ -6,7 +6,7 @@ mask keeper that keeps the pruned channels' bias and norm entries exactly zero, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,6 +26,8 @@ from lightning_compress.core.prune.groups import ChannelGroup, Unit, find_groups
 from lightning_compress.core.prune.keeper import MaskKeeper
 from lightning_compress.core.prune.surgery import remove_channels
 from lightning_compress.core.selection import compression_root
+from lightning_compress.core.sharding import has_dtensors
+from lightning_compress.errors import config_error
 
 __all__ = ["ChannelRemoval", "example_inputs_of"]
 
@@ -65,6 +67,18 @@ class ChannelRemoval:
         self.keeper: MaskKeeper | None = None
         self.removed: dict[str, tuple[int, ...]] = {}
         self.ready = False
+
+    @staticmethod
+    def check_unsharded(weights: Iterable[Tensor]) -> None:
+        """Refuse ``remove_channels=True`` for sharded (FSDP2 ``DTensor``) weights, at fit start."""
+        if has_dtensors(weights):
+            raise config_error(
+                "remove_channels",
+                "False when the weights are sharded (FSDP2 DTensors)",
+                True,
+                "Removing channels reshapes the layers, which fully_shard holds as flat shards; prune with"
+                " method='channel' and remove them after training on an unsharded model (`remove_channels`).",
+            )
 
     def prepare(
         self, pl_module: pl.LightningModule, batch: Any, main: MaskKeeper, guard_all: bool, masks: Mapping[str, Tensor]

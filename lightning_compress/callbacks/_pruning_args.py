@@ -11,7 +11,29 @@ import math
 from lightning_compress.core.prune.masks import SCOPES, parse_nm
 from lightning_compress.core.prune.patterns import describe_patterns, is_pattern
 from lightning_compress.core.prune.schedules import SCHEDULES
+from lightning_compress.core.prune.scores import score_names
 from lightning_compress.errors import check_choice, check_number, config_error
+
+
+def _check_options(method: str, scope: str, score: str, score_batches: int, remove_channels: bool) -> None:
+    """The first checks of the constructor: the score, and what ``method`` and ``remove_channels`` allow."""
+    check_choice("score", score, score_names())
+    check_number("score_batches", score_batches, low=1, integer=True)
+    if scope == "row" and method == "channel":
+        raise config_error(
+            "scope", "'global' or 'layer' with method='channel'", scope, "A row is a whole output channel."
+        )
+    if remove_channels and score != "magnitude":
+        raise config_error("score", "'magnitude' with remove_channels=True", score)
+    if not isinstance(remove_channels, bool):
+        raise config_error("remove_channels", "True or False", remove_channels)
+    if remove_channels and method != "channel":
+        raise config_error(
+            "remove_channels",
+            "False unless method='channel'",
+            remove_channels,
+            f"Only whole channels can be removed; method={method!r} zeroes single weights.",
+        )
 
 
 def _check_arguments(
@@ -24,7 +46,7 @@ def _check_arguments(
     end_epoch: int | None,
     update_every_n_steps: int,
 ) -> None:
-    """The constructor's checks: everything that does not need the Trainer."""
+    """The constructor's checks: everything that does not need the Trainer (after :func:`_check_options`)."""
     check_number("target_sparsity", target_sparsity, low=0.0, high=1.0, high_inclusive=False)
     if not isinstance(method, str) or not is_pattern(method):
         choices = describe_patterns()  # the table of mask patterns: built-ins and registered ones
@@ -54,8 +76,10 @@ def _check_arguments(
     check_number("update_every_n_steps", update_every_n_steps, low=1, integer=True)
 
 
-def _check_epochs(start_epoch: int, end_epoch: int | None, max_epochs: int, max_steps: int) -> None:
-    """The checks of ``setup``: the window must fit in the run (``-1`` means unbounded)."""
+def _check_epochs(start_epoch: int, end_epoch: int | None, max_epochs: int | None, max_steps: int) -> None:
+    """The checks of ``setup``: the window must fit in the run (``-1`` or ``None`` means unbounded)."""
+    if max_epochs is None:
+        max_epochs = -1
     if max_epochs != -1:
         if start_epoch >= max_epochs:
             raise config_error(

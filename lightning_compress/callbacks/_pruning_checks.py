@@ -3,7 +3,10 @@
 * :func:`check_no_overlap`: two PruningCallbacks of one Trainer select disjoint weights;
 * :func:`may_touch_gradients`: whether the masks must be re-applied after every optimizer step;
 * :func:`check_finite`: a NaN / infinite weight at a mask update is an error naming it;
-* :func:`newly_cut_off` / :func:`cut_off_message`: a layer that lost every weight is reported once.
+* :func:`check_resumed_masks`: the masks of a checkpoint fit the weights this callback selects;
+* :func:`warn_cut_off` (:func:`newly_cut_off`, :func:`cut_off_message`): a layer that lost every weight
+  is reported once;
+* :func:`summary`: what is printed at fit end.
 """
 
 from __future__ import annotations
@@ -13,12 +16,24 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_compress.core.report import compression_report
+from lightning_compress.core.selection import compression_root
 from lightning_compress.core.sharding import nonfinite
 from lightning_compress.errors import CompressionConfigError
 
-__all__ = ["check_finite", "check_no_overlap", "cut_off_message", "may_touch_gradients", "newly_cut_off"]
+__all__ = [
+    "check_finite",
+    "check_no_overlap",
+    "check_resumed_masks",
+    "cut_off_message",
+    "may_touch_gradients",
+    "newly_cut_off",
+    "summary",
+    "warn_cut_off",
+]
 
 
 def check_no_overlap(callback: Any, callbacks: Iterable[Callback], pl_module: pl.LightningModule) -> None:
@@ -33,6 +48,14 @@ def check_no_overlap(callback: Any, callbacks: Iterable[Callback], pl_module: pl
                 f"Expected the PruningCallbacks of a Trainer to select disjoint weights, but two of them both"
                 f" select {shared[:5]}{' ...' if len(shared) > 5 else ''}. Use `include`/`exclude` to split them."
             )
+
+
+def warn_cut_off(masks: Mapping[str, Tensor], reported: set[str], step: int, scope: str, method: str) -> None:
+    """Warn about the layers that ``masks`` cut off entirely and that are not in ``reported`` (then added)."""
+    cut = newly_cut_off(masks, reported)
+    if cut:
+        reported.update(cut)
+        rank_zero_warn(cut_off_message(cut, step, scope, method))
 
 
 def newly_cut_off(masks: Mapping[str, Tensor], reported: set[str]) -> list[str]:
@@ -50,6 +73,17 @@ def cut_off_message(cut: list[str], step: int, scope: str, method: str) -> str:
         f"PruningCallback: at step {step} the {scope} {method} masks removed every weight of {cut},"
         " which cuts the network there. Consider `scope='layer'`, a later `start_epoch` (prune a trained"
         " network), or `exclude` for these layers."
+    )
+
+
+def summary(pl_module: pl.LightningModule, achieved: float | None, selected: int, target: float, method: str) -> str:
+    """The fit-end line (the sparsity of the ``selected`` layers) and the table of the compressed module."""
+    prefix, root = compression_root(pl_module)
+    where = f" of `{prefix}`" if prefix else ""
+    return (
+        f"PruningCallback: {achieved or 0.0:.2%} of the weights of {selected} selected layers"
+        f"{where} are zero (target {target:.2%}, method {method!r}).\n"
+        f"{compression_report(root).table()}"
     )
 
 
@@ -83,4 +117,16 @@ def check_finite(params: Mapping[str, Tensor], step: int) -> None:
             f" {step}, so its magnitudes cannot be ranked (pruning it would report 0 % sparsity and leave NaN"
             " in place of zeros). Training diverged: lower the learning rate, clip gradients"
             " (`Trainer(gradient_clip_val=...)`) or check the inputs and the loss for NaN."
+        )
+
+
+def check_resumed_masks(masks: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> None:
+    """Raise when the masks of a checkpoint (if any) are not one per selected weight, of its shape."""
+    expected = {name: tuple(p.shape) for name, p in params.items()}
+    got = {name: tuple(m.shape) for name, m in masks.items()}
+    if masks and got != expected:
+        raise CompressionConfigError(
+            "Expected the PruningCallback state in the checkpoint to hold masks for the weights this"
+            f" callback selects {expected}, but it holds masks for {got}. Resume with the same model,"
+            " `include` and `exclude`."
         )

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from lightning_compress.core.batches import batch_to, call_model, first_loader
 from lightning_compress.core.prune.schedules import PruningWindow
+from lightning_compress.core.prune.scores import score_named
 from lightning_compress.core.prune.statistics import InputNormCollector, flat_sums, split_sums
 from lightning_compress.core.selection import Target
 
@@ -55,6 +56,22 @@ class ScoreStatistics:
         self.collector = InputNormCollector(targets)
         self.batches = batches
         self._warned: set[str] = set()
+
+    @classmethod
+    def for_score(
+        cls, score: str, targets: list[Target], batches: int, saved: dict[str, Any] | None
+    ) -> ScoreStatistics | None:
+        """The statistics side for ``score`` (``None`` for a score that needs none), with the ``saved`` sums."""
+        if score_named(score).statistic is None:
+            return None
+        statistics = cls(targets, batches)
+        statistics.collector.load_state(saved)
+        return statistics
+
+    def before_batch(self, window: PruningWindow | None, step: int, changes: Any) -> None:
+        """Put the hooks on for the batch at ``step`` if it is wanted (:meth:`wanted`); off again at its end."""
+        if self.wanted(window, step, changes):
+            self.collector.install()
 
     def wanted(self, window: PruningWindow | None, step: int, changes: Any) -> bool:
         """Whether the batch run at global step ``step`` precedes (closely enough) an update that changes masks.

@@ -7,8 +7,7 @@ from types import MappingProxyType
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -16,26 +15,16 @@ from typing_extensions import override
 from lightning_compress._lightning_compat import unwrap_optimizer
 from lightning_compress.callbacks._base import CompressionCallback
 from lightning_compress.callbacks._channel_removal import ChannelRemoval
-from lightning_compress.callbacks._pruning_args import _check_arguments, _check_epochs
-from lightning_compress.callbacks._pruning_checks import (
-    check_finite,
-    check_no_overlap,
-    cut_off_message,
-    may_touch_gradients,
-    newly_cut_off,
-)
-from lightning_compress.callbacks._selection import warn_left_out
+from lightning_compress.callbacks._pruning_args import _check_arguments, _check_epochs, _check_options
+from lightning_compress.callbacks._pruning_checks import check_no_overlap, may_touch_gradients, summary, warn_cut_off
+from lightning_compress.callbacks._pruning_masks import decide_masks, update_due
+from lightning_compress.callbacks._pruning_resume import Resumed
 from lightning_compress.callbacks._statistics import ScoreStatistics
-from lightning_compress.callbacks._strategies import check_strategy
 from lightning_compress.core.layout import WeightLayout
 from lightning_compress.core.prune.keeper import MaskKeeper
-from lightning_compress.core.prune.masks import compute_masks
 from lightning_compress.core.prune.schedules import PruningWindow, place_window, sparsity_at
-from lightning_compress.core.prune.scores import score_named, score_names
-from lightning_compress.core.report import compression_report
-from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, Target, compression_root, select_targets
-from lightning_compress.core.sharding import has_dtensors, sharded_masks
-from lightning_compress.errors import CompressionConfigError, check_choice, check_number, check_str_list, config_error
+from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, Target, select_targets
+from lightning_compress.errors import check_str_list
 
 __all__ = ["PruningCallback"]
 
@@ -106,6 +95,18 @@ class PruningCallback(CompressionCallback):
     """
 
     VERBOSE_LEVELS = 2
+    IDENTITY = ("target_sparsity", "method", "scope", "include", "exclude")
+    SAVED = (
+        *IDENTITY,
+        "schedule",
+        "initial_sparsity",
+        "start_epoch",
+        "end_epoch",
+        "update_every_n_steps",
+        "remove_channels",
+        "score",
+        "score_batches",
+    )
 
     def __init__(
         self,
@@ -126,29 +127,13 @@ class PruningCallback(CompressionCallback):
         verbose: int = 1,
     ) -> None:
         super().__init__(verbose)
-        check_choice("score", score, score_names())
-        check_number("score_batches", score_batches, low=1, integer=True)
-        if scope == "row" and method == "channel":
-            raise config_error(
-                "scope", "'global' or 'layer' with method='channel'", scope, "A row is a whole output channel."
-            )
-        if remove_channels and score != "magnitude":
-            raise config_error("score", "'magnitude' with remove_channels=True", score)
-        self.score = score
-        self.score_batches = score_batches
-        if not isinstance(remove_channels, bool):
-            raise config_error("remove_channels", "True or False", remove_channels)
-        if remove_channels and method != "channel":
-            raise config_error(
-                "remove_channels",
-                "False unless method='channel'",
-                remove_channels,
-                f"Only whole channels can be removed; method={method!r} zeroes single weights.",
-            )
-        self.remove_channels = remove_channels
+        _check_options(method, scope, score, score_batches, remove_channels)
         _check_arguments(
             target_sparsity, method, scope, schedule, initial_sparsity, start_epoch, end_epoch, update_every_n_steps
         )
+        self.score = score
+        self.score_batches = score_batches
+        self.remove_channels = remove_channels
         self.target_sparsity = float(target_sparsity)
         self.method = method
         self.scope = scope
@@ -168,39 +153,14 @@ class PruningCallback(CompressionCallback):
         self._last_update: int | None = None  # global step of the last mask update
         self._applied: float | None = None  # scheduled sparsity of the current masks
         self._achieved: float | None = None  # zeros among the selected weights, last measured
-        self._loaded: dict[str, Any] | None = None
+        self._loaded: Resumed | None = None  # read by load_state_dict, restored at fit start
         self._cut_off: set[str] = set()  # layers already reported as entirely pruned
         self._layouts: dict[str, WeightLayout] = {}  # parameter name -> layout, set by _select
         self._targets: list[Target] = []  # set by _select
         self._channels: ChannelRemoval | None = ChannelRemoval() if self.remove_channels else None
         self._statistics: ScoreStatistics | None = None  # set at fit start for a score that needs statistics
-        self._loaded_statistics: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ public views
-
-    @override
-    def _identity(self) -> dict[str, Any]:
-        return {
-            "target_sparsity": self.target_sparsity,
-            "method": self.method,
-            "scope": self.scope,
-            "include": self.include,
-            "exclude": self.exclude,
-        }
-
-    @override
-    def _arguments(self) -> dict[str, Any]:
-        return {
-            **self._identity(),
-            "schedule": self.schedule,
-            "initial_sparsity": self.initial_sparsity,
-            "start_epoch": self.start_epoch,
-            "end_epoch": self.end_epoch,
-            "update_every_n_steps": self.update_every_n_steps,
-            "remove_channels": self.remove_channels,
-            "score": self.score,
-            "score_batches": self.score_batches,
-        }
 
     @property
     def masks(self) -> Mapping[str, Tensor]:
@@ -232,21 +192,12 @@ class PruningCallback(CompressionCallback):
     # ------------------------------------------------------------------ checks before training
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        check_strategy(trainer, "PruningCallback")  # FSDP1 and DeepSpeed are refused before training
-        if self._keeper is not None:
-            self._keeper.close()
+    def _setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release()
         self._reset()
-        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
-        _check_epochs(self.start_epoch, self.end_epoch, max_epochs, trainer.max_steps)
+        _check_epochs(self.start_epoch, self.end_epoch, trainer.max_epochs, trainer.max_steps)
         check_no_overlap(self, trainer.callbacks, pl_module)  # type: ignore[attr-defined]
-        if any(True for _ in pl_module.parameters()):  # layers made in configure_model are not there yet
-            targets = select_targets(pl_module, self.include, self.exclude)
-            warn_left_out(
-                trainer, pl_module, targets, self.include, self.exclude, DEFAULT_PRUNE_TYPES, "PruningCallback"
-            )
+        self._warn_left_out(trainer, pl_module)  # layers made in configure_model are not there yet
 
     def _select(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         targets = select_targets(pl_module, self.include, self.exclude)  # a tied weight is one target
@@ -258,36 +209,16 @@ class PruningCallback(CompressionCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._channels is not None and has_dtensors(self._select(pl_module).values()):
-            raise config_error(
-                "remove_channels",
-                "False when the weights are sharded (FSDP2 DTensors)",
-                self.remove_channels,
-                "Removing channels reshapes the layers, which fully_shard holds as flat shards; prune with"
-                " method='channel' and remove them after training on an unsharded model (`remove_channels`).",
-            )
-        self._keeper = MaskKeeper(
-            self._select(pl_module), trainer.optimizers, guard_all=may_touch_gradients(self, trainer, pl_module)
-        )
-        if score_named(self.score).statistic is not None:
-            self._statistics = ScoreStatistics(self._targets, self.score_batches)
-            self._statistics.collector.load_state(self._loaded_statistics)
-        self._loaded_statistics = None
+        weights = self._select(pl_module)
+        if self._channels is not None:
+            self._channels.check_unsharded(weights.values())
+        self._keeper = MaskKeeper(weights, trainer.optimizers, guard_all=may_touch_gradients(self, trainer, pl_module))
+        saved = self._loaded.statistics if self._loaded is not None else None
+        self._statistics = ScoreStatistics.for_score(self.score, self._targets, self.score_batches, saved)
         if self._loaded is not None:
-            masks = self._loaded["masks"]
-            expected = {name: tuple(p.shape) for name, p in self._keeper.params.items()}
-            got = {name: tuple(m.shape) for name, m in masks.items()}
-            if masks and got != expected:
-                raise CompressionConfigError(
-                    "Expected the PruningCallback state in the checkpoint to hold masks for the weights this"
-                    f" callback selects {expected}, but it holds masks for {got}. Resume with the same model,"
-                    " `include` and `exclude`."
-                )
-            if masks:
-                self._keeper.set_masks(masks)
+            if self._loaded.install(self._keeper):
                 self._masks = self._keeper.masks
-            self._last_update = self._loaded["last_update"]
-            self._applied = self._loaded["scheduled_sparsity"]
+            self._last_update, self._applied = self._loaded.last_update, self._loaded.scheduled_sparsity
             self._loaded = None
 
     @override
@@ -312,8 +243,8 @@ class PruningCallback(CompressionCallback):
             guard = may_touch_gradients(self, trainer, pl_module)
             self._channels.prepare(pl_module, batch, self._keeper, guard, self._masks)
         self._maybe_update(trainer, pl_module, after_step=False)
-        if self._statistics is not None and self._statistics.wanted(self._window, trainer.global_step, self._changes):
-            self._statistics.collector.install()  # removed at the end of this batch
+        if self._statistics is not None:  # hooks on the batches before an update that changes the masks
+            self._statistics.before_batch(self._window, trainer.global_step, self._changes)
 
     @override
     def on_train_batch_end(
@@ -358,14 +289,8 @@ class PruningCallback(CompressionCallback):
         if self._keeper is not None and not (self._channels is not None and self._channels.removed):
             self._achieved = self._keeper.zeros_fraction()
         if self.verbose >= 1 and trainer.is_global_zero:
-            prefix, root = compression_root(pl_module)
             selected = len(self._keeper.params) if self._keeper is not None else 0
-            where = f" of `{prefix}`" if prefix else ""
-            rank_zero_info(
-                f"PruningCallback: {self._achieved or 0.0:.2%} of the weights of {selected} selected layers"
-                f"{where} are zero (target {self.target_sparsity:.2%}, method {self.method!r}).\n"
-                f"{compression_report(root).table()}"
-            )
+            rank_zero_info(summary(pl_module, self._achieved, selected, self.target_sparsity, self.method))
 
     @override
     def _release(self) -> None:
@@ -382,85 +307,47 @@ class PruningCallback(CompressionCallback):
     # ------------------------------------------------------------------ mask updates
 
     def _maybe_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, after_step: bool) -> None:
-        """Recompute the masks if the schedule asks for it now.
-
-        An update at step ``t`` runs between optimizer steps ``t`` and ``t + 1``: right after step ``t``
-        (end of the batch), so the target is in place for the validation and checkpoints at the end of
-        ``end_epoch``, except at the start of the window, which runs before the first batch of
-        ``start_epoch`` so that nothing is pruned before it.
-        """
+        """Recompute the masks if the schedule asks for it now (when: see ``update_due``)."""
         window, step = self._window, trainer.global_step
-        if window is None or self._keeper is None or step == self._last_update:
+        if window is None or self._keeper is None:
             return
-        if after_step and step <= window.start:
-            return
-        # A run resumed past the start of the window without pruning state prunes at once.
-        due = window.is_update(step) or (window.started(step) and self._applied is None)
-        if not due:
+        if not update_due(window, step, after_step, self._last_update, self._applied):
             return
         self._last_update = step
-        target = sparsity_at(window.progress(step), self.target_sparsity, self.initial_sparsity, self.schedule)
-        if self._applied is not None and target == self._applied:
-            if self._statistics is not None:
-                self._statistics.collector.reset()
-            return  # same sparsity, and pruned weights stay pruned: the masks would not change
-        self._update(trainer, pl_module, target)
+        if self._changes(step):  # else the same sparsity, and pruned weights stay pruned: the same masks
+            self._update(trainer, pl_module, self._keeper, self._target_at(window, step))
         if self._statistics is not None:
             self._statistics.collector.reset()  # the next update measures afresh
+
+    def _target_at(self, window: PruningWindow, step: int) -> float:
+        return sparsity_at(window.progress(step), self.target_sparsity, self.initial_sparsity, self.schedule)
 
     def _changes(self, step: int) -> bool:
         """Whether the scheduled update at ``step`` will recompute the masks (its sparsity is new)."""
         window = self._window
-        if window is None:
-            return False
-        target = sparsity_at(window.progress(step), self.target_sparsity, self.initial_sparsity, self.schedule)
-        return self._applied is None or target != self._applied
+        return window is not None and (self._applied is None or self._target_at(window, step) != self._applied)
 
-    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float) -> None:
-        keeper = self._keeper
-        assert keeper is not None  # checked by _maybe_update
-        masks: dict[str, Tensor] | None = None
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, keeper: MaskKeeper, target: float) -> None:
         # every rank takes part in the all-reduce of the statistics; rank 0 decides
         stats = self._statistics.norms(trainer, pl_module, "PruningCallback") if self._statistics is not None else None
-        sharded = has_dtensors(keeper.params.values())  # FSDP2: every rank decides on its rows, collectively
-        check_finite(keeper.params, trainer.global_step)  # on every rank: they hold the same weights
-        if sharded:
-            _, masks = sharded_masks(
-                keeper.params,
-                target,
-                self.method,
-                self.scope,
-                self._masks or None,
-                self._layouts,
-                score=self.score,
-                statistics=stats,
-            )
-        elif trainer.is_global_zero or trainer.world_size == 1:
-            weights = {name: p.detach() for name, p in keeper.params.items()}
-            if self._channels is not None and self._channels.ready:
-                masks = self._channels.compute(weights, target, self.scope, self._masks or None)
-            else:
-                masks = compute_masks(
-                    weights,
-                    target,
-                    self.method,
-                    self.scope,
-                    previous=self._masks or None,
-                    score=self.score,
-                    statistics=stats,
-                    layouts=self._layouts,
-                )
-        if trainer.world_size > 1 and not sharded:
-            # Rank 0 decides; every rank installs exactly the same masks.
-            cpu = {k: v.cpu() for k, v in masks.items()} if masks is not None else None
-            masks = trainer.strategy.broadcast(cpu, src=0)
-        assert masks is not None
+        masks = decide_masks(
+            trainer,
+            keeper.params,
+            target,
+            self.method,
+            self.scope,
+            previous=self._masks or None,
+            layouts=self._layouts,
+            score=self.score,
+            statistics=stats,
+            channels=self._channels,
+        )
         keeper.set_masks(masks)
         self._masks = keeper.masks
         if self._channels is not None:
             self._channels.set_masks(self._masks)
         self._applied = target
-        self._warn_cut_off(trainer.global_step)
+        warn_cut_off(self._masks, self._cut_off, trainer.global_step, self.scope, self.method)
         self._achieved = keeper.zeros_fraction()
         pl_module.log("pruning/sparsity", self._achieved, on_step=True, on_epoch=False)
         pl_module.log("pruning/target", target, on_step=True, on_epoch=False)
@@ -469,12 +356,6 @@ class PruningCallback(CompressionCallback):
                 f"PruningCallback: step {trainer.global_step}, scheduled sparsity {target:.2%},"
                 f" achieved {self._achieved:.2%}"
             )
-
-    def _warn_cut_off(self, step: int) -> None:
-        cut = newly_cut_off(self._masks, self._cut_off)
-        if cut:
-            self._cut_off.update(cut)
-            rank_zero_warn(cut_off_message(cut, step, self.scope, self.method))
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -490,12 +371,6 @@ class PruningCallback(CompressionCallback):
 
     @override
     def _load_state(self, state: dict[str, Any]) -> None:
-        masks = state["masks"]
-        self._loaded = {
-            "masks": {name: torch.as_tensor(m, dtype=torch.bool).cpu() for name, m in masks.items()},
-            "last_update": state["last_update"],
-            "scheduled_sparsity": state["scheduled_sparsity"],
-        }
-        self._masks = dict(self._loaded["masks"])
-        self._achieved = state.get("achieved_sparsity")
-        self._loaded_statistics = state.get("statistics")  # the sums gathered so far (score="wanda")
+        self._loaded = Resumed.read(state)
+        self._masks = dict(self._loaded.masks)
+        self._achieved = self._loaded.achieved_sparsity
