@@ -1,4 +1,7 @@
-"""SparseRegularizer: arguments, proximal steps, ramp, logging, checkpoints, reuse."""
+"""SparseRegularizer: arguments, proximal steps, ramp, logging, what is penalized, reuse.
+
+Checkpoints, resume and the command line's saved config: ``test_regularizer_checkpoints.py``.
+"""
 
 from __future__ import annotations
 
@@ -326,96 +329,3 @@ def test_two_regularizers_on_different_layers_add_up(tmp_path):
     _fit(by_hand, [], tmp_path)
     for p, q in zip(model.parameters(), by_hand.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-@pytest.mark.parametrize("proximal", [False, True])
-def test_resumed_run_ends_like_the_uninterrupted_one(tmp_path, proximal):
-    def regularizer():
-        return SparseRegularizer(0.02, proximal=proximal, start_epoch=1, warmup_epochs=2, verbose=0)
-
-    uninterrupted, interrupted = Net("adam"), Net("adam")
-    interrupted.load_state_dict(uninterrupted.state_dict())
-    whole = regularizer()
-    _fit(uninterrupted, [whole], tmp_path, max_epochs=4)
-
-    first_half = regularizer()
-    trainer = _fit(interrupted, [first_half], tmp_path, max_epochs=2)  # stops in the middle of the ramp
-    path = tmp_path / "mid.ckpt"
-    trainer.save_checkpoint(path)
-    saved = torch.load(path, weights_only=True)["callbacks"][first_half.state_key]
-    assert saved["version"] == 1
-    assert saved["current_strength"] == pytest.approx(0.01)  # halfway up the 2-epoch ramp
-    assert saved["steps"] == BATCHES
-
-    resumed_model, second_half = Net("adam"), regularizer()
-    trainer = _trainer(tmp_path, [second_half], max_epochs=4)
-    trainer.fit(resumed_model, DataLoader(_data(), batch_size=8), ckpt_path=path)
-    for p, q in zip(resumed_model.parameters(), uninterrupted.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=0, atol=0)
-    assert second_half.state_dict() == whole.state_dict()
-
-
-def test_state_dict_round_trip_and_version_check():
-    source = SparseRegularizer(0.3, warmup_epochs=2)
-    source._current_strength, source._steps, source._epochs_done = 0.15, 7, 1.0
-    target = SparseRegularizer(0.3, warmup_epochs=2)
-    target.load_state_dict(source.state_dict())
-    assert target.state_dict() == source.state_dict()
-    assert target.current_strength == 0.15
-
-    with pytest.raises(
-        CompressionConfigError, match="Expected a SparseRegularizer state of version 1, but got version 99"
-    ):
-        SparseRegularizer().load_state_dict({"version": 99})
-    with pytest.warns(UserWarning, match=r"resuming with different arguments: strength=0.1 \(checkpoint: 0.3\)"):
-        SparseRegularizer(0.1, warmup_epochs=2).load_state_dict(source.state_dict())
-
-
-# ---------------------------------------------------------------- command line
-
-
-@pytest.mark.slow
-def test_command_line_takes_the_callback_and_its_saved_config_reloads(tmp_path, monkeypatch):
-    from lightning_compress.cli import main
-
-    monkeypatch.setattr("sys.argv", ["lightning-compress"])
-    common = [
-        "--model.backbone=lightning_compress.demo.MLP",
-        "--model.backbone.hidden=[16]",
-        "--model.lr=0.05",
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=3",
-        "--trainer.limit_val_batches=1",
-        "--trainer.log_every_n_steps=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-    ]
-    main(
-        [
-            "fit",
-            *common,
-            "--trainer.callbacks+=lightning_compress.SparseRegularizer",
-            "--trainer.callbacks.strength=5.0",
-            "--trainer.callbacks.penalty=group_lasso",
-            "--trainer.callbacks.proximal=true",
-            "--trainer.callbacks.exclude=[backbone.net.3]",
-            f"--trainer.default_root_dir={tmp_path / 'first'}",
-        ]
-    )
-    (config,) = (tmp_path / "first").rglob("config.yaml")
-    (checkpoint,) = (tmp_path / "first").rglob("*.ckpt")
-    saved = torch.load(checkpoint, weights_only=True)
-    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("SparseRegularizer")]
-    assert state["strength"] == 5.0 and state["penalty"] == "group_lasso" and state["proximal"] is True
-    first = saved["state_dict"]["backbone.net.1.weight"]
-    zero_units = (first == 0).all(dim=1)
-    assert 0 < int(zero_units.sum()) < len(first)  # proximal group shrinkage zeroed some hidden units
-    assert not (saved["state_dict"]["backbone.net.3.weight"] == 0).all(dim=1).any()  # excluded
-
-    main(["fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'again'}"])
-    (checkpoint,) = (tmp_path / "again").rglob("*.ckpt")
-    again = torch.load(checkpoint, weights_only=True)["state_dict"]["backbone.net.1.weight"]
-    torch.testing.assert_close(again, first, rtol=0, atol=0)  # same config, same seed, same result
