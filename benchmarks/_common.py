@@ -10,6 +10,7 @@ smoke test loads the script from its path)::
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -27,6 +28,9 @@ from torch import nn
 
 from lightning_compress.core.files import atomic_write_text
 from lightning_compress.core.quant.convert import quantize
+
+RESULTS = Path(__file__).resolve().parent / "results"
+"""Where a benchmark writes its ``.md`` and ``.json`` files unless ``--out`` says otherwise."""
 
 QUIET: dict[str, Any] = {
     "logger": False,
@@ -57,6 +61,18 @@ def to_int8(model: nn.Module, mode: str = "dynamic", per_channel: bool = True, c
     converted = copy.deepcopy(model).eval()
     quantize(converted, mode, per_channel, calibration=calibration)
     return converted
+
+
+def seeds_parser(doc: str | None, epochs: int) -> argparse.ArgumentParser:
+    """The arguments of a digits benchmark over seeds: ``--smoke``, ``--seeds``, ``--epochs``, ``--calibration-batches``
+    and ``--out``; the script adds its own."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes; checks that the script runs")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--calibration-batches", type=int, default=32, help="training batches static int8 observes")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md and .json results")
+    return parser
 
 
 def file_bytes(write: Callable[[str], None]) -> int:

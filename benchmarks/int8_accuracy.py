@@ -11,8 +11,6 @@ and tests the int8 model with the same ``trainer.test``. The figure is the drop 
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import warnings
@@ -22,12 +20,10 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench_trainer, first_batches, to_int8
+from _common import bench_trainer, first_batches, seeds_parser, table_head, to_int8, write_results
 
-from lightning_compress.core.files import atomic_write_text
 from lightning_compress.demo import MLP, Classifier, DigitsDataModule, SmallCNN
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("dynamic", "static", "weight_only")
 
 
@@ -36,13 +32,7 @@ def trainer(epochs: int) -> pl.Trainer:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--calibration-batches", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    args = seeds_parser(__doc__, epochs=30).parse_args()
     seeds = 1 if args.smoke else args.seeds
     epochs = 1 if args.smoke else args.epochs
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -80,24 +70,20 @@ def main() -> None:
         }
     command = "python benchmarks/int8_accuracy.py" + (" --smoke" if args.smoke else "")
     result = {"command": command, "torch": torch.__version__, "epochs": epochs, "rows": rows, "summary": summary}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "int8_accuracy_smoke" if args.smoke else "int8_accuracy"
     md = [
         f"# Test accuracy, float32 vs int8 ({command})",
         "",
         f"torch {torch.__version__}; {epochs} epochs, digits test set (269 images: one image is 0.37 pt).",
         "Goal: drop <= 0.5 pt.",
         "",
-        "| model | seed | float32 | " + " | ".join(f"{m} (drop pt)" for m in MODES) + " |",
-        "|---|---|---|" + "---|" * len(MODES),
+        *table_head("model", "seed", "float32", *(f"{m} (drop pt)" for m in MODES)),
     ]
     for r in rows:
         cells = [f"{100 * r[m]:.2f} ({r[f'{m}_drop_pt']:+.2f})" for m in MODES]  # type: ignore[operator]
         md.append(f"| {r['model']} | {r['seed']} | {100 * r['float32']:.2f} | " + " | ".join(cells) + " |")  # type: ignore[operator]
     md += [
         "",
-        "| model | " + " | ".join(f"{m} mean / max drop pt" for m in MODES) + " |",
-        "|---|" + "---|" * len(MODES),
+        *table_head("model", *(f"{m} mean / max drop pt" for m in MODES)),
     ]
     for name, s in summary.items():
         md.append(
@@ -105,9 +91,7 @@ def main() -> None:
             + " | ".join(f"{s[m]['mean_drop_pt']:+.2f} / {s[m]['max_drop_pt']:+.2f}" for m in MODES)
             + " |"
         )
-    for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", "\n".join(md) + "\n")):
-        atomic_write_text(args.out / f"{stem}{suffix}", text)
-    print(f"wrote {args.out / stem}.md and .json")
+    write_results(args.out, "int8_accuracy_smoke" if args.smoke else "int8_accuracy", result, md)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -25,21 +22,13 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import to_int8
+from _common import file_bytes, table_head, to_int8, write_results
 
 from lightning_compress import save_compressed
-from lightning_compress.core.files import atomic_write_text
 from lightning_compress.core.quant.convert import quantizable_targets
 from lightning_compress.demo import MLP, SmallCNN
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def file_size(write: Callable[[str], None]) -> int:
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "f.pt")
-        write(path)
-        return os.path.getsize(path)
 
 
 @torch.no_grad()
@@ -65,7 +54,7 @@ def ao_size(model: nn.Module) -> int | None:
         except ImportError:
             return None
         q = quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
-        return file_size(lambda p: torch.save(q.state_dict(), p))
+        return file_bytes(lambda p: torch.save(q.state_dict(), p))
 
 
 def models(smoke: bool) -> dict[str, Callable[[], nn.Module]]:
@@ -96,14 +85,14 @@ def main() -> None:
     rows = []
     for name, make in models(args.smoke).items():
         model = make().eval()
-        base = file_size(lambda p, m=model: torch.save(m.state_dict(), p))
+        base = file_bytes(lambda p, m=model: torch.save(m.state_dict(), p))
         dense_model = int8(model)
-        dense = file_size(lambda p, m=dense_model: save_compressed(m, p))
+        dense = file_bytes(lambda p, m=dense_model: save_compressed(m, p))
         sparse_model = copy.deepcopy(model)
         prune_(sparse_model, args.sparsity)
         sparse_int8 = int8(sparse_model)
-        sparse = file_size(lambda p, m=sparse_int8: save_compressed(m, p))
-        sparse_float = file_size(lambda p, m=sparse_model: save_compressed(m, p))
+        sparse = file_bytes(lambda p, m=sparse_int8: save_compressed(m, p))
+        sparse_float = file_bytes(lambda p, m=sparse_model: save_compressed(m, p))
         peer = ao_size(model)
         row = {
             "model": name,
@@ -122,23 +111,18 @@ def main() -> None:
         )
     command = "python benchmarks/int8_size.py" + (" --smoke" if args.smoke else "")
     result = {"command": command, "torch": torch.__version__, "sparsity": args.sparsity, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "int8_size_smoke" if args.smoke else "int8_size"
     cols = [k for k in rows[0] if k.endswith("_ratio")]
     md = [
         f"# Artifact size / float32 state_dict file ({command})",
         "",
         f"torch {torch.__version__}. Goals: int8 <= 0.26; int8 + {args.sparsity:.0%} sparse <= 0.07.",
         "",
-        "| model | float32 MiB | " + " | ".join(cols) + " |",
-        "|---|---|" + "---|" * len(cols),
+        *table_head("model", "float32 MiB", *cols),
     ]
     for r in rows:
         cells = ["n/a" if r[c] is None else f"{r[c]:.4f}" for c in cols]
         md.append(f"| {r['model']} | {r['float32_bytes'] / 2**20:.2f} | " + " | ".join(cells) + " |")
-    for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", "\n".join(md) + "\n")):
-        atomic_write_text(args.out / f"{stem}{suffix}", text)
-    print(f"wrote {args.out / stem}.md and .json")
+    write_results(args.out, "int8_size_smoke" if args.smoke else "int8_size", result, md)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,7 @@ epochs against that of the float run's last ``Q`` epochs, one thread by default.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,10 +38,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when a smoke test loads this script from its path
-from _common import bench_trainer
+from _common import bench_trainer, seeds_parser, table_head, write_results
+from _cpu import cpu_header
 
 from lightning_compress import QuantizeOnFitEnd
-from lightning_compress.core.files import atomic_write_text
 from lightning_compress.core.quant.convert import (
     quantizable_targets,
     quantize_model,
@@ -55,28 +51,12 @@ from lightning_compress.core.quant.convert import (
 from lightning_compress.core.quant.kernels import use_kernel
 from lightning_compress.demo import MLP, Classifier, DigitsDataModule, SmallCNN
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = (("static", True), ("static", False), ("weight_only", True))
 MODELS = {"digits-mlp": MLP, "digits-cnn": SmallCNN}
 
 
 def config_name(mode: str, per_channel: bool) -> str:
     return f"{mode}/{'per-channel' if per_channel else 'per-tensor'}"
-
-
-def cpu_header() -> str:
-    model, flags = platform.processor() or "unknown", ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in have)
-                break
-    except OSError:
-        pass
-    return f"CPU: {model} ({os.cpu_count()} logical cores; flags: {flags or 'n/a'})"
 
 
 class _Snapshot(Callback):
@@ -152,15 +132,10 @@ def post_training(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser = seeds_parser(__doc__, epochs=20)
     parser.add_argument("--qat-epochs", type=int, default=3)
-    parser.add_argument("--calibration-batches", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     seeds, epochs, qat_epochs = (1, 2, 1) if args.smoke else (args.seeds, args.epochs, args.qat_epochs)
     models = ["digits-mlp"] if args.smoke else args.models
@@ -227,7 +202,7 @@ def main() -> None:
         entry.update({"float_step_ms": 1e3 * f_med, "qat_step_ms": 1e3 * q_med, "qat_step_ratio": q_med / f_med})
         summary[name] = entry
     command = "python benchmarks/qat.py" + (" --smoke" if args.smoke else "")
-    header = cpu_header()
+    header = f"CPU: {cpu_header()}"
     result = {
         "command": command,
         "torch": torch.__version__,
@@ -250,8 +225,7 @@ def main() -> None:
         f"grid itself, with static inputs really quantized). Wall time {wall:.0f} s.",
         "Goals: QAT static per-tensor within 0.2 pt of float; QAT never worse than PTQ on the mean.",
         "",
-        "| model | seed | float32 | " + " | ".join(f"{k} PTQ / QAT" for k in keys) + " |",
-        "|---|---|---|" + "---|" * len(keys),
+        *table_head("model", "seed", "float32", *(f"{k} PTQ / QAT" for k in keys)),
     ]
     for r in rows:
         cells = [f"{100 * r[f'ptq {k}']:.2f} / {100 * r[f'qat {k}']:.2f}" for k in keys]
@@ -260,8 +234,7 @@ def main() -> None:
         "",
         "Means over seeds (drop vs float in pt, positive = worse):",
         "",
-        "| model | float32 | " + " | ".join(f"{k} PTQ drop / QAT drop" for k in keys) + " | QAT step / float step |",
-        "|---|---|" + "---|" * len(keys) + "---|",
+        *table_head("model", "float32", *(f"{k} PTQ drop / QAT drop" for k in keys), "QAT step / float step"),
     ]
     for name, s in summary.items():
         cells = [f"{s[f'ptq {k} drop_pt']:+.2f} / {s[f'qat {k} drop_pt']:+.2f}" for k in keys]
@@ -270,11 +243,7 @@ def main() -> None:
             + " | ".join(cells)
             + f" | {s['qat_step_ms']:.2f} ms / {s['float_step_ms']:.2f} ms = {s['qat_step_ratio']:.2f}x |"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "qat_smoke" if args.smoke else "qat"
-    for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", "\n".join(md) + "\n")):
-        atomic_write_text(args.out / f"{stem}{suffix}", text)
-    print(f"wrote {args.out / stem}.md and .json")
+    write_results(args.out, "qat_smoke" if args.smoke else "qat", result, md)
 
 
 if __name__ == "__main__":
