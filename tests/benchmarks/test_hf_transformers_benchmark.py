@@ -1,28 +1,22 @@
-"""benchmarks/hf_transformers.py runs end to end at tiny sizes (``--smoke``)."""
+"""benchmarks/hf_transformers.py runs end to end at tiny sizes (``--smoke``), also as benchmarks/transformers.py."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from benchmark_run import BENCHMARKS, run_benchmark
 
 
 @pytest.mark.slow
-def test_transformers_benchmark_smoke(tmp_path):
+@pytest.mark.parametrize("script", ["hf_transformers.py", "transformers.py"])
+def test_transformers_benchmark_smoke(tmp_path, script):
     pytest.importorskip("transformers")
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "hf_transformers.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert (tmp_path / "hf_transformers_smoke.md").read_text().startswith("# Hugging Face transformers")
+    run_benchmark(script, "--smoke", "--out", str(tmp_path), timeout=600)
+    markdown = (tmp_path / "hf_transformers_smoke.md").read_text()
+    assert markdown.startswith("# Hugging Face transformers") and f"{script} --smoke" in markdown
     r = json.loads((tmp_path / "hf_transformers_smoke.json").read_text())
     for name in ("gpt2", "vit"):
         s = r["sizes"][name]
@@ -32,3 +26,14 @@ def test_transformers_benchmark_smoke(tmp_path):
         assert all(c["min"] > 0.99 for c in r["minilm_cosine"].values())
     v = r["view_cost"]
     assert v["vit_weight_reads_per_forward"] >= 1 and v["int8_weight_dtype_us"] > 0
+    assert "SIMD flags" in r["cpu"]
+
+
+def test_import_transformers_in_the_benchmarks_folder_gets_the_package():
+    """benchmarks/transformers.py, found first by a script of that folder, hands over the real package."""
+    package = pytest.importorskip("transformers")
+    code = "import transformers, transformers.models.bert; print(transformers.__file__)"
+    done = subprocess.run(  # `python -c` puts the working directory, benchmarks/, first on sys.path
+        [sys.executable, "-c", code], cwd=BENCHMARKS, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == package.__file__
