@@ -32,7 +32,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ from lightning.pytorch import Trainer  # noqa: E402, F401
 
 sys.path[:] = [*_PATH, _HERE]
 from _common import bench_trainer  # noqa: E402
+from _cpu import cpu_header  # noqa: E402
 
 from lightning_compress import DistillationModule, PruningCallback  # noqa: E402
 from lightning_compress.core.prune.keeper import apply_masks_  # noqa: E402
@@ -68,16 +68,6 @@ from lightning_compress.demo_text import (  # noqa: E402
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def build(model: str) -> SentenceEncoder:
@@ -187,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     reference = embed(dense, originals)
     header = {
-        "cpu": cpu_model(),
+        "cpu": cpu_header(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),

@@ -2,7 +2,8 @@
 
 Same model, same data, same optimizer, same sparsity, in one process. In each round, one fit per
 configuration runs in its own thread and the fits take their training steps strictly in turn
-(a baton passes from one to the next at every step), so any drift of the machine hits them alike.
+(a baton passes from one to the next at every step: ``_step_timing.py``), so any drift of the machine
+hits them alike.
 
 * ``none``: no pruning callback;
 * ``empty callback``: a callback that does nothing, the floor for any callback (Lightning calls
@@ -41,14 +42,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import statistics
 import sys
-import threading
 import time
-import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,20 +59,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import bench_trainer
+from _cpu import cpu_header
+from _step_timing import Baton, StepEnd, StepStart, in_turn
 
 from lightning_compress import PruningCallback
 from lightning_compress.core.files import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CONFIGS = (
-    "none",
-    "empty callback",
-    "PruningCallback",
-    "PruningCallback, wanda",
-    "ModelPruning",
-    "PruningCallback, gradual",
-    "PruningCallback, gradual, wanda",
-)
 
 
 class Net(pl.LightningModule):
@@ -108,156 +99,74 @@ def _backbone(name: str, smoke: bool) -> tuple[nn.Module, tuple[int, ...], int]:
     return torchvision.models.resnet18(num_classes=1000), (3, 224, 224), 1000
 
 
-class _Baton:
-    """Lets the fits running in parallel threads take their training steps strictly in turn."""
-
-    def __init__(self, names: list[str]) -> None:
-        self.cond = threading.Condition()
-        self.names = list(names)
-        self.turn = 0
-
-    def _advance(self) -> None:
-        if self.names:
-            self.turn = (self.turn + 1) % len(self.names)
-        self.cond.notify_all()
-
-    def wait(self, name: str) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: self.names[self.turn] == name)
-
-    def release(self, name: str) -> None:
-        with self.cond:
-            self._advance()
-
-    def finish(self, name: str) -> None:
-        """Leave the rotation (at the end of fit, or when it fails)."""
-        with self.cond:
-            i = self.names.index(name)
-            current = self.names[self.turn]
-            self.names.pop(i)
-            if self.names:
-                self.turn = self.names.index(current) if current != name else i % len(self.names)
-            self.cond.notify_all()
-
-
-class _StepStart(Callback):
-    def __init__(self, name: str, baton: _Baton, clock: str, sync: bool) -> None:
-        self.name, self.baton, self.sync = name, baton, sync
-        self.start = 0.0
-        # The CPU time of this thread: neither other processes on a shared machine nor the other
-        # fits' threads stretch it (torch runs its kernels in the calling thread with one thread).
-        self.now = time.thread_time if clock == "cpu" else time.perf_counter
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
-        self.baton.wait(self.name)
-        if self.sync:
-            torch.cuda.synchronize()
-        self.start = self.now()
-
-
-class _StepEnd(Callback):
-    def __init__(self, start: _StepStart) -> None:
-        self.start = start
-        self.times: list[float] = []
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self.start.sync:
-            torch.cuda.synchronize()
-        elapsed = self.start.now() - self.start.start
-        if trainer.current_epoch > 0:  # epoch 0 is the warm-up
-            self.times.append(elapsed)
-        self.start.baton.release(self.start.name)
-
-
 class _Empty(Callback):
     """Does nothing: what Lightning's dispatch of one more callback's hooks costs per step."""
 
 
-def _pruning_callbacks(config: str, target: float, model: nn.Module, epochs: int) -> list[Callback]:
-    if config == "empty callback":
-        return [_Empty()]
-    if config == "PruningCallback":
-        return [PruningCallback(target, schedule="constant", verbose=0)]
-    if config == "PruningCallback, wanda":  # input norms from a no-grad pass before step 0, then no hooks
-        return [PruningCallback(target, schedule="constant", score="wanda", verbose=0)]
-    if config == "PruningCallback, gradual":
-        return [PruningCallback(target, start_epoch=1, end_epoch=epochs - 1, verbose=0)]
-    if config == "PruningCallback, gradual, wanda":  # hooks on the score_batches batches before each update
-        return [PruningCallback(target, start_epoch=1, end_epoch=epochs - 1, score="wanda", verbose=0)]
-    if config == "ModelPruning":
-        layers = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        return [
-            ModelPruning(
-                "l1_unstructured",
-                parameters_to_prune=layers,
-                amount=target,
-                use_global_unstructured=True,
-                apply_pruning=lambda epoch: epoch == 0,
-                use_lottery_ticket_hypothesis=False,
-                make_pruning_permanent=True,
-                verbose=0,
-            )
-        ]
-    return []
+_Callbacks = Callable[[float, nn.Module, int], list[Callback]]
+"""A configuration's callbacks for ``(target sparsity, the network, epochs)``."""
 
 
-def _fit(config: str, args: argparse.Namespace, data: TensorDataset, baton: _Baton) -> tuple[list[float], float]:
-    try:
-        torch.manual_seed(0)
-        backbone, _, _ = _backbone(args.model, args.smoke)
-        model = Net(backbone, lr=0.01)
-        start = _StepStart(config, baton, args.clock, sync=args.device == "cuda")
-        end = _StepEnd(start)
-        callbacks = [start, *_pruning_callbacks(config, args.sparsity, backbone, args.epochs), end]
-        trainer = bench_trainer(
-            accelerator="gpu" if args.device == "cuda" else "cpu",
-            devices=1,
-            max_epochs=args.epochs,
-            callbacks=callbacks,
-            num_sanity_val_steps=0,
-            precision=args.precision,
-            default_root_dir=args.out / "lightning_logs",
+def _pruning(schedule: str, score: str = "magnitude") -> _Callbacks:
+    """PruningCallback: at the target from the first step, or the default cubic schedule over the timed epochs."""
+
+    def callbacks(target: float, model: nn.Module, epochs: int) -> list[Callback]:
+        if schedule == "constant":
+            return [PruningCallback(target, schedule="constant", score=score, verbose=0)]
+        return [PruningCallback(target, start_epoch=1, end_epoch=epochs - 1, score=score, verbose=0)]
+
+    return callbacks
+
+
+def _model_pruning(target: float, model: nn.Module, epochs: int) -> list[Callback]:
+    """Lightning's ModelPruning, pruned once to ``target`` at the end of the warm-up epoch."""
+    layers = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return [
+        ModelPruning(
+            "l1_unstructured",
+            parameters_to_prune=layers,
+            amount=target,
+            use_global_unstructured=True,
+            apply_pruning=lambda epoch: epoch == 0,
+            use_lottery_ticket_hypothesis=False,
+            make_pruning_permanent=True,
+            verbose=0,
         )
-        trainer.fit(model, DataLoader(data, batch_size=args.batch_size, shuffle=False))
-    finally:
-        baton.finish(config)
+    ]
+
+
+CALLBACKS: dict[str, _Callbacks] = {
+    "none": lambda target, model, epochs: [],
+    "empty callback": lambda target, model, epochs: [_Empty()],
+    "PruningCallback": _pruning("constant"),
+    "PruningCallback, wanda": _pruning("constant", "wanda"),  # input norms from a no-grad pass, then no hooks
+    "ModelPruning": _model_pruning,
+    "PruningCallback, gradual": _pruning("cubic"),
+    "PruningCallback, gradual, wanda": _pruning("cubic", "wanda"),  # hooks on the batches before each update
+}
+CONFIGS = tuple(CALLBACKS)
+
+
+def _fit(config: str, args: argparse.Namespace, data: TensorDataset, baton: Baton) -> tuple[list[float], float]:
+    torch.manual_seed(0)
+    backbone, _, _ = _backbone(args.model, args.smoke)
+    model = Net(backbone, lr=0.01)
+    start = StepStart(config, baton, args.clock, sync=args.device == "cuda")
+    end = StepEnd(start)
+    callbacks = [start, *CALLBACKS[config](args.sparsity, backbone, args.epochs), end]
+    trainer = bench_trainer(
+        accelerator="gpu" if args.device == "cuda" else "cpu",
+        devices=1,
+        max_epochs=args.epochs,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+        precision=args.precision,
+        default_root_dir=args.out / "lightning_logs",
+    )
+    trainer.fit(model, DataLoader(data, batch_size=args.batch_size, shuffle=False))
     weights = [m.weight for m in backbone.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     return end.times, zeros
-
-
-def _round(configs: list[str], args: argparse.Namespace, data: TensorDataset) -> dict[str, tuple[list[float], float]]:
-    """One fit per configuration, each in its own thread, their training steps taken in turn."""
-    baton = _Baton(configs)
-    results: dict[str, tuple[list[float], float]] = {}
-    errors: list[BaseException] = []
-
-    def run(config: str) -> None:
-        try:
-            results[config] = _fit(config, args, data, baton)
-        except BaseException as err:  # surfaced in the main thread below
-            errors.append(err)
-
-    threads = [threading.Thread(target=run, args=(c,), name=c) for c in configs]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    if errors:
-        raise errors[0]
-    return results
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def _mechanisms(args: argparse.Namespace, data: TensorDataset) -> list[dict[str, Any]]:
@@ -351,13 +260,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU")
+    # epochs, steps per epoch, batch size and rounds where not given
     defaults = {"mlp": (3, 100, 64, 8), "lenet": (3, 100, 128, 8), "resnet18": (3, 30, 64, 3)}[args.model]
-    if args.smoke:
-        defaults = (2, 5, 8, 1)
-    args.epochs = args.epochs or defaults[0]
-    args.steps = args.steps or defaults[1]
-    args.batch_size = args.batch_size or defaults[2]
-    args.repeats = args.repeats or defaults[3]
+    defaults = (2, 5, 8, 1) if args.smoke else defaults
+    for key, default in zip(("epochs", "steps", "batch_size", "repeats"), defaults, strict=True):
+        setattr(args, key, getattr(args, key) or default)
     args.clock = args.clock or ("wall" if args.device == "cuda" else "cpu")
     if args.clock == "cpu" and args.device == "cuda":
         parser.error("--clock cpu cannot time GPU work; use --clock wall with --device cuda")
@@ -379,7 +286,7 @@ def main() -> None:
     zeros: dict[str, float] = {}
     for r in range(args.repeats):
         order = configs[r % len(configs) :] + configs[: r % len(configs)]
-        for config, (t, z) in _round(order, args, data).items():
+        for config, (t, z) in in_turn(order, lambda c, baton: _fit(c, args, data, baton)).items():
             times[config] += t
             round_medians[config].append(statistics.median(t))
             zeros[config] = z
@@ -406,7 +313,7 @@ def main() -> None:
             }
         )
     command = shlex.join(["python", "benchmarks/pruning_step_time.py", *sys.argv[1:]])
-    device = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
+    device = torch.cuda.get_device_name() if args.device == "cuda" else cpu_header()
     meta = {
         "command": command,
         "model": args.model,
