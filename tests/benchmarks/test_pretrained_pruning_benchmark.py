@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
+from benchmark_run import load_benchmark
 
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_pretrained_pruning_smoke(tmp_path) -> None:
     pytest.importorskip("transformers")
-    spec = importlib.util.spec_from_file_location("_bench_pretrained_pruning", BENCHMARKS / "pretrained_pruning.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("pretrained_pruning.py")
     out = tmp_path / "pretrained"
     module.main(
         [

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
+from benchmark_run import load_benchmark
 
 
 def _run(script: str, *args: str) -> None:
     """Run a benchmark's ``main()`` with ``--smoke`` in this process (a subprocess would spend most of
     its time importing torch and Lightning again)."""
-    spec = importlib.util.spec_from_file_location(f"_bench_{Path(script).stem}", BENCHMARKS / script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark(script)
     argv, threads = sys.argv, torch.get_num_threads()
     sys.argv = [script, "--smoke", *args]
     try:

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from benchmark_run import run_benchmark
 
 
 @pytest.mark.slow
 def test_qat_benchmark_smoke(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "qat.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_benchmark("qat.py", "--smoke", "--out", str(tmp_path))
     assert (tmp_path / "qat_smoke.md").read_text().startswith("# QAT vs PTQ")
     data = json.loads((tmp_path / "qat_smoke.json").read_text())
     (row,) = data["rows"]

@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from benchmark_run import run_benchmark
 
 
 def _run(script: str, out: Path) -> dict:
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_benchmark(script, "--smoke", "--out", str(out))
     stem = script.removesuffix(".py") + "_smoke"
     assert (out / f"{stem}.md").read_text().startswith("# ")
     return json.loads((out / f"{stem}.json").read_text())

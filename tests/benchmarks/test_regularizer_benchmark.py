@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "regularizer_accuracy.py"
+from benchmark_run import run_benchmark
 
 
 @pytest.mark.slow
 def test_regularizer_accuracy_smoke(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_benchmark("regularizer_accuracy.py", "--smoke", "--out", str(tmp_path))
     data = json.loads((tmp_path / "regularizer_accuracy_smoke.json").read_text())
     families = {row["family"] for row in data["rows"]}
     assert families == {"dense", "magnitude", "l1+magnitude", "channel", "group_lasso+channel", "proximal l1"}
