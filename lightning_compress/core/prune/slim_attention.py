@@ -17,11 +17,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_compress.core.attention import AttentionCall, MultiheadAttentionCall
 
 __all__ = ["SlimMultiheadAttention", "shrink_attention"]
 
 
-class SlimMultiheadAttention(nn.MultiheadAttention):
+class SlimMultiheadAttention(MultiheadAttentionCall):
     """``nn.MultiheadAttention`` whose heads were partly removed (inner width ``num_heads * head_dim``).
 
     Only the packed projection (``in_proj_weight``) and no ``bias_k`` / ``bias_v`` are supported,
@@ -30,18 +33,10 @@ class SlimMultiheadAttention(nn.MultiheadAttention):
     assumes the full width.
     """
 
-    def forward(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        key_padding_mask: Tensor | None = None,
-        need_weights: bool = True,
-        attn_mask: Tensor | None = None,
-        average_attn_weights: bool = True,
-        is_causal: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
+    @override
+    def _attend(self, call: AttentionCall) -> tuple[Tensor, Tensor | None]:
         """``nn.MultiheadAttention.forward`` with ``num_heads * head_dim`` inner channels (same arguments)."""
+        query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal = call
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)

@@ -24,8 +24,11 @@ from typing import Any
 
 from torch import nn
 
+from lightning_compress.core.attention import MultiheadAttentionCall
+from lightning_compress.core.quant.base import Int8Module
+from lightning_compress.core.quant.conv2d import Int8Conv2d
 from lightning_compress.core.quant.embedding import Int8Embedding, embedding_forward_is_own, embedding_refusal
-from lightning_compress.core.quant.modules import Int8Conv2d, Int8Linear, Int8Module
+from lightning_compress.core.quant.modules import Int8Linear
 from lightning_compress.core.quant.transformer import Int8InProjMultiheadAttention, Int8MultiheadAttention
 
 __all__ = ["INT8_TABLE", "Int8Kind", "int8_kind_for", "int8_kind_named", "int8_kind_of", "int8_types", "register_int8"]
@@ -41,7 +44,15 @@ def _conv2d_forward_is_own(module: nn.Module) -> bool:
 
 
 def _mha_forward_is_own(module: nn.Module) -> bool:
-    return type(module).forward in (nn.MultiheadAttention.forward, Int8MultiheadAttention.forward)
+    cls: Any = type(module)
+    if cls.forward is nn.MultiheadAttention.forward:
+        return True
+    # Int8MultiheadAttention (and its subclasses that change only the projection): its forward is the
+    # shared MultiheadAttentionCall.forward, so what it computes is its `_attend`.
+    return (
+        cls.forward is MultiheadAttentionCall.forward
+        and getattr(cls, "_attend", None) is Int8MultiheadAttention._attend
+    )
 
 
 def _mha_refusal(module: nn.Module) -> str | None:

@@ -17,8 +17,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from typing_extensions import Self, override
 
+from lightning_compress.core.attention import AttentionCall, MultiheadAttentionCall
+from lightning_compress.core.quant.base import MODES, Int8Module
 from lightning_compress.core.quant.hf import guard_save_pretrained
-from lightning_compress.core.quant.modules import MODES, Int8Linear, Int8Module
+from lightning_compress.core.quant.modules import Int8Linear
 from lightning_compress.core.quant.primitives import dequantize, quantize, weight_scales
 from lightning_compress.core.quant.view import Int8WeightView
 
@@ -43,7 +45,7 @@ def _canonical_masks(
     return padding_mask, attn_mask
 
 
-class Int8MultiheadAttention(nn.MultiheadAttention):
+class Int8MultiheadAttention(MultiheadAttentionCall):
     """``nn.MultiheadAttention`` whose ``out_proj`` is an :class:`Int8Linear`.
 
     Always takes PyTorch's reference (slow) path, with the ``out_proj`` weight dequantized for the
@@ -52,17 +54,8 @@ class Int8MultiheadAttention(nn.MultiheadAttention):
     """
 
     @override
-    def forward(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        key_padding_mask: Tensor | None = None,
-        need_weights: bool = True,
-        attn_mask: Tensor | None = None,
-        average_attn_weights: bool = True,
-        is_causal: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
+    def _attend(self, call: AttentionCall) -> tuple[Tensor, Tensor | None]:
+        query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal = call
         if query.is_nested or key.is_nested or value.is_nested:
             raise ValueError("An int8 MultiheadAttention does not take nested tensors.")
         out_proj = self.out_proj
