@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.batches import call_model
-from lightning_compress.core.quant.modules import MODES, Int8Module
+from lightning_compress.core.quant.base import MODES, Int8Module
 from lightning_compress.core.quant.primitives import MinMaxObserver, scale_from_range
 from lightning_compress.core.quant.table import INT8_TABLE, int8_kind_for, int8_types
 from lightning_compress.core.quant.transformer import adapt_parents

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from typing_extensions import Self, override
 
-from lightning_compress.core.quant.modules import Int8Module
+from lightning_compress.core.quant.base import Int8Module
 
 __all__ = ["Int8Embedding", "embedding_forward_is_own", "embedding_refusal"]
 

@@ -50,15 +50,13 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from lightning_compress.core.quant.fbgemm import (
-    activation_qmax,
-    cpu_flags,
-    fbgemm_available,
-    fbgemm_pack,
-    fbgemm_u8s8_mm,
-    has_vnni,
-    linear_dynamic,
-)
+# Re-exported: kernels.py was their home, and the kernel choice reads them.
+from lightning_compress.core.quant.fbgemm import activation_qmax as activation_qmax
+from lightning_compress.core.quant.fbgemm import cpu_flags as cpu_flags
+from lightning_compress.core.quant.fbgemm import fbgemm_available as fbgemm_available
+from lightning_compress.core.quant.fbgemm import fbgemm_pack as fbgemm_pack
+from lightning_compress.core.quant.fbgemm import fbgemm_u8s8_mm as fbgemm_u8s8_mm
+from lightning_compress.core.quant.fbgemm import has_vnni, linear_dynamic
 from lightning_compress.core.quant.primitives import QMAX, dequantize
 
 if TYPE_CHECKING:
@@ -67,11 +65,6 @@ if TYPE_CHECKING:
 __all__ = [
     "KERNELS",
     "MIN_INT8_WEIGHTS",
-    "activation_qmax",
-    "cpu_flags",
-    "fbgemm_available",
-    "fbgemm_pack",
-    "fbgemm_u8s8_mm",
     "invalidate",
     "linear_forward",
     "prepare_kernels",

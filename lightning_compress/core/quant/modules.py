@@ -33,11 +33,12 @@ from torch.nn import functional as F
 from typing_extensions import Self, override
 
 from lightning_compress.core.quant import kernels
-from lightning_compress.core.quant.base import MODES, Int8Module
-from lightning_compress.core.quant.conv2d import Int8Conv2d
+from lightning_compress.core.quant.base import MODES
+from lightning_compress.core.quant.base import Int8Module as Int8Module  # re-exported: it lived here
+from lightning_compress.core.quant.conv2d import Int8Conv2d as Int8Conv2d  # re-exported: it lived here
 from lightning_compress.core.quant.primitives import quantize, quantize_rows
 
-__all__ = ["MODES", "Int8Conv2d", "Int8Linear", "Int8Module", "int8_mm"]
+__all__ = ["MODES", "Int8Linear", "int8_mm"]
 
 _INT_MM_DEVICES = ("cpu", "cuda")
 _CUDA_MIN_ROWS = 17
