@@ -28,14 +28,16 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
 
+from lightning_compress.core.hooks import HookSet
 from lightning_compress.core.selection import Target, is_hf_conv1d
 
 __all__ = ["InputNormCollector", "conv_patch_square_sums", "flat_sums", "split_sums"]
@@ -93,7 +95,7 @@ def conv_patch_square_sums(conv: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     return out
 
 
-class InputNormCollector:
+class InputNormCollector(HookSet):
     """Accumulates the squared input norms of selected weights while its pre-hooks are installed.
 
     Args:
@@ -112,22 +114,20 @@ class InputNormCollector:
     """
 
     def __init__(self, targets: Iterable[Target]) -> None:
+        super().__init__()
         self.targets = {t.param_name: t for t in targets}
         self.sums: dict[str, Tensor] = {}
         self.calls: dict[str, int] = {}
-        self._handles: list[RemovableHandle] = []
 
     # ------------------------------------------------------------------ hooks
 
-    @property
-    def installed(self) -> bool:
-        """Whether the pre-hooks are on the modules now."""
-        return bool(self._handles)
+    installed = HookSet._hooks_on
+    install = HookSet._put_hooks_on
+    remove = HookSet._take_hooks_off  # the sums stay
 
-    def install(self) -> None:
-        """Put one forward pre-hook on each selected module (idempotent)."""
-        if self._handles:
-            return
+    @override
+    def _register_hooks(self) -> Iterator[RemovableHandle]:
+        """One forward pre-hook on each selected module that has an input to observe."""
         by_module: dict[int, list[Target]] = {}
         modules: dict[int, nn.Module] = {}
         for target in self.targets.values():
@@ -138,13 +138,7 @@ class InputNormCollector:
             if not self._observable(module, targets[0]):
                 continue
             hook = self._hook(module, [t.param_name for t in targets], [t.attr for t in targets])
-            self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-
-    def remove(self) -> None:
-        """Remove every pre-hook (the sums stay)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+            yield module.register_forward_pre_hook(hook, with_kwargs=True)
 
     @staticmethod
     def _observable(module: nn.Module, target: Target) -> bool:

@@ -35,15 +35,24 @@ parallelism reduce them with :meth:`FakeQuantSession.reduce_ranges` after each s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
 
-from lightning_compress.core.quant.modules import MODES
-from lightning_compress.core.quant.primitives import QMAX, dequantize, quantize, scale_from_range, weight_scales
+from lightning_compress.core.hooks import HookSet
+from lightning_compress.core.quant.base import MODES
+from lightning_compress.core.quant.primitives import (
+    QMAX,
+    RangeObserver,
+    dequantize,
+    quantize,
+    scale_from_range,
+    weight_scales,
+)
 from lightning_compress.core.quant.table import int8_kind_for
 from lightning_compress.errors import check_choice
 
@@ -121,7 +130,7 @@ def fake_quantize_input(x: Tensor, scale: Tensor) -> Tensor:
     return out
 
 
-class MovingMinMaxObserver:
+class MovingMinMaxObserver(RangeObserver):
     """A moving average of the per-batch minimum and maximum of a layer's input.
 
     The first batch sets the range; each later batch moves it by ``averaging`` towards the batch's
@@ -137,20 +146,17 @@ class MovingMinMaxObserver:
     """
 
     def __init__(self, averaging: float = DEFAULT_AVERAGING) -> None:
+        super().__init__()
         self.averaging = float(averaging)
-        self.min_val = torch.zeros(())
-        self.max_val = torch.zeros(())
-        self.count = 0
 
+    @override
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
         """Move the range towards ``x``'s min and max (NaN and inf entries are ignored)."""
-        x = x.detach()
-        if not bool(torch.isfinite(x).all()):
-            x = x[torch.isfinite(x)]
-        if not x.numel():
+        bounds = self.finite_range(x)
+        if bounds is None:
             return
-        lo, hi = (v.to(torch.float32).cpu() for v in torch.aminmax(x))
+        lo, hi = (v.cpu() for v in bounds)
         if self.count == 0:
             self.min_val, self.max_val = lo, hi
         else:
@@ -198,7 +204,7 @@ class _PostHook:
             module._parameters["weight"] = self.pre.stash.pop()  # type: ignore[assignment]
 
 
-class FakeQuantSession:
+class FakeQuantSession(HookSet):
     """Fake quantization of a set of layers: observers, and hooks attached only while QAT runs.
 
     Args:
@@ -228,6 +234,7 @@ class FakeQuantSession:
         averaging: float = DEFAULT_AVERAGING,
     ) -> None:
         check_choice("mode", mode, MODES)
+        super().__init__()
         self.layers = dict(layers)
         self.mode = mode
         self.per_channel = per_channel
@@ -241,27 +248,18 @@ class FakeQuantSession:
                 self._transposed.add(name)
             if mode == "static" and kind is not None and kind.static_input:
                 self.observers[name] = MovingMinMaxObserver(averaging)
-        self._handles: list[RemovableHandle] = []
 
-    @property
-    def attached(self) -> bool:
-        """Whether the hooks are on the layers."""
-        return bool(self._handles)
+    attached = HookSet._hooks_on
+    attach = HookSet._put_hooks_on
+    detach = HookSet._take_hooks_off  # the layers are plain float layers again
 
-    def attach(self) -> None:
-        """Install the hooks (idempotent)."""
-        if self._handles:
-            return
+    @override
+    def _register_hooks(self) -> Iterator[RemovableHandle]:
+        """On each layer, a pre-hook that fake-quantizes its weight (and input) and a hook that restores it."""
         for name, module in self.layers.items():
             pre = _PreHook(self.per_channel, self.observers.get(name), name in self._transposed)
-            self._handles.append(module.register_forward_pre_hook(pre))
-            self._handles.append(module.register_forward_hook(_PostHook(pre), always_call=True))
-
-    def detach(self) -> None:
-        """Remove the hooks (idempotent); the layers are plain float layers again."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+            yield module.register_forward_pre_hook(pre)
+            yield module.register_forward_hook(_PostHook(pre), always_call=True)
 
     def input_ranges(self) -> dict[str, tuple[Tensor, Tensor]]:
         """``{name: (min, max)}`` of the observed inputs, as ``quantize_model``'s ``input_ranges`` takes them."""

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 __all__ = [
     "QMAX",
     "MinMaxObserver",
+    "RangeObserver",
     "dequantize",
     "quantize",
     "quantize_rows",
@@ -134,7 +136,35 @@ def scale_from_range(low: Tensor | float, high: Tensor | float) -> Tensor:
     return torch.maximum(lo.abs(), hi.abs()).reshape(()) / QMAX
 
 
-class MinMaxObserver:
+class RangeObserver:
+    """What an observer of a layer's inputs holds: :attr:`min_val`, :attr:`max_val` (0-d float32) and :attr:`count`.
+
+    :class:`MinMaxObserver` and :class:`~lightning_compress.core.quant.fake.MovingMinMaxObserver` differ only
+    in how :meth:`update` moves the range.
+    """
+
+    def __init__(self) -> None:
+        self.min_val = torch.zeros(())
+        self.max_val = torch.zeros(())
+        self.count = 0
+
+    def update(self, x: Tensor) -> None:
+        """Take ``x`` into the range."""
+        raise NotImplementedError
+
+    @staticmethod
+    def finite_range(x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The float32 minimum and maximum of ``x``'s finite entries, ``None`` when it has none (``x`` detached)."""
+        x = x.detach()
+        if not bool(torch.isfinite(x).all()):
+            x = x[torch.isfinite(x)]
+        if not x.numel():
+            return None
+        lo, hi = torch.aminmax(x.to(torch.float32))
+        return lo, hi
+
+
+class MinMaxObserver(RangeObserver):
     """Running minimum and maximum of every tensor it sees (for static activation scales).
 
     The range always contains zero, so the symmetric scale it gives is well defined. Under data
@@ -150,18 +180,13 @@ class MinMaxObserver:
         (-1.0, 2.54, tensor(0.0200))
     """
 
-    def __init__(self) -> None:
-        self.min_val = torch.zeros(())
-        self.max_val = torch.zeros(())
-        self.count = 0
-
+    @override
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
         """Widen the range to cover ``x`` (NaN and inf entries are ignored)."""
-        x = x.detach()
-        finite = x[torch.isfinite(x)] if not bool(torch.isfinite(x).all()) else x
-        if finite.numel():
-            lo, hi = torch.aminmax(finite.to(torch.float32))
+        bounds = self.finite_range(x)
+        if bounds is not None:
+            lo, hi = bounds
             self.min_val = torch.minimum(self.min_val.to(lo.device), lo)
             self.max_val = torch.maximum(self.max_val.to(hi.device), hi)
         self.count += 1
