@@ -61,15 +61,20 @@ def _(x: Tensor, wt: Tensor, w_scale: Tensor, zero: int, bias: Tensor | None) ->
 
 @torch.library.custom_op(f"{NAMESPACE}::linear_static", mutates_args=())
 def linear_static(
-    x: Tensor, wt: Tensor, w_scale: Tensor, zero: int, input_scale: Tensor, bias: Tensor | None
+    x: Tensor, wt: Tensor, w_scale: Tensor, w_zero: Tensor, input_scale: Tensor, bias: Tensor | None
 ) -> Tensor:
-    """``x @ dequant(wt) + bias`` with the activation quantized with the calibrated ``input_scale``."""
+    """``x @ dequant(wt) + bias`` with the activation quantized with the calibrated ``input_scale``.
+
+    ``w_zero`` is the weight zero point, shaped like ``w_scale`` (``[N]`` or 0-d).
+    """
     xs = input_scale.to(torch.float32)
     xq = torch.round(x.to(torch.float32) / xs).clamp_(-128, 127)
-    out = (xq * xs) @ _dequant(wt, w_scale, zero, 1)
+    shape = [1, -1] if w_scale.dim() > 0 else [1, 1]
+    weight = (wt.to(torch.float32) - w_zero.to(torch.float32).reshape(shape)) * w_scale.to(torch.float32).reshape(shape)
+    out = (xq * xs) @ weight
     return out if bias is None else out + bias.to(torch.float32)
 
 
 @linear_static.register_fake
-def _(x: Tensor, wt: Tensor, w_scale: Tensor, zero: int, input_scale: Tensor, bias: Tensor | None) -> Tensor:
+def _(x: Tensor, wt: Tensor, w_scale: Tensor, w_zero: Tensor, input_scale: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], wt.shape[1]), dtype=torch.float32)

@@ -120,13 +120,20 @@ class ExportLinear(nn.Module):
             return _ops.linear_dynamic(x, self.weight_t, self.weight_scale, self.zero, self.bias)
         if self.mode == "static":
             assert self.input_scale is not None
-            return _ops.linear_static(x, self.weight_t, self.weight_scale, self.zero, self.input_scale, self.bias)
+            return _ops.linear_static(
+                x, self.weight_t, self.weight_scale, self.weight_zero, self.input_scale, self.bias
+            )
         out = torch.matmul(x, _ops.dequantize_weight(self.weight_t, self.weight_scale, self.weight_zero, 1))
         return out if self.bias is None else out + self.bias
 
 
 class ExportConv2d(nn.Module):
-    """An int8 Conv2d in export form: ``F.conv2d`` with a ``DequantizeLinear`` of the int8 weight (as in PyTorch)."""
+    """An int8 Conv2d in export form: ``F.conv2d`` with the dequantized int8 weight (as in PyTorch).
+
+    The weight's ``DequantizeLinear`` is rewritten as ``Cast -> Mul`` after the export
+    (:func:`lightning_compress.export._rewrite.foldable_conv_weights`), which ONNX Runtime folds into
+    a float weight when the session loads.
+    """
 
     weight_q: Tensor
     weight_scale: Tensor

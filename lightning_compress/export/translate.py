@@ -6,12 +6,18 @@ by dumping the optimized graph with ``SessionOptions.optimized_model_filepath``;
 * dynamic Linear: ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (-> Add)``, fused into
   ``com.microsoft.DynamicQuantizeMatMul`` (the pattern ``onnxruntime.quantization.quantize_dynamic``
   writes);
-* static Linear: ``QuantizeLinear`` with the calibrated scale (uint8, zero point 128: the int8 grid
-  shifted) ``-> MatMulInteger -> Cast -> Mul (-> Add)``; ONNX Runtime runs ``MatMulInteger`` with
-  its u8 kernels (a ``QuantizeLinear -> DequantizeLinear -> MatMul`` QDQ form with a float output
-  is *not* fused and ran 3-30x slower);
-* weights computed in float (weight-only Linear, every Conv2d, attention's ``out_proj``):
-  ``DequantizeLinear`` on the int8 initializer.
+* static Linear: the QDQ form ``QuantizeLinear -> DequantizeLinear`` of the activation with the
+  calibrated scale (uint8, zero point 128: the symmetric int8 grid shifted), ``DequantizeLinear``
+  of the int8 weight (with its zero point: without one it is not fused), ``Gemm`` without bias,
+  then ``Add`` of the float bias: fused into ``com.microsoft.QGemm`` with a float output (an input
+  of another rank is reshaped to 2-d around the ``Gemm``). Rejected by measurement: a ``MatMul``
+  in that place is not fused (the weight is dequantized on every call, 2-4x slower); a ``Gemm``
+  with its bias is fused into ``FusedGemm`` with a following ``Relu`` *before* the QDQ fusion
+  (float, weight dequantized per call); ``QuantizeLinear -> MatMulInteger -> Cast -> Mul`` runs
+  unfused (1.2-1.4x of ``quantize_static``); int8 activations (zero point 0) are not fused;
+* weights computed in float (weight-only Linear, attention's projections): ``DequantizeLinear`` on
+  the int8 initializer; on a Conv2d weight it is rewritten after the export as ``Cast -> Mul``
+  (:mod:`lightning_compress.export._rewrite`), which ONNX Runtime folds into a float weight.
 """
 
 from __future__ import annotations
@@ -58,10 +64,26 @@ def _linear_dynamic(x: Any, wt: Any, w_scale: Any, zero: int, bias: Any = None) 
     return _finish(_matmul_integer(xq, wt, x_zero, zero), scale, bias)
 
 
-def _linear_static(x: Any, wt: Any, w_scale: Any, zero: int, input_scale: Any, bias: Any = None) -> Any:
+def _rank(x: Any) -> int | None:
+    shape = getattr(x, "shape", None)
+    try:
+        return None if shape is None else len(shape)
+    except TypeError:  # an unknown rank
+        return None
+
+
+def _linear_static(x: Any, wt: Any, w_scale: Any, w_zero: Any, input_scale: Any, bias: Any = None) -> Any:
     x_zero = _zero_point(128)
-    xq = op.QuantizeLinear(x, input_scale, x_zero)
-    return _finish(_matmul_integer(xq, wt, x_zero, zero), op.Mul(input_scale, w_scale), bias)
+    flat = x
+    if _rank(x) != 2:  # Gemm is 2-d: [..., K] -> [-1, K] and back
+        minus_one: Any = op.Constant(value=onnx.helper.make_tensor("minus_one", onnx.TensorProto.INT64, [1], [-1]))
+        flat = op.Reshape(x, op.Concat(minus_one, op.Shape(wt, start=0, end=1), axis=0))
+    xd = op.DequantizeLinear(op.QuantizeLinear(flat, input_scale, x_zero), input_scale, x_zero)
+    out = op.Gemm(xd, op.DequantizeLinear(wt, w_scale, w_zero, axis=1))
+    if flat is not x:
+        lead: Any = op.Shape(x, start=0, end=-1)
+        out = op.Reshape(out, op.Concat(lead, op.Shape(wt, start=1, end=2), axis=0))
+    return out if bias is None else op.Add(out, bias)
 
 
 def translation_table() -> dict[Callable[..., Any], Callable[..., Any]]:

@@ -1,0 +1,73 @@
+"""The int8 patterns of the export are the ones ONNX Runtime fuses into its int8 kernels (its optimized graph)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx_helpers import int8, rel_err, run_onnx
+from torch import nn
+
+from lightning_compress import export_onnx
+
+
+def optimized_ops(path, tmp_path) -> Counter[str]:
+    """``{op_type: count}`` of the graph ONNX Runtime runs (``ORT_ENABLE_ALL``, CPU)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+
+
+@pytest.mark.parametrize("weight_dtype", ["int8", "uint8"])
+def test_static_linear_runs_as_qgemm_and_dynamic_as_dynamic_quantize_matmul(tmp_path, weight_dtype: str) -> None:
+    torch.manual_seed(0)
+    calib = torch.randn(64, 32)
+    for mode, kernel in (("static", "QGemm"), ("dynamic", "DynamicQuantizeMatMul")):
+        model = int8(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).eval(), mode, True, calib)
+        path = tmp_path / f"{mode}.onnx"
+        export_onnx(model, path, calib[:4], weight_dtype=weight_dtype)
+        ops = optimized_ops(path, tmp_path)
+        assert ops[kernel] == 2, ops
+        assert "DequantizeLinear" not in ops and "MatMulInteger" not in ops and "FusedGemm" not in ops, ops
+
+
+def test_static_linear_on_a_3d_input_is_fused_and_agrees(tmp_path) -> None:
+    torch.manual_seed(0)
+    calib = torch.randn(4, 6, 32)
+    model = int8(nn.Sequential(nn.Linear(32, 16)).eval(), "static", True, calib)
+    path = tmp_path / "seq.onnx"
+    export_onnx(model, path, calib[:2], weight_dtype="uint8")
+    assert optimized_ops(path, tmp_path)["QGemm"] == 1
+    x = torch.randn(3, 6, 32)
+    got = run_onnx(path, x)[0]
+    with torch.no_grad():
+        want = model(x)
+    assert got.shape == (3, 6, 16)
+    assert rel_err(got, want) <= 0.02
+
+
+@pytest.mark.parametrize("weight_dtype", ["int8", "uint8"])
+def test_conv_weights_stay_int8_in_the_file_and_fold_to_a_float_conv(tmp_path, weight_dtype: str) -> None:
+    torch.manual_seed(0)
+    calib = torch.randn(4, 3, 16, 16)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8)).eval()
+    model = int8(model, "dynamic", True, calib)
+    path = tmp_path / "conv.onnx"
+    export_onnx(model, path, calib[:2], weight_dtype=weight_dtype)
+    inits = onnx.load(str(path)).graph.initializer
+    assert sorted(tuple(i.dims) for i in inits if len(i.dims) == 4 and i.data_type != onnx.TensorProto.FLOAT) == [
+        (8, 1, 3, 3),
+        (8, 3, 3, 3),
+    ]
+    ops = optimized_ops(path, tmp_path)
+    assert "DequantizeLinear" not in ops and "Cast" not in ops, ops  # folded into float weights at load
+    got = run_onnx(path, calib)[0]
+    with torch.no_grad():
+        want = model(calib)
+    assert rel_err(got, want) <= 1e-5
