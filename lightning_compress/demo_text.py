@@ -41,29 +41,21 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
-from lightning_compress._text_corpus import (
-    STDLIB_MODULES,
-    WORD,
-    TextSplits,
-    paraphrase_pairs,
-    retrieval_top1,
-    stdlib_sentences,
-    text_splits,
-)
 from lightning_compress.errors import check_number, config_error
+from lightning_compress.text_corpus import STDLIB_MODULES as STDLIB_MODULES  # the corpus: its own module
+from lightning_compress.text_corpus import WORD
+from lightning_compress.text_corpus import TextSplits as TextSplits
+from lightning_compress.text_corpus import paraphrase_pairs as paraphrase_pairs
+from lightning_compress.text_corpus import retrieval_top1 as retrieval_top1
+from lightning_compress.text_corpus import stdlib_sentences as stdlib_sentences
+from lightning_compress.text_corpus import text_splits as text_splits
 
 __all__ = [
-    "STDLIB_MODULES",
     "HashTokenizer",
     "SentenceDataModule",
     "SentenceEncoder",
-    "TextSplits",
     "embed",
     "minilm_path",
-    "paraphrase_pairs",
-    "retrieval_top1",
-    "stdlib_sentences",
-    "text_splits",
 ]
 
 

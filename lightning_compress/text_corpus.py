@@ -3,7 +3,7 @@
 The docstrings of the public functions, classes and methods of :data:`STDLIB_MODULES`, split into
 sentences and filtered (6 to 40 words, letters mostly, no code, no duplicates); a deterministic split
 into training and held-out sentences; paraphrases of them and a retrieval score. Plain Python and
-torch (no Lightning, no transformers). Import the names from :mod:`lightning_compress.demo_text`.
+torch (no Lightning, no transformers); :mod:`lightning_compress.demo_text` re-exports every name.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ STDLIB_MODULES: tuple[str, ...] = (
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
+"""A word: a letter, then letters, apostrophes and hyphens (the corpus filter; ``demo_text.HashTokenizer``)."""
 _CODEISH = re.compile(r"[=<>{}\[\]|\\`@#$%^*~]|\.\w+\(|\w_\w|\(\)|::|>>>|\bself\b|\bdef\b|\breturn\b")
 
 
