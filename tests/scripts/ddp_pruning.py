@@ -18,8 +18,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
+from _shared import Diverge, run_fits  # this folder is sys.path[0] when the script runs
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared fixtures and helpers
@@ -35,16 +35,6 @@ def Net() -> TinyNet:
     torch.manual_seed(0)  # the same initial weights in every fit and on every rank
     body = nn.Sequential(nn.Conv1d(4, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8, 32), nn.ReLU())
     return TinyNet(body, nn.Linear(32, 3), optimizer=sgd(0.05, momentum=0.9))
-
-
-class Diverge(pl.Callback):
-    """Makes the replicas differ: each rank adds its own noise to the weights at the start of training."""
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        g = torch.Generator().manual_seed(100 + trainer.global_rank)
-        with torch.no_grad():
-            for p in pl_module.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def _callbacks(name: str) -> dict[str, PruningCallback]:
@@ -81,11 +71,5 @@ def _fit(name: str, out: Path) -> None:
     atomic_torch_save(result, out / f"{name}_rank{trainer.global_rank}.pt")
 
 
-def main(out: Path) -> None:
-    torch.set_num_threads(1)
-    for name in ("methods", "diverged"):
-        _fit(name, out)
-
-
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    run_fits(_fit, ["methods", "diverged"], Path(sys.argv[1]))

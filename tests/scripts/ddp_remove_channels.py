@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from _shared import Diverge, run_fits  # this folder is sys.path[0] when the script runs
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared fixtures and helpers
@@ -27,14 +28,6 @@ from helpers import quiet_trainer
 
 from lightning_compress import PruningCallback
 from lightning_compress.core.files import atomic_torch_save
-
-
-class Diverge(pl.Callback):
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        g = torch.Generator().manual_seed(100 + trainer.global_rank)
-        with torch.no_grad():
-            for p in pl_module.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 class ZeroRows(pl.Callback):
@@ -69,11 +62,5 @@ def _fit(name: str, out: Path) -> None:
     atomic_torch_save(result, out / f"{name}_rank{trainer.global_rank}.pt")
 
 
-def main(out: Path) -> None:
-    torch.set_num_threads(1)
-    for name in ("plain", "diverged"):
-        _fit(name, out)
-
-
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    run_fits(_fit, ["plain", "diverged"], Path(sys.argv[1]))

@@ -14,15 +14,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
-from lightning.pytorch.strategies import ModelParallelStrategy
+from _shared import close_process_group, fsdp2_trainer  # this folder is sys.path[0] when the script runs
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
-
-from helpers import quiet_trainer
 
 from lightning_compress import DistillationModule
 from lightning_compress.core.files import atomic_torch_save
@@ -69,14 +64,7 @@ def main(out: Path) -> None:
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.rand(192, 1, 8, 8, generator=g), torch.randint(0, 10, (192,), generator=g))
     facts = Facts()
-    trainer = quiet_trainer(
-        out,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        devices=2,
-        accelerator="cpu",
-        max_epochs=2,
-        callbacks=[facts],
-    )
+    trainer = fsdp2_trainer(out, max_epochs=2, callbacks=[facts])
     trainer.fit(module, DataLoader(data, batch_size=16), DataLoader(data, batch_size=32))
     result = {
         **facts.facts,
@@ -85,8 +73,7 @@ def main(out: Path) -> None:
         "val_teacher_acc": float(trainer.callback_metrics["val/teacher_acc"]),
     }
     atomic_torch_save(result, out / f"distill_rank{trainer.global_rank}.pt")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -23,15 +23,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
-from lightning.pytorch.strategies import ModelParallelStrategy
+from _shared import fsdp2_trainer, run_fits  # this folder is sys.path[0] when the script runs
 from torch import Tensor, nn
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared fixtures and helpers
 
 from fixtures import TinyNet, classification_loader, sgd
-from helpers import quiet_trainer
 
 from lightning_compress import PruningCallback
 from lightning_compress.core.files import atomic_torch_save
@@ -131,14 +129,7 @@ def _fit(fit: str, out: Path) -> None:
     pruning = _callbacks(fit)
     before = Before(pruning)
     after = After(before)
-    trainer = quiet_trainer(
-        out,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        devices=2,
-        accelerator="cpu",
-        max_epochs=3,
-        callbacks=[before, *pruning.values(), after],
-    )
+    trainer = fsdp2_trainer(out, max_epochs=3, callbacks=[before, *pruning.values(), after])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     trainer.fit(model, data)
     params = dict(model.named_parameters())
@@ -166,13 +157,5 @@ def _fit(fit: str, out: Path) -> None:
     atomic_torch_save(result, out / f"{fit}_rank{trainer.global_rank}.pt")
 
 
-def main(out: Path, fits: list[str]) -> None:
-    torch.set_num_threads(1)
-    for fit in fits:
-        _fit(fit, out)
-    if dist.is_initialized():
-        dist.destroy_process_group()  # or the gloo process group may keep the interpreter alive at exit
-
-
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:] or ["global", "layer"])
+    run_fits(_fit, sys.argv[2:] or ["global", "layer"], Path(sys.argv[1]))

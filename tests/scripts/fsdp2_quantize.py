@@ -13,14 +13,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from fsdp2_pruning import Net  # this folder is sys.path[0] when the script runs
-from lightning.pytorch.strategies import ModelParallelStrategy
+from _shared import close_process_group, fsdp2_trainer  # this folder is sys.path[0] when the script runs
+from fsdp2_pruning import Net
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared fixtures and helpers
 
 from fixtures import classification_loader
-from helpers import quiet_trainer
 
 from lightning_compress import PruningCallback, QuantizeOnFitEnd, load_compressed
 from lightning_compress.core.files import atomic_torch_save
@@ -33,14 +31,7 @@ def main(out: Path) -> None:
     path = out / "model.int8.pt"
     quantize = QuantizeOnFitEnd("static", calibration_batches=4, save_path=str(path), verbose=0)
     pruning = PruningCallback(0.5, method="2:4", exclude=["head"], update_every_n_steps=2, verbose=0)
-    trainer = quiet_trainer(
-        out,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        devices=2,
-        accelerator="cpu",
-        max_epochs=2,
-        callbacks=[pruning, quantize],
-    )
+    trainer = fsdp2_trainer(out, max_epochs=2, callbacks=[pruning, quantize])
     trainer.fit(model, classification_loader(160, 8, 3))
     x = torch.randn(16, 8, generator=torch.Generator().manual_seed(5))
     model.eval()
@@ -58,8 +49,7 @@ def main(out: Path) -> None:
         "masks": dict(pruning.masks),
     }
     atomic_torch_save(result, out / f"quantized_rank{trainer.global_rank}.pt")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":

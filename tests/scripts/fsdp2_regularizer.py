@@ -20,15 +20,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
-from fsdp2_pruning import ShardedNet  # this folder is sys.path[0] when the script runs
-from lightning.pytorch.strategies import ModelParallelStrategy
+from _shared import fsdp2_trainer, run_fits  # this folder is sys.path[0] when the script runs
+from fsdp2_pruning import ShardedNet
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared fixtures and helpers
 
 from fixtures import classification_loader, sgd
-from helpers import quiet_trainer
 
 from lightning_compress import SparseRegularizer
 from lightning_compress.core.files import atomic_torch_save
@@ -77,14 +75,7 @@ def _fit(fit: str, out: Path) -> None:
     else:
         regularizer = SparseRegularizer(0.25, penalty="group_lasso", proximal=True, verbose=0)
         callbacks = [regularizer]
-    trainer = quiet_trainer(
-        out,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        devices=2,
-        accelerator="cpu",
-        max_epochs=2,
-        callbacks=callbacks,
-    )
+    trainer = fsdp2_trainer(out, max_epochs=2, callbacks=callbacks)
     trainer.fit(model, classification_loader(160, 8, 3))
     state = {n: full_tensor(p).detach().clone() for n, p in model.named_parameters()}
     result: dict[str, Any] = {
@@ -96,13 +87,5 @@ def _fit(fit: str, out: Path) -> None:
     atomic_torch_save(result, out / f"{fit}_rank{trainer.global_rank}.pt")
 
 
-def main(out: Path) -> None:
-    torch.set_num_threads(1)
-    for fit in ("gradient", "proximal"):
-        _fit(fit, out)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    run_fits(_fit, ["gradient", "proximal"], Path(sys.argv[1]))
