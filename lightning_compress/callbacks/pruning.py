@@ -213,6 +213,17 @@ class PruningCallback(CompressionCallback):
         if self._channels is not None:
             self._channels.check_unsharded(weights.values())
         self._keeper = MaskKeeper(weights, trainer.optimizers, guard_all=may_touch_gradients(self, trainer, pl_module))
+        self._install_loaded()
+
+    def _install_loaded(self) -> None:
+        """Install the state ``load_state_dict`` read (if any) and build the score statistics from it.
+
+        Called at fit start, and at once by a load that comes after it: ``ModelParallelStrategy``
+        restores callback states after ``on_fit_start`` (``restore_checkpoint_after_setup``).
+        """
+        assert self._keeper is not None
+        if self._statistics is not None:
+            self._statistics.close()
         saved = self._loaded.statistics if self._loaded is not None else None
         self._statistics = ScoreStatistics.for_score(self.score, self._targets, self.score_batches, saved)
         if self._loaded is not None:
@@ -374,3 +385,5 @@ class PruningCallback(CompressionCallback):
         self._loaded = Resumed.read(state)
         self._masks = dict(self._loaded.masks)
         self._achieved = self._loaded.achieved_sparsity
+        if self._keeper is not None:  # the fit has started (ModelParallelStrategy restores callbacks late)
+            self._install_loaded()

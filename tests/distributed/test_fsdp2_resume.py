@@ -18,12 +18,6 @@ from helpers import load_ranks, run_ddp_script
 KINDS = ("sharded", "full")
 PRUNED = {"body.0.weight", "body.4.weight", "head.weight"}
 
-RESTORED_TOO_LATE = (
-    "PruningCallback under ModelParallelStrategy: Lightning restores the callback states after on_fit_start"
-    " (restore_checkpoint_after_setup=True), but PruningCallback installs a loaded state only in on_fit_start,"
-    " so the resumed run starts with no schedule position and no masks on its MaskKeeper"
-)
-
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
@@ -75,7 +69,6 @@ def test_restored_masks_equal_the_saved_ones_on_every_rank(results, kind: str) -
 
 
 @pytest.mark.ddp
-@pytest.mark.xfail(strict=True, reason=RESTORED_TOO_LATE)
 @pytest.mark.parametrize("kind", KINDS)
 def test_restore_installs_the_masks_and_the_schedule_position(results, kind: str) -> None:
     for rank in results[kind]:
@@ -112,11 +105,10 @@ def test_resumed_run_ends_with_the_masks_of_the_uninterrupted_one(results, kind:
 
 
 @pytest.mark.ddp
-@pytest.mark.xfail(strict=True, reason=RESTORED_TOO_LATE + "; its weights drift from the uninterrupted run's")
 @pytest.mark.parametrize("kind", KINDS)
 def test_resumed_run_is_bit_identical_to_the_uninterrupted_one(results, kind: str) -> None:
     # CPU, data in order, the same seeds: nothing but the restore may differ (as without sharding,
-    # tests/callbacks/test_pruning_resume.py). Checked with the fix applied by hand: bit-identical.
+    # tests/callbacks/test_pruning_resume.py).
     for rank in results[kind]:
         whole, resumed = rank["whole"], rank["resumed"]
         assert resumed["state"].keys() == whole["state"].keys()
