@@ -195,6 +195,7 @@ class QuantizeOnFitEnd(CompressionCallback):
         was_training = root.training
         root.eval()
         batches = calibration_batches(trainer, self.calibration_batches, self.mode)
+        qat = self._qat is not None
         if self._qat is not None:  # QAT: the reference is the fake-quantized model, the ranges QAT's own
             self._qat.attach()
             ranges, float_outputs = self._qat.input_ranges(), float_pass(trainer, root, {}, batches)[1]
@@ -209,7 +210,9 @@ class QuantizeOnFitEnd(CompressionCallback):
         if batches and is_poor(agreed["relative_error"], agreed["top1_agreement"]):
             worst = layer_errors(pl_module, originals, lambda: predict(trainer, root, batches[0]))
             rank_zero_warn(
-                poor_agreement_message("QuantizeOnFitEnd", agreed["relative_error"], agreed["top1_agreement"], worst)
+                poor_agreement_message(
+                    "QuantizeOnFitEnd", agreed["relative_error"], agreed["top1_agreement"], worst, qat=qat
+                )
             )
         del originals
         root.train(was_training)

@@ -53,6 +53,17 @@ def test_poor_agreement_warns_with_the_worst_layer_and_the_remedy(tmp_path):
     assert cb.report["relative_error"] > AGREEMENT_RELATIVE_ERROR
 
 
+def test_under_qat_the_warning_names_the_fake_quantized_reference_and_no_qat_remedy(tmp_path, monkeypatch):
+    import lightning_compress.callbacks.quantize as quantize_module
+
+    monkeypatch.setattr(quantize_module, "is_poor", lambda *_: True)  # as if QAT's int8 model agreed poorly
+    cb = QuantizeOnFitEnd("static", calibration_batches=2, qat_epochs=1, verbose=0)
+    with pytest.warns(UserWarning, match="agrees poorly with the fake-quantized model that QAT trained") as rec:
+        quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[cb]).fit(Net(outlier=0.1), _loader())
+    message = next(str(w.message) for w in rec if "agrees poorly" in str(w.message))
+    assert "float one" not in message and "qat_epochs" not in message and "weight_only" in message
+
+
 def test_good_agreement_stays_quiet(tmp_path):
     cb = QuantizeOnFitEnd(calibration_batches=2, verbose=0)
     with warnings.catch_warnings():

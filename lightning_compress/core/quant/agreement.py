@@ -94,7 +94,13 @@ def layer_errors(model: nn.Module, originals: Mapping[str, nn.Module], run: Call
 
 
 def poor_agreement_message(
-    who: str, relative_error: float | None, top1_agreement: float | None, errors: Mapping[str, float], shown: int = 5
+    who: str,
+    relative_error: float | None,
+    top1_agreement: float | None,
+    errors: Mapping[str, float],
+    shown: int = 5,
+    *,
+    qat: bool = False,
 ) -> str:
     """The warning for a poor agreement: the numbers against the thresholds, the worst layers and the remedies.
 
@@ -106,6 +112,12 @@ def poor_agreement_message(
         fc2 (0.0100). Remedies: leave them float (`exclude=['fc1']`), keep `per_channel=True`, use
         mode='dynamic' or 'weight_only' instead of 'static' (or more `calibration_batches`), or train the last
         epochs with fake quantization (`qat_epochs`).
+        >>> print(poor_agreement_message("QuantizeOnFitEnd", 0.2, None, {"fc1": 0.3}, qat=True))
+        ... # doctest: +NORMALIZE_WHITESPACE
+        QuantizeOnFitEnd: the int8 model agrees poorly with the fake-quantized model that QAT trained (relative
+        output error 0.2000 > 0.05). Layers with the largest own int8 error on one batch: fc1 (0.3000). Remedies:
+        leave them float (`exclude=['fc1']`), keep `per_channel=True`, or use mode='dynamic' or 'weight_only'
+        instead of 'static'.
     """
     parts = []
     if relative_error is not None:
@@ -119,6 +131,13 @@ def poor_agreement_message(
     worst = list(errors.items())[:shown]
     listed = ", ".join(f"{n} ({e:.4f})" for n, e in worst) or "none measured"
     suspects = [n for n, e in worst if e > AGREEMENT_RELATIVE_ERROR] or [n for n, _ in worst[:1]]
+    if qat:  # the reference is the fake-quantized model QAT trained, not a float one
+        return (
+            f"{who}: the int8 model agrees poorly with the fake-quantized model that QAT trained"
+            f" ({', '.join(parts)}). Layers with the largest own int8 error on one batch: {listed}. Remedies:"
+            f" leave them float (`exclude={suspects!r}`), keep `per_channel=True`, or use mode='dynamic' or"
+            " 'weight_only' instead of 'static'."
+        )
     return (
         f"{who}: the int8 model agrees poorly with the float one ({', '.join(parts)}). Layers with the largest own"
         f" int8 error on one batch: {listed}. Remedies: leave them float (`exclude={suspects!r}`), keep"

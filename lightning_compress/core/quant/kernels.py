@@ -274,9 +274,6 @@ def linear_forward(layer: Int8Linear, x: Tensor) -> Tensor | None:
     return _fbgemm_forward(plan, x, layer.in_features, layer.out_features)
 
 
-_INF = float("inf")
-
-
 def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int) -> Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
@@ -293,8 +290,10 @@ def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int)
             out.add_(plan.bias)
     else:
         # Each row divided by its max |x| (NaN for a row with a NaN, inf with an inf; an all-zero row
-        # gets a tiny divisor and zeros), quantized by the op on the batch's range of [-1, 1].
-        row_max = torch.linalg.vector_norm(x2, _INF, dim=1, keepdim=True).clamp_min_(1e-30)
+        # gets a tiny divisor and zeros), quantized by the op on the batch's range of [-1, 1]. |x| then
+        # a max, as in `quantize_rows`: `vector_norm(x, inf)` was 9-13x slower here (0.23 ms of a 5.5 ms
+        # 4096 x 4096 layer at batch 16, one thread), enough to miss the peer's speed.
+        row_max = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)
         out = linear_dynamic(torch.div(x2, row_max), plan.packed, plan.reduce_range)
         out = out.mul_(row_max) if plan.bias is None else torch.addcmul(plan.bias, out, row_max)
     return out.reshape(*lead, out_features)
