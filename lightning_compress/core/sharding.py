@@ -210,16 +210,10 @@ def _smallest_sharded(flats: list[Tensor], k: int, group: Any) -> list[Tensor]:
 
 
 def sharded_masks(
-    weights: Mapping[str, Tensor],
-    sparsity: float,
-    method: str = "magnitude",
-    scope: str = "global",
-    previous: Mapping[str, Tensor] | None = None,
-    layouts: Mapping[str, Any] | None = None,
-    *,
-    score: Any = "magnitude",
-    statistics: Mapping[str, Tensor] | None = None,
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    weights: Mapping[str, Tensor], sparsity: float, method: str = "magnitude", scope: str = "global",
+    previous: Mapping[str, Tensor] | None = None, layouts: Mapping[str, Any] | None = None, *,
+    score: Any = "magnitude", statistics: Mapping[str, Tensor] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:  # fmt: skip
     """Masks of sharded weights, equal to ``compute_masks`` on the full weights; every rank must call it.
 
     Args:
