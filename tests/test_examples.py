@@ -196,6 +196,9 @@ def test_prune_pretrained_config(tmp_path):
     tiny = {"path": None, "vocab_size": 200, "hidden_size": 16, "layers": 1, "heads": 2, "intermediate_size": 32}
     for role in ("student", "teacher"):  # a tiny BERT instead of the real MiniLM, same recipe
         config["model"]["init_args"][role]["init_args"] = tiny
+    pairs = config["model"]["init_args"]["feature_pairs"]
+    assert len(pairs) == 6  # MiniLM's six layers; the tiny BERT has one
+    config["model"]["init_args"]["feature_pairs"] = {k: v for k, v in pairs.items() if k.endswith(".0")}
     config["data"]["init_args"].update(tokenizer=None, vocab_size=200, batch_size=8, held_out=16, train_sentences=40)
     config["trainer"]["callbacks"][0]["init_args"].update(update_every_n_steps=2, score_batches=2)
     path = tmp_path / "prune_pretrained_tiny.yaml"
@@ -203,8 +206,11 @@ def test_prune_pretrained_config(tmp_path):
     with no_unexpected_warnings():
         main(["fit", "--config", str(path), *MINIATURE])
     state = _checkpoint_state(tmp_path / "lightning_logs")
-    assert {key.split(".")[0] for key in state} == {"student"}
-    linears = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2 and "embeddings" not in k]
+    assert {key.split(".")[0] for key in state} == {"student", "feature_projections"}
+    linears = [
+        v for k, v in state.items() if k.startswith("student.") and k.endswith("weight") and v.dim() == 2
+        and "embeddings" not in k
+    ]  # fmt: skip
     assert len(linears) == 6  # q, k, v, attention output, intermediate, output
     for weight in linears:  # every output row exactly half zero
         assert ((weight == 0).sum(1) == weight.shape[1] // 2).all()
