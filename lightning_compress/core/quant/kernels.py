@@ -42,6 +42,7 @@ is probed, once per process, in :mod:`~lightning_compress.core.quant.fbgemm` (it
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -281,9 +282,11 @@ def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int)
     if plan.mode == "static":
         xc = x2.clamp(-plan.bound, plan.bound)
         out = fbgemm_u8s8_mm(xc, plan.packed, plan.x_scale, qmax + 1)
-        # The clamp keeps NaN but the op's rounding would make it a finite integer: 0 * sum(row) is 0
-        # for a finite row and NaN for a row with a NaN or an inf, as in float.
-        out.add_(x2.sum(dim=1, keepdim=True).mul_(0.0))
+        # The clamp keeps NaN but the op's rounding would make it a finite integer. A finite total
+        # means every input is finite (one scalar reduction, no pass over the output); otherwise
+        # 0 * sum(row) is 0 for a finite row and NaN for a row with a NaN or an inf, as in float.
+        if not math.isfinite(float(x2.sum())):
+            out.add_(x2.sum(dim=1, keepdim=True).mul_(0.0))
     elif x2.shape[0] == 1:  # one row: its own range is the call's range
         out = linear_dynamic(x2, plan.packed, plan.reduce_range)
         if plan.bias is not None:
@@ -292,15 +295,14 @@ def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int)
         # Each row divided by its max |x| (NaN for a row with a NaN, inf with an inf; an all-zero row
         # gets a tiny divisor and zeros), quantized by the op on the batch's range of [-1, 1]. The row
         # max comes from `amax` and `amin` (no |x| temporary; `aminmax` along a row was 8x slower, and
-        # `vector_norm(x, inf)`, the first version, 10x) and the rescale is in place, so the only fresh
-        # [M, K] / [M, N] tensors are the divided input and the op's output. These extra passes cost
-        # 5-8 % of a 4096 x 4096 layer at batch 16 on one thread (benchmarks/int8_latency.py): the
-        # price of a row's result not depending on the other rows of its batch.
+        # `vector_norm(x, inf)`, the first version, 10x), and the rescale and the bias are one pass
+        # (`addcmul`). These extra passes cost 2-5 % of a 4096-wide MLP at batch 16 on one thread
+        # (benchmarks/int8_latency.py): the price of a row's result not depending on the other rows
+        # of its batch.
         high, low = x2.amax(dim=1, keepdim=True), x2.amin(dim=1, keepdim=True)
         row_max = torch.maximum(high, low.neg_()).clamp_min_(1e-30)
-        out = linear_dynamic(torch.div(x2, row_max), plan.packed, plan.reduce_range).mul_(row_max)
-        if plan.bias is not None:
-            out.add_(plan.bias)
+        out = linear_dynamic(torch.div(x2, row_max), plan.packed, plan.reduce_range)
+        out = out.mul_(row_max) if plan.bias is None else torch.addcmul(plan.bias, out, row_max)
     return out.reshape(*lead, out_features)
 
 
