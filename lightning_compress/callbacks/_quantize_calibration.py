@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_compress.core.batches import call_model, check_model_call, first_loader, first_tensor
+from lightning_compress.core.batches import call_model, check_model_call, first_batch, first_loader, first_tensor
 from lightning_compress.core.quant.convert import record_input_ranges
 from lightning_compress.core.selection import compression_root
 
@@ -59,11 +59,10 @@ def check_call(pl_module: pl.LightningModule, loaders: Any) -> bool:
     loader = first_loader(loaders)
     if loader is None:
         return False
-    with torch.random.fork_rng(devices=[]):
-        try:
-            batch = next(iter(loader))
-        except StopIteration:
-            return False
+    with torch.random.fork_rng(devices=[]):  # the sampler's shuffle must not move the fit's random state
+        found, batch = first_batch(loader)
+    if not found:
+        return False
     check_model_call(compression_root(pl_module)[1], batch, "QuantizeOnFitEnd")
     return True
 

@@ -41,6 +41,7 @@ __all__ = [
     "batch_to",
     "call_model",
     "check_model_call",
+    "first_batch",
     "first_loader",
     "first_tensor",
     "model_call",
@@ -309,3 +310,36 @@ def batch_size(batch: Any) -> int | None:
         if size is not None:
             return size
     return None
+
+
+def first_batch(loader: Iterable[Any]) -> tuple[bool, Any]:
+    """``(True, batch)``: a first batch of ``loader``, or ``(False, None)`` for an empty loader.
+
+    A ``torch.utils.data.DataLoader`` with worker processes over a map-style dataset gives one
+    without starting its workers: its batch sampler's first indices, the dataset's items and the
+    loader's ``collate_fn``, in this process (the loop starts the workers once, for training; its
+    own first batch may hold other indices of a shuffled dataset). Any other loader (an iterable
+    dataset, no workers, a plain iterable) is iterated once.
+
+    Example:
+        >>> from torch.utils.data import DataLoader
+        >>> first_batch(DataLoader(list(range(10)), batch_size=4, num_workers=2))
+        (True, tensor([0, 1, 2, 3]))
+        >>> first_batch([])
+        (False, None)
+    """
+    from torch.utils.data import DataLoader, IterableDataset
+
+    if (
+        isinstance(loader, DataLoader)
+        and loader.num_workers > 0
+        and not isinstance(loader.dataset, IterableDataset)
+        and loader.batch_sampler is not None
+    ):
+        indices = next(iter(loader.batch_sampler), None)
+        if indices is None:
+            return False, None
+        return True, loader.collate_fn([loader.dataset[i] for i in indices])
+    for batch in loader:
+        return True, batch
+    return False, None

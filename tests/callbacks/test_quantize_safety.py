@@ -53,3 +53,39 @@ def test_other_model_precisions_quantize_at_fit_end(tmp_path, precision):
     assert dtype == {"64-true": torch.float64, "bf16-true": torch.bfloat16}[precision]
     fresh = load_compressed(path, Classifier(backbone=MLP(hidden=(16,))).to(dtype))  # loads in its own dtype
     assert set(int8_layers(fresh)) == set(int8_layers(model))
+
+
+def _log_start(worker_id: int) -> None:
+    import os
+
+    with open(os.environ["LC_TEST_WORKER_LOG"], "a", encoding="utf-8") as f:
+        f.write(f"{worker_id}\n")
+
+
+def _worker_starts(tmp_path, monkeypatch, callbacks, name):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    log = tmp_path / f"{name}.log"
+    log.write_text("")
+    monkeypatch.setenv("LC_TEST_WORKER_LOG", str(log))
+
+    class Data(pl.LightningDataModule):
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            data = TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,)))
+            return DataLoader(data, batch_size=8, num_workers=1, worker_init_fn=_log_start, generator=g)
+
+    trainer = quiet_trainer(
+        tmp_path / name, callbacks=callbacks, max_epochs=1, limit_train_batches=2, limit_val_batches=0
+    )
+    trainer.fit(Classifier(backbone=MLP(hidden=(16,))), Data())
+    return len(log.read_text().splitlines())
+
+
+def test_the_setup_check_starts_no_loader_worker(tmp_path, monkeypatch):
+    """The model-call check at setup reads its batch in this process: only the fit-end calibration adds a start."""
+    plain = _worker_starts(tmp_path, monkeypatch, [], "plain")
+    quantized = _worker_starts(tmp_path, monkeypatch, [QuantizeOnFitEnd(verbose=0)], "quantized")
+    assert plain == 1
+    assert quantized == plain + 1  # the calibration batches at fit end; none at setup

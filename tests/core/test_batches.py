@@ -8,6 +8,7 @@ from lightning_compress.core.batches import (
     ModelCall,
     call_model,
     check_model_call,
+    first_batch,
     first_loader,
     first_tensor,
     model_call,
@@ -126,3 +127,40 @@ def test_first_loader_of_lists_and_dicts_of_loaders():
     assert first_loader([]) is None and first_loader({}) is None and first_loader(None) is None
     assert first_loader(5) is None
     random.seed(0)
+
+
+def _refuse_to_start(worker_id: int) -> None:
+    raise RuntimeError("a worker was started")
+
+
+def test_first_batch_of_a_worker_loader_starts_no_worker_and_is_a_batch_of_the_dataset():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = TensorDataset(torch.arange(20.0).reshape(10, 2), torch.arange(10))
+    loader = DataLoader(
+        data,
+        batch_size=4,
+        shuffle=True,
+        num_workers=2,
+        worker_init_fn=_refuse_to_start,
+        generator=torch.Generator().manual_seed(3),
+    )
+    found, (x, y) = first_batch(loader)
+    assert found and x.shape == (4, 2) and len(set(y.tolist())) == 4
+    assert torch.equal(x, data.tensors[0][y])  # collated items of the dataset, pairs kept
+    with pytest.raises(RuntimeError, match="a worker was started"):  # the loop itself would start them
+        next(iter(loader))
+
+
+def test_first_batch_iterates_other_loaders_once_and_reports_empty_ones():
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from (torch.tensor([float(i)]) for i in range(3))
+
+    found, batch = first_batch(DataLoader(Stream(), batch_size=2))
+    assert found and torch.equal(batch, torch.tensor([[0.0], [1.0]]))
+    assert first_batch(iter([[5, 6], [7]])) == (True, [5, 6])
+    assert first_batch(DataLoader([], batch_size=2, num_workers=1)) == (False, None)
+    assert first_batch([]) == (False, None)
