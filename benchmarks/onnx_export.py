@@ -42,7 +42,15 @@ from torch import nn
 
 from lightning_compress import export_onnx
 from lightning_compress.core.files import atomic_write_text
-from lightning_compress.core.quant.convert import quantizable_targets, quantize_model, record_input_ranges
+from lightning_compress.core.quant.convert import (
+    observed_ranges,
+    quantizable_targets,
+    quantize_model,
+    record_input_ranges,
+    record_output_ranges,
+    static_input_modules,
+    static_output_modules,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(RESULTS.parent))  # _cpu, also when a smoke test loads this script from its path
@@ -56,12 +64,16 @@ def call(model: nn.Module, inputs: Any) -> Any:
 def ours(model: nn.Module, mode: str, calib: Any) -> nn.Module:
     model = copy.deepcopy(model)
     targets, _ = quantizable_targets(model)
-    ranges = None
+    ranges = outputs = None
     if mode == "static":
-        with torch.no_grad(), record_input_ranges({t.name: t.module for t in targets}) as obs:
+        with (
+            torch.no_grad(),
+            record_input_ranges(static_input_modules(model, targets)) as obs,
+            record_output_ranges(static_output_modules(model, targets)) as out_obs,
+        ):
             call(model, calib)
-        ranges = {n: (o.min_val, o.max_val) for n, o in obs.items()}
-    quantize_model(model, targets, mode=mode, input_ranges=ranges)
+        ranges, outputs = observed_ranges(obs), observed_ranges(out_obs)
+    quantize_model(model, targets, mode=mode, input_ranges=ranges, output_ranges=outputs)
     return model.eval()
 
 

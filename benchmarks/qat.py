@@ -43,10 +43,13 @@ from _cpu import cpu_header
 
 from lightning_compress import QuantizeOnFitEnd
 from lightning_compress.core.quant.convert import (
+    observed_ranges,
     quantizable_targets,
     quantize_model,
     record_input_ranges,
+    record_output_ranges,
     static_input_modules,
+    static_output_modules,
 )
 from lightning_compress.core.quant.kernels import use_kernel
 from lightning_compress.demo import MLP, Classifier, DigitsDataModule, SmallCNN
@@ -119,15 +122,18 @@ def post_training(
 ) -> torch.nn.Module:
     model = copy.deepcopy(model).eval()
     targets, _ = quantizable_targets(model)
-    ranges = None
+    ranges = outputs = None
     if mode == "static":
-        with record_input_ranges(static_input_modules(model, targets)) as observers:
+        with (
+            record_input_ranges(static_input_modules(model, targets)) as observers,
+            record_output_ranges(static_output_modules(model, targets)) as out_observers,
+        ):
             for i, (x, _) in enumerate(dm.train_dataloader()):
                 if i == batches:
                     break
                 model(x)
-        ranges = {n: (o.min_val, o.max_val) for n, o in observers.items() if o.count}
-    quantize_model(model, targets, mode, per_channel, ranges)
+        ranges, outputs = observed_ranges(observers), observed_ranges(out_observers)
+    quantize_model(model, targets, mode, per_channel, ranges, outputs)
     return model
 
 

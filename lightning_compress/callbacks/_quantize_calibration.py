@@ -8,6 +8,7 @@ must agree on (the static input ranges, the agreement sums) is gathered over the
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_compress.core.batches import call_model, check_model_call, first_batch, first_loader, first_tensor
-from lightning_compress.core.quant.convert import record_input_ranges
+from lightning_compress.core.quant.calibration import record_input_ranges, record_output_ranges
 from lightning_compress.core.selection import compression_root
 
 __all__ = ["agreement", "calibration_batches", "check_call", "float_pass", "predict"]
@@ -69,17 +70,32 @@ def check_call(pl_module: pl.LightningModule, loaders: Any) -> bool:
 
 @torch.no_grad()
 def float_pass(
-    trainer: pl.Trainer, root: nn.Module, modules: dict[str, nn.Module], batches: list[Any]
-) -> tuple[dict[str, tuple[Tensor, Tensor]], list[Tensor | None]]:
-    """The float outputs on ``batches`` and the input range of each of ``modules`` (widest over the processes)."""
+    trainer: pl.Trainer,
+    root: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: list[Any],
+    output_modules: dict[str, nn.Module] | None = None,
+) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, tuple[Tensor, Tensor]], list[Tensor | None]]:
+    """The input ranges of ``modules``, the output ranges of ``output_modules`` and the float outputs on ``batches``.
+
+    The ranges are the widest any process saw (gathered over them).
+    """
     outputs: list[Tensor | None] = []
-    with record_input_ranges(modules) as observers:
+    with ExitStack() as stack:
+        observers = stack.enter_context(record_input_ranges(modules))
+        out_observers = stack.enter_context(record_output_ranges(output_modules or {}))
         for batch in batches:
             out = predict(trainer, root, batch)
             outputs.append(None if out is None else out.detach().float().cpu())
-    if not modules:
-        return {}, outputs
-    names = list(modules)
+    ranges = _widest(trainer, observers)
+    return ranges, _widest(trainer, out_observers), outputs
+
+
+def _widest(trainer: pl.Trainer, observers: dict[str, Any]) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{name: (min, max)}`` over every process, for the observers that saw something on any of them."""
+    if not observers:
+        return {}
+    names = list(observers)
     device = trainer.strategy.root_device
     stats = torch.tensor(
         [[observers[n].min_val.item(), observers[n].max_val.item(), float(observers[n].count > 0)] for n in names],
@@ -89,7 +105,7 @@ def float_pass(
     if gathered.dim() == 3:  # [world, layers, 3]: the widest range seen by any process
         stats = torch.stack([gathered[..., 0].amin(0), gathered[..., 1].amax(0), gathered[..., 2].amax(0)], -1)
     stats = stats.cpu()
-    return {n: (stats[i, 0], stats[i, 1]) for i, n in enumerate(names) if stats[i, 2] > 0}, outputs
+    return {n: (stats[i, 0], stats[i, 1]) for i, n in enumerate(names) if stats[i, 2] > 0}
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ from lightning_compress.core.quant.convert import (
     quantizable_targets,
     quantize_model,
     static_input_modules,
+    static_output_modules,
 )
 from lightning_compress.core.quant.fake import FakeQuantSession
 from lightning_compress.core.quant.modules import MODES
@@ -198,13 +199,20 @@ class QuantizeOnFitEnd(CompressionCallback):
         qat = self._qat is not None
         if self._qat is not None:  # QAT: the reference is the fake-quantized model, the ranges QAT's own
             self._qat.attach()
-            ranges, float_outputs = self._qat.input_ranges(), float_pass(trainer, root, {}, batches)[1]
+            ranges, output_ranges = self._qat.input_ranges(), self._qat.output_ranges()
+            float_outputs = float_pass(trainer, root, {}, batches)[2]
             self._stop_qat()
         else:
-            static = static_input_modules(pl_module, targets) if self.mode == "static" else {}
-            ranges, float_outputs = float_pass(trainer, root, static, batches)
+            static = self.mode == "static"
+            ranges, output_ranges, float_outputs = float_pass(
+                trainer,
+                root,
+                static_input_modules(pl_module, targets) if static else {},
+                batches,
+                static_output_modules(pl_module, targets) if static else {},
+            )
         originals = float_layers(pl_module, targets)
-        result = quantize_model(pl_module, targets, self.mode, self.per_channel, ranges)
+        result = quantize_model(pl_module, targets, self.mode, self.per_channel, ranges, output_ranges)
         agreed = agreement(trainer, root, batches, float_outputs)
         worst: dict[str, float] = {}
         if batches and is_poor(agreed["relative_error"], agreed["top1_agreement"]):

@@ -142,6 +142,14 @@ class _Plan:
     convert: list[tuple[str, type[Int8Module], nn.Module, str, bool]] = field(default_factory=list)
     configure: list[tuple[Int8Module, str, bool]] = field(default_factory=list)
     expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
+    defaults: dict[str, Tensor] = field(default_factory=dict)
+    """State the artifact may lack, and its value then (see :data:`_ADDED_LATER`)."""
+
+
+_ADDED_LATER: dict[str, tuple[str, ...]] = {"Int8Conv2d": ("input_scale", "output_scale")}
+"""Buffers a static layer of this kind gained after artifacts of it were written. An artifact
+without them loads with 0 there (a scale of 0 leaves that activation in float: what the layer
+computed when the artifact was written)."""
 
 
 def _meta_copy(module: nn.Module) -> nn.Module:
@@ -204,6 +212,8 @@ def _plan_layers(module: nn.Module, layers: Mapping[str, Any], refusal: _Refusal
         plan.expected.update(
             {prefix + k: v for k, v in _layer_state(current, int8_type, mode, bool(per_channel)).items()}
         )
+        if mode == "static":
+            plan.defaults.update({prefix + k: torch.zeros(()) for k in _ADDED_LATER.get(kind, ())})
         if isinstance(current, Int8Module):
             plan.configure.append((current, mode, bool(per_channel)))
         else:
@@ -265,7 +275,7 @@ def _check_state(obj: Mapping[str, Any], plan: _Plan, refusal: _Refusal) -> None
         refusal.add("tensors/packed", f"{len(twice)} key(s) stored twice: {twice[:_MAX_LISTED]}")
     stored = set(tensors) | set(packed)
     for label, items in (
-        ("missing in the artifact", sorted(set(expected) - stored)),
+        ("missing in the artifact", sorted(set(expected) - stored - set(plan.defaults))),
         ("not in the model", sorted(stored - set(expected))),
     ):
         if items:

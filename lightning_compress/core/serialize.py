@@ -209,6 +209,8 @@ def load_compressed(path: str | os.PathLike[str], module: nn.Module) -> nn.Modul
         raise
     state: dict[str, Tensor] = dict(obj["tensors"])
     state.update({key: _decode(entry) for key, entry in obj["packed"].items()})
+    for key, value in plan.defaults.items():  # state added after the artifact was written
+        state.setdefault(key, value)
     try:
         _apply(module, plan)
         module.load_state_dict(state, strict=True)

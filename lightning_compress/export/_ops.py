@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["NAMESPACE", "dequantize_weight", "linear_dynamic", "linear_static"]
+__all__ = ["NAMESPACE", "dequantize_weight", "linear_dynamic", "linear_static", "quantize_activation"]
 
 NAMESPACE = "lightning_compress"
 
@@ -78,3 +78,18 @@ def linear_static(
 @linear_static.register_fake
 def _(x: Tensor, wt: Tensor, w_scale: Tensor, w_zero: Tensor, input_scale: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], wt.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::quantize_activation", mutates_args=())
+def quantize_activation(x: Tensor, scale: Tensor) -> Tensor:
+    """``x`` on the int8 grid of the calibrated ``scale``.
+
+    ONNX ``QuantizeLinear -> DequantizeLinear`` (uint8, zero point 128: the grid ``-128..127``).
+    """
+    s = scale.to(torch.float32)
+    return torch.round(x.to(torch.float32) / s).clamp_(-128, 127) * s
+
+
+@quantize_activation.register_fake
+def _(x: Tensor, scale: Tensor) -> Tensor:
+    return x.new_empty(x.shape, dtype=torch.float32)

@@ -30,11 +30,15 @@ def foldable_conv_weights(proto: Any) -> int:
         for slot, name in enumerate(node.input):
             consumers.setdefault(name, []).append((node, slot))
     outputs = {o.name for o in graph.output}
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     nodes: list[Any] = []
     count = 0
     for node in graph.node:
         uses = consumers.get(node.output[0], []) if node.op_type == "DequantizeLinear" else []
-        weight_only = uses and all(n.op_type == "Conv" and slot == 1 for n, slot in uses)
+        # A Conv whose input is dequantized too is a QDQ convolution (QLinearConv): its weight stays.
+        weight_only = uses and all(
+            n.op_type == "Conv" and slot == 1 and n.input[0] not in dequantized for n, slot in uses
+        )
         if not weight_only or node.output[0] in outputs or not all(i in inits for i in node.input if i):
             nodes.append(node)
             continue

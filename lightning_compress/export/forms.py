@@ -130,7 +130,9 @@ class ExportLinear(nn.Module):
 class ExportConv2d(nn.Module):
     """An int8 Conv2d in export form: ``F.conv2d`` with the dequantized int8 weight (as in PyTorch).
 
-    The weight's ``DequantizeLinear`` is rewritten as ``Cast -> Mul`` after the export
+    A static layer with its calibrated scales also puts its input and its output on their int8 grids
+    (the QDQ form ONNX Runtime fuses into ``QLinearConv``). Otherwise the weight's
+    ``DequantizeLinear`` is rewritten as ``Cast -> Mul`` after the export
     (:func:`lightning_compress.export._rewrite.foldable_conv_weights`), which ONNX Runtime folds into
     a float weight when the session loads.
     """
@@ -139,6 +141,8 @@ class ExportConv2d(nn.Module):
     weight_scale: Tensor
     weight_zero: Tensor
     bias: Tensor | None
+    input_scale: Tensor | None
+    output_scale: Tensor | None
 
     def __init__(self, layer: nn.Module, options: ExportOptions) -> None:
         super().__init__()
@@ -154,14 +158,23 @@ class ExportConv2d(nn.Module):
         self.groups = int(conv.groups)
         self.padding_mode = str(conv.padding_mode)
         self.pad_twice = list(getattr(layer, "_pad_twice", [0, 0, 0, 0]))
+        scales = [layer._buffers.get(name) for name in ("input_scale", "output_scale")]
+        quantized = getattr(layer, "mode", None) == "static" and all(t is not None and bool(t > 0) for t in scales)
+        for name, t in zip(("input_scale", "output_scale"), scales, strict=True):
+            value = t.detach().cpu().float().reshape(()).clone() if quantized and t is not None else None
+            self.register_buffer(name, value)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
         weight = _ops.dequantize_weight(self.weight_q, self.weight_scale, self.weight_zero, 0)
+        if self.input_scale is not None:
+            x = _ops.quantize_activation(x, self.input_scale)
         if self.padding_mode != "zeros":
             x = F.pad(x, self.pad_twice, mode=self.padding_mode)
-            return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            out = F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        else:
+            out = F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return out if self.output_scale is None else _ops.quantize_activation(out, self.output_scale)
 
 
 class ExportEmbedding(nn.Module):

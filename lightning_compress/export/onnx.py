@@ -118,8 +118,10 @@ def export_onnx(
     ONNX Runtime fuses into its int8 kernels: a dynamic Linear becomes
     ``DynamicQuantizeLinear -> MatMulInteger`` (run as ``DynamicQuantizeMatMul``), a static one
     the QDQ form with the calibrated scale around a ``Gemm`` (run as ``QGemm``), weight-only layers
-    ``DequantizeLinear`` on the int8 weight, convolutions ``Cast -> Mul`` on it (folded into a
-    float weight when ONNX Runtime loads the file: float compute at float speed, as in PyTorch).
+    ``DequantizeLinear`` on the int8 weight, a static convolution the QDQ form of its input, int8
+    weight and output (run as ``QLinearConv``), other convolutions ``Cast -> Mul`` on the int8
+    weight (folded into a float weight when ONNX Runtime loads the file: float compute at float
+    speed, as in PyTorch).
     The first dimension of every input is a dynamic batch dimension; graph inputs are named after
     the model's ``forward`` parameters (the keys of a dict of keyword inputs).
 

@@ -15,8 +15,13 @@ by dumping the optimized graph with ``SessionOptions.optimized_model_filepath``;
   with its bias is fused into ``FusedGemm`` with a following ``Relu`` *before* the QDQ fusion
   (float, weight dequantized per call); ``QuantizeLinear -> MatMulInteger -> Cast -> Mul`` runs
   unfused (1.2-1.4x of ``quantize_static``); int8 activations (zero point 0) are not fused;
+* static Conv2d: ``QuantizeLinear -> DequantizeLinear`` of the input and of the output with their
+  calibrated scales (uint8, zero point 128) around a ``Conv`` of the ``DequantizeLinear`` of the int8
+  weight: fused into ``QLinearConv`` (measured: without the output's pair the ``Conv`` stays float,
+  with the weight dequantized per call);
 * weights computed in float (weight-only Linear, attention's projections): ``DequantizeLinear`` on
-  the int8 initializer; on a Conv2d weight it is rewritten after the export as ``Cast -> Mul``
+  the int8 initializer; on the weight of a Conv2d whose input is float (dynamic and weight-only
+  modes) it is rewritten after the export as ``Cast -> Mul``
   (:mod:`lightning_compress.export._rewrite`), which ONNX Runtime folds into a float weight.
 """
 
@@ -86,6 +91,11 @@ def _linear_static(x: Any, wt: Any, w_scale: Any, w_zero: Any, input_scale: Any,
     return out if bias is None else op.Add(out, bias)
 
 
+def _quantize_activation(x: Any, scale: Any) -> Any:
+    zero = _zero_point(128)
+    return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero), scale, zero)
+
+
 def translation_table() -> dict[Callable[..., Any], Callable[..., Any]]:
     """``{torch operator: onnxscript function}`` for ``torch.onnx.export(custom_translation_table=...)``."""
     ops: Any = torch.ops.lightning_compress
@@ -94,4 +104,5 @@ def translation_table() -> dict[Callable[..., Any], Callable[..., Any]]:
         ops.dequantize_weight.default: _dequantize_weight,
         ops.linear_dynamic.default: _linear_dynamic,
         ops.linear_static.default: _linear_static,
+        ops.quantize_activation.default: _quantize_activation,
     }

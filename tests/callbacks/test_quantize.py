@@ -156,6 +156,10 @@ def test_fit_ends_with_an_int8_model_that_validate_and_test_run(tmp_path, mode):
     assert r["weight_bytes_before"] == expected_before
     expected_after = sum(m.weight.numel() + 4 * (m.bias.numel() + m.weight_scale.numel()) for m in layers.values())
     expected_after += 4 * sum(m.input_scale is not None for m in layers.values())
+    expected_after += 4 * sum(getattr(m, "output_scale", None) is not None for m in layers.values())
+    if mode == "static":  # the convolutions hold an input and an output scale, the Linear an input scale
+        assert sum(m.input_scale is not None for m in layers.values()) == 3
+        assert all(float(layers[n].output_scale) > 0 for n in ("backbone.features.0", "backbone.features.2"))
     assert r["weight_bytes_after"] == expected_after
     assert r["weight_bytes_ratio"] == pytest.approx(expected_after / expected_before)
     assert r["calibration_batches"] == 4

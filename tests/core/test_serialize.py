@@ -233,3 +233,57 @@ def test_save_accepts_views_without_writing_their_whole_storage(tmp_path):
     layer.weight_scale = big[:10, 0]  # a strided view into a large storage
     save_compressed(layer, tmp_path / "v.pt")
     assert os.path.getsize(tmp_path / "v.pt") < 20_000
+
+
+def _static_cnn():
+    from lightning_compress.core.quant.convert import quantize
+
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    result = quantize(model, "static", calibration=[torch.randn(16, 1, 8, 8) for _ in range(2)])
+    assert set(result.converted.values()) == {"static"}
+    return model
+
+
+def test_a_static_cnn_round_trips_with_its_activation_scales(tmp_path):
+    from lightning_compress.core.quant.conv2d import Int8Conv2d
+
+    model = _static_cnn()
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, Int8Conv2d)}
+    assert convs and all(float(m.input_scale) > 0 and float(m.output_scale) > 0 for m in convs.values())
+    path = tmp_path / "cnn.pt"
+    save_compressed(model, path)
+    torch.manual_seed(1)
+    restored = load_compressed(path, SmallCNN().eval())
+    x = torch.randn(8, 1, 8, 8)
+    assert torch.equal(restored(x), model(x))
+    for name, conv in convs.items():
+        again = restored.get_submodule(name)
+        assert torch.equal(again.input_scale, conv.input_scale) and torch.equal(again.output_scale, conv.output_scale)
+
+
+def test_a_static_conv_artifact_without_activation_scales_loads_with_float_activations(tmp_path):
+    """Artifacts written before static convolutions had activation scales: both load as 0 (float, as then)."""
+    from lightning_compress.core.quant.conv2d import Int8Conv2d
+
+    model = _static_cnn()
+    path = tmp_path / "cnn.pt"
+    save_compressed(model, path)
+    artifact = torch.load(path, weights_only=True)
+    names = [n for n, m in model.named_modules() if isinstance(m, Int8Conv2d)]
+    for name in names:
+        del artifact["tensors"][f"{name}.input_scale"], artifact["tensors"][f"{name}.output_scale"]
+    torch.save(artifact, path)
+    restored = load_compressed(path, SmallCNN().eval())
+    for name in names:
+        conv = restored.get_submodule(name)
+        assert conv.mode == "static" and float(conv.input_scale) == 0.0 and float(conv.output_scale) == 0.0
+        model.get_submodule(name).input_scale.zero_()
+        model.get_submodule(name).output_scale.zero_()
+    x = torch.randn(8, 1, 8, 8)
+    assert torch.equal(restored(x), model(x))
+    # A static Linear's input scale is no such case: without it the artifact is refused.
+    del artifact["tensors"][next(k for k in artifact["tensors"] if k.endswith("input_scale"))]
+    torch.save(artifact, path)
+    with pytest.raises(ValueError, match=r"missing in the artifact: \['.*input_scale'\]"):
+        load_compressed(path, SmallCNN().eval())

@@ -14,15 +14,21 @@ def int8(
     model: nn.Module, mode: str = "dynamic", per_channel: bool = True, calib: Any = None, **select: Any
 ) -> nn.Module:
     """``model`` with its default-selected layers made int8 in place (static: calibrated on ``calib``)."""
-    from lightning_compress.core.quant.convert import quantizable_targets, quantize_model, record_input_ranges
+    from lightning_compress.core.quant import convert
 
-    targets, _ = quantizable_targets(model, **select)
-    ranges = None
+    targets, _ = convert.quantizable_targets(model, **select)
+    ranges = outputs = None
     if mode == "static":
-        with torch.no_grad(), record_input_ranges({t.name: t.module for t in targets}) as observers:
+        with (
+            torch.no_grad(),
+            convert.record_input_ranges(convert.static_input_modules(model, targets)) as observers,
+            convert.record_output_ranges(convert.static_output_modules(model, targets)) as out_observers,
+        ):
             call(model, calib)
-        ranges = {name: (obs.min_val, obs.max_val) for name, obs in observers.items()}
-    quantize_model(model, targets, mode=mode, per_channel=per_channel, input_ranges=ranges)
+        ranges, outputs = convert.observed_ranges(observers), convert.observed_ranges(out_observers)
+    convert.quantize_model(
+        model, targets, mode=mode, per_channel=per_channel, input_ranges=ranges, output_ranges=outputs
+    )
     return model.eval()
 
 

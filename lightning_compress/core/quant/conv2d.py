@@ -1,19 +1,26 @@
 """``Int8Conv2d``: ``nn.Conv2d`` (grouped and depthwise included) with an int8 weight.
 
-A convolution always computes with its dequantized weight and ``F.conv2d`` (``mode`` is recorded
-for the artifact): on the CPU we measured an unfold + ``torch._int_mm`` convolution 2.5-15x slower
-than the float one, while dequantizing adds 0-17 % to the float convolution
-(see ``benchmarks/int8_latency.py`` and the quantization docs).
+A convolution always computes with its dequantized weight and ``F.conv2d``: on the CPU we measured
+an unfold + ``torch._int_mm`` convolution 2.5-15x slower than the float one, while dequantizing adds
+0-17 % to the float convolution (see ``benchmarks/int8_latency.py`` and the quantization docs).
+In ``mode="static"`` it also holds the calibrated scales of its input and of its output
+(``input_scale``, ``output_scale``) and puts both on their int8 grid (``q = clamp(round(x / s),
+-127, 127)``, read back as ``s * q``) around the float convolution: what the exported ONNX model
+computes, where ONNX Runtime fuses the quantized input, the int8 weight and the quantized output
+into one ``QLinearConv``. A scale of 0 (an artifact written before these scales existed) leaves that
+side in float.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 from typing_extensions import Self, override
 
 from lightning_compress.core.quant.base import Int8Module
+from lightning_compress.core.quant.primitives import dequantize, quantize
 
 __all__ = ["Int8Conv2d"]
 
@@ -37,7 +44,8 @@ class Int8Conv2d(Int8Module):
     """A ``Conv2d`` (grouped and depthwise included) whose weight is stored as int8 with float scales.
 
     It computes with the dequantized weight and ``F.conv2d`` in every mode (measured faster on the
-    CPU than an int8 unfold product); the int8 storage is what makes it small.
+    CPU than an int8 unfold product); the int8 storage is what makes it small. A static layer puts
+    its input and its output on the int8 grids of ``input_scale`` and ``output_scale``.
 
     Example:
         >>> import torch
@@ -63,7 +71,9 @@ class Int8Conv2d(Int8Module):
         per_channel: bool = True,
     ) -> None:
         kh, kw = _pair(kernel_size)
-        super().__init__((out_channels, in_channels // groups, kh, kw), bias, mode, per_channel, static_input=False)
+        static = mode in self._static_input_modes
+        super().__init__((out_channels, in_channels // groups, kh, kw), bias, mode, per_channel, static_input=static)
+        self.register_buffer("output_scale", torch.zeros(()) if static else None)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = (kh, kw)
@@ -75,10 +85,17 @@ class Int8Conv2d(Int8Module):
         # What nn.Conv2d pads with before the convolution when padding_mode is not "zeros".
         self._pad_twice = _reversed_padding_twice(self.padding, self.kernel_size, self.dilation)
 
+    output_scale: Tensor | None
+    _static_input_modes = ("static",)
+    _float32_buffers = ("weight_scale", "input_scale", "output_scale")
+
     @override
     @classmethod
     def _from_float(cls, module: nn.Conv2d, mode: str, per_channel: bool, input_scale: Tensor | None) -> Self:
-        """``module``: an ``nn.Conv2d``; ``input_scale`` is ignored (a convolution computes in float)."""
+        """``module``: an ``nn.Conv2d``; ``input_scale`` is needed for ``"static"``.
+
+        A static layer's ``output_scale`` starts at 0 (its output stays float) until :meth:`set_output_scale`.
+        """
         padding = module.padding if isinstance(module.padding, str) else _pair(module.padding)
         new = cls(
             module.in_channels,
@@ -93,16 +110,35 @@ class Int8Conv2d(Int8Module):
             mode,
             per_channel,
         )
-        return new._filled(module.weight, module.bias, None)
+        return new._filled(module.weight, module.bias, input_scale)
+
+    @torch.no_grad()
+    def set_output_scale(self, scale: Tensor) -> None:
+        """Set the calibrated scale of a static layer's output (0-d; 0 leaves the output in float)."""
+        if self.output_scale is None:
+            raise ValueError(f"Only a static int8 convolution has an `output_scale`; this one is {self.mode!r}.")
+        self.output_scale = scale.detach().to(device=self.int8_weight.device, dtype=torch.float32).reshape(())
+
+    @override
+    @torch.no_grad()
+    def configure(self, mode: str, per_channel: bool) -> None:
+        super().configure(mode, per_channel)
+        if mode in self._static_input_modes and self.output_scale is None:
+            self.output_scale = torch.zeros((), device=self.int8_weight.device)
+        elif mode not in self._static_input_modes:
+            self.output_scale = None
 
     @override
     def forward(self, x: Tensor) -> Tensor:
         weight = self.dequantize_weight(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        x = _on_grid(x, self.input_scale)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._pad_twice, mode=self.padding_mode)
-            return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            out = F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+        else:
+            out = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return _on_grid(out, self.output_scale)
 
     @override
     def extra_repr(self) -> str:
@@ -119,3 +155,15 @@ class Int8Conv2d(Int8Module):
         if self.padding_mode != "zeros":
             text += f", padding_mode={self.padding_mode!r}"
         return f"{text}, {self._extra()}"
+
+
+def _on_grid(x: Tensor, scale: Tensor | None) -> Tensor:
+    """``scale * clamp(round(x / scale), -127, 127)`` in ``x``'s dtype; ``x`` itself without a positive scale.
+
+    The same arithmetic as QAT's fake quantization of an input (``core.quant.fake``), so that a
+    converted layer computes what the last QAT forward computed.
+    """
+    if scale is None or not bool(scale > 0):
+        return x
+    s = scale.reshape(1)
+    return dequantize(quantize(x, s), s, dtype=x.dtype)

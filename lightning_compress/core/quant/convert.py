@@ -11,8 +11,8 @@ scripts and benchmarks that convert a model outside a Trainer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,14 @@ from torch import Tensor, nn
 
 from lightning_compress.core.batches import call_model
 from lightning_compress.core.quant.base import MODES, Int8Module
-from lightning_compress.core.quant.primitives import MinMaxObserver, scale_from_range
+
+# Re-exported: convert.py was their home.
+from lightning_compress.core.quant.calibration import observed_ranges as observed_ranges
+from lightning_compress.core.quant.calibration import record_input_ranges as record_input_ranges
+from lightning_compress.core.quant.calibration import record_output_ranges as record_output_ranges
+from lightning_compress.core.quant.calibration import static_input_modules as static_input_modules
+from lightning_compress.core.quant.calibration import static_output_modules as static_output_modules
+from lightning_compress.core.quant.primitives import scale_from_range
 from lightning_compress.core.quant.table import INT8_TABLE, int8_kind_for, int8_types
 from lightning_compress.core.quant.transformer import adapt_parents
 from lightning_compress.core.selection import DEFAULT_QUANT_TYPES, Target, select_targets
@@ -35,7 +42,9 @@ __all__ = [
     "quantize",
     "quantize_model",
     "record_input_ranges",
+    "record_output_ranges",
     "static_input_modules",
+    "static_output_modules",
     "tie_int8_weights",
     "tied_weight_groups",
 ]
@@ -109,40 +118,6 @@ def quantizable_targets(
     return targets, skipped
 
 
-@contextmanager
-def record_input_ranges(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, MinMaxObserver]]:
-    """Observe the min/max of each module's input while the ``with`` block runs the model.
-
-    Forward pre-hooks are attached for the block only. A module that is never called (for example
-    ``MultiheadAttention.out_proj``, whose weight the attention reads directly) keeps an observer
-    with ``count == 0``.
-
-    Example:
-        >>> layer = nn.Linear(2, 2)
-        >>> with record_input_ranges({"fc": layer}) as obs:
-        ...     _ = layer(torch.tensor([[-1.0, 3.0]]))
-        >>> obs["fc"].min_val.item(), obs["fc"].max_val.item(), obs["fc"].count
-        (-1.0, 3.0, 1)
-    """
-    observers = {name: MinMaxObserver() for name in modules}
-    handles = []
-
-    def hook(name: str) -> Any:
-        def observe(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            if args and isinstance(args[0], Tensor):
-                observers[name].update(args[0])
-
-        return observe
-
-    for name, module in modules.items():
-        handles.append(module.register_forward_pre_hook(hook(name)))
-    try:
-        yield observers
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @dataclass
 class ConversionResult:
     """What :func:`quantize_model` did: ``{name: mode}`` of the converted layers, and those that fell back."""
@@ -152,22 +127,6 @@ class ConversionResult:
     adapted: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     """Selected layers left float, with the reason (filled by :func:`quantize`)."""
-
-
-def observed_ranges(observers: Mapping[str, MinMaxObserver]) -> dict[str, tuple[Tensor, Tensor]]:
-    """``{name: (min, max)}`` of the observers that saw an input; a layer never called gets no range.
-
-    Such a layer is then converted ``"dynamic"`` by :func:`quantize_model`, which says why in
-    ``fallbacks`` (``QuantizeOnFitEnd`` does the same).
-
-    Example:
-        >>> a, b = nn.Linear(2, 2), nn.Linear(2, 2)
-        >>> with record_input_ranges({"a": a, "b": b}) as obs:
-        ...     _ = a(torch.ones(1, 2))
-        >>> list(observed_ranges(obs))
-        ['a']
-    """
-    return {name: (o.min_val, o.max_val) for name, o in observers.items() if o.count > 0}
 
 
 @torch.no_grad()
@@ -204,17 +163,20 @@ def quantize(
     check_choice("mode", mode, MODES)
     targets, skipped = quantizable_targets(model, include, exclude)
     ranges: dict[str, tuple[Tensor, Tensor]] = {}
+    output_ranges: dict[str, tuple[Tensor, Tensor]] = {}
     if mode == "static":
         was_training = model.training
         model.eval()
         try:
-            with record_input_ranges(static_input_modules(model, targets)) as observers:
+            with ExitStack() as stack:
+                observers = stack.enter_context(record_input_ranges(static_input_modules(model, targets)))
+                out_observers = stack.enter_context(record_output_ranges(static_output_modules(model, targets)))
                 for batch in calibration:
                     call_model(model, batch)
         finally:
             model.train(was_training)
-        ranges = observed_ranges(observers)
-    result = quantize_model(model, targets, mode, per_channel, ranges)
+        ranges, output_ranges = observed_ranges(observers), observed_ranges(out_observers)
+    result = quantize_model(model, targets, mode, per_channel, ranges, output_ranges)
     result.skipped.update(skipped)
     return result
 
@@ -236,6 +198,7 @@ def quantize_model(
     mode: str = "dynamic",
     per_channel: bool = True,
     input_ranges: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    output_ranges: Mapping[str, tuple[Tensor, Tensor]] | None = None,
 ) -> ConversionResult:
     """Replace each target layer of ``model`` by its int8 version, in place.
 
@@ -247,6 +210,9 @@ def quantize_model(
         input_ranges: for ``"static"``, ``{name: (min, max)}`` of each Linear's input; a Linear with
             no range, or a range that is all zero, is converted ``"dynamic"`` instead (listed in
             ``fallbacks``).
+        output_ranges: for ``"static"``, ``{name: (min, max)}`` of each convolution's output (the
+            layers of :func:`static_output_modules`); a convolution without one is converted
+            ``"dynamic"`` too.
 
     Returns:
         A :class:`ConversionResult`. Transformer modules that hold int8 layers are adapted with
@@ -263,8 +229,9 @@ def quantize_model(
     check_choice("mode", mode, MODES)
     result = ConversionResult()
     ranges = input_ranges or {}
+    outputs = output_ranges or {}
     for target in targets:
-        first = _convert_one(model, target.name, target.module, mode, per_channel, ranges, result)
+        first = _convert_one(model, target.name, target.module, mode, per_channel, (ranges, outputs), result)
         for tied_key in getattr(target, "tied", ()):
             name = tied_key.rpartition(".")[0]
             try:
@@ -276,7 +243,7 @@ def quantize_model(
             if isinstance(partner, Int8Module) or entry is None or why is not None or not entry.forward_is_own(partner):
                 result.fallbacks[name] = f"float: tied to `{target.name}`, but it has no int8 version here"
                 continue
-            second = _convert_one(model, name, partner, mode, per_channel, ranges, result)
+            second = _convert_one(model, name, partner, mode, per_channel, (ranges, outputs), result)
             _share_weight(first, second, name, result)
     result.adapted = adapt_parents(model)
     return result
@@ -288,22 +255,31 @@ def _convert_one(
     module: nn.Module,
     mode: str,
     per_channel: bool,
-    ranges: Mapping[str, tuple[Tensor, Tensor]],
+    both: tuple[Mapping[str, tuple[Tensor, Tensor]], Mapping[str, tuple[Tensor, Tensor]]],
     result: ConversionResult,
 ) -> Int8Module:
     layer_mode = mode
     scale: Tensor | None = None
+    out_scale: Tensor | None = None
     entry = int8_kind_for(module)
     if entry is None:
         raise TypeError(f"`{name}` is a {type(module).__name__}, which has no int8 version.")
     if entry.static_input and mode == "static":
-        if name in ranges:
-            scale = scale_from_range(*ranges[name])
+        ranges, outputs = both
+        scale = scale_from_range(*ranges[name]) if name in ranges else None
+        reason = None
         if scale is None or not bool(scale > 0):
-            layer_mode = "dynamic"
             reason = "input never observed" if name not in ranges else "input was all zeros"
+        elif entry.static_output:
+            out_scale = scale_from_range(*outputs[name]) if name in outputs else None
+            if out_scale is None or not bool(out_scale > 0):
+                reason = "output never observed" if name not in outputs else "output was all zeros"
+        if reason is not None:
+            layer_mode, scale, out_scale = "dynamic", None, None
             result.fallbacks[name] = f"dynamic ({reason} during calibration)"
     new: Int8Module = entry.int8_type.from_float(module, layer_mode, per_channel, scale)
+    if out_scale is not None:
+        new.set_output_scale(out_scale)  # type: ignore[operator]
     new.train(module.training)
     _set_submodule(model, name, new)
     result.converted[name] = layer_mode
@@ -357,18 +333,6 @@ def tied_weight_groups(model: nn.Module) -> list[list[str]]:
             if name not in names:
                 names.append(name)
     return [names for names in owners.values() if len(names) > 1]
-
-
-def static_input_modules(model: nn.Module, targets: Sequence[Target]) -> dict[str, nn.Module]:
-    """The modules whose input ranges ``mode="static"`` needs: targets of a static kind and their tied partners."""
-    modules: dict[str, nn.Module] = {}
-    for target in targets:
-        for name in (target.name, *(k.rpartition(".")[0] for k in getattr(target, "tied", ()))):
-            module = target.module if name == target.name else _get(model, name)
-            entry = None if module is None else int8_kind_for(module)
-            if module is not None and entry is not None and entry.static_input:
-                modules[name] = module
-    return modules
 
 
 def int8_layers(model: nn.Module) -> dict[str, Int8Module]:

@@ -12,11 +12,13 @@ saturates (the clipped STE of Jacob et al. 2018).
 
 Which inputs are fake-quantized: exactly those that the int8 layer quantizes with a fixed scale, the
 inputs of the layers whose :class:`~lightning_compress.core.quant.table.Int8Kind` has
-``static_input`` (``Linear``, HF ``Conv1D``) and only for ``mode="static"``. ``"weight_only"``
-computes in float with an int8 weight, and ``"dynamic"`` quantizes each input row with its own
-scale at run time (the row's own maximum: nothing to learn, and a rounding error of at most half a
-step per row), so both fake-quantize the weights only. A convolution and an embedding always compute
-with their dequantized weight, so they too fake-quantize the weight only.
+``static_input`` (``Linear``, HF ``Conv1D``, ``Conv2d``) and only for ``mode="static"``, and the
+outputs of those with ``static_output`` (``Conv2d``: a static int8 convolution puts its input and its
+output on calibrated grids, as ONNX Runtime's ``QLinearConv`` does), each with its own moving
+observer. ``"weight_only"`` computes in float with an int8 weight, and ``"dynamic"`` quantizes each
+input row with its own scale at run time (the row's own maximum: nothing to learn, and a rounding
+error of at most half a step per row), so both fake-quantize the weights only. An embedding always
+computes with its dequantized weight, so it too fake-quantizes the weight only.
 
 **How the layers are switched** (:class:`FakeQuantSession`): a forward pre-hook swaps the layer's
 ``weight`` parameter, for the duration of one call, for its fake-quantized tensor (and quantizes the
@@ -196,12 +198,20 @@ class _PreHook:
 
 
 class _PostHook:
-    def __init__(self, pre: _PreHook) -> None:
-        self.pre = pre
+    """Put the float weight back (and, for a convolution in static mode, fake-quantize the output)."""
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def __init__(self, pre: _PreHook, observer: MovingMinMaxObserver | None = None) -> None:
+        self.pre = pre
+        self.observer = observer
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if self.pre.stash:
             module._parameters["weight"] = self.pre.stash.pop()  # type: ignore[assignment]
+        if self.observer is None or not isinstance(output, Tensor):
+            return None
+        if module.training and torch.is_grad_enabled():
+            self.observer.update(output)
+        return fake_quantize_input(output, self.observer.scale())
 
 
 class FakeQuantSession(HookSet):
@@ -211,7 +221,8 @@ class FakeQuantSession(HookSet):
         layers: ``{name: module}`` of the layers that will become int8 (``Linear``, ``Conv2d``,
             ``Embedding``, HF ``Conv1D``: anything with a ``weight`` parameter whose int8 kind exists).
         mode: ``"dynamic"``, ``"static"`` or ``"weight_only"``; only ``"static"`` fake-quantizes inputs,
-            and only of the layers whose int8 kind has ``static_input``.
+            and only of the layers whose int8 kind has ``static_input`` (and the outputs of those
+            whose kind has ``static_output``: convolutions).
         per_channel: one weight scale per output channel (dim 0; per row for an embedding; per column for
             HF ``Conv1D``, whose weight is ``[in, out]``), or one per tensor.
         averaging: the observers' moving-average constant.
@@ -239,6 +250,7 @@ class FakeQuantSession(HookSet):
         self.mode = mode
         self.per_channel = per_channel
         self.observers: dict[str, MovingMinMaxObserver] = {}
+        self.output_observers: dict[str, MovingMinMaxObserver] = {}
         self._transposed: set[str] = set()
         for name, module in self.layers.items():
             if not isinstance(module._parameters.get("weight"), Tensor):
@@ -248,6 +260,8 @@ class FakeQuantSession(HookSet):
                 self._transposed.add(name)
             if mode == "static" and kind is not None and kind.static_input:
                 self.observers[name] = MovingMinMaxObserver(averaging)
+                if kind.static_output:
+                    self.output_observers[name] = MovingMinMaxObserver(averaging)
 
     attached = HookSet._hooks_on
     attach = HookSet._put_hooks_on
@@ -259,26 +273,34 @@ class FakeQuantSession(HookSet):
         for name, module in self.layers.items():
             pre = _PreHook(self.per_channel, self.observers.get(name), name in self._transposed)
             yield module.register_forward_pre_hook(pre)
-            yield module.register_forward_hook(_PostHook(pre), always_call=True)
+            yield module.register_forward_hook(_PostHook(pre, self.output_observers.get(name)), always_call=True)
 
     def input_ranges(self) -> dict[str, tuple[Tensor, Tensor]]:
         """``{name: (min, max)}`` of the observed inputs, as ``quantize_model``'s ``input_ranges`` takes them."""
         return {n: (o.min_val, o.max_val) for n, o in self.observers.items() if o.count > 0}
 
+    def output_ranges(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{name: (min, max)}`` of the observed convolution outputs (``quantize_model``'s ``output_ranges``)."""
+        return {n: (o.min_val, o.max_val) for n, o in self.output_observers.items() if o.count > 0}
+
     def state(self) -> dict[str, dict[str, Any]]:
-        """The observers as plain values: ``{name: {"min": 0-d tensor, "max": 0-d tensor, "count": int}}``."""
-        return {
-            n: {"min": o.min_val.clone(), "max": o.max_val.clone(), "count": o.count} for n, o in self.observers.items()
-        }
+        """The observers as plain values: ``{name: {"min": 0-d tensor, "max": 0-d tensor, "count": int}}``.
+
+        A layer whose output is observed too (a convolution) also has ``"output"``: the same three
+        entries for its output.
+        """
+        state = {n: _plain(o) for n, o in self.observers.items()}
+        for n, o in self.output_observers.items():
+            state[n]["output"] = _plain(o)
+        return state
 
     def load_state(self, state: Mapping[str, Mapping[str, Any]]) -> None:
         """Restore what :meth:`state` returned (names that are not observed here are ignored)."""
         for name, saved in state.items():
-            obs = self.observers.get(name)
-            if obs is not None:
-                obs.min_val = torch.as_tensor(saved["min"], dtype=torch.float32).detach().cpu().reshape(())
-                obs.max_val = torch.as_tensor(saved["max"], dtype=torch.float32).detach().cpu().reshape(())
-                obs.count = int(saved["count"])
+            if name in self.observers:
+                _restore(self.observers[name], saved)
+            if name in self.output_observers and isinstance(saved.get("output"), Mapping):
+                _restore(self.output_observers[name], saved["output"])
 
     def reduce_ranges(self, all_gather: Callable[[Tensor], Tensor]) -> None:
         """Make every process hold the widest range any process holds (min of minima, max of maxima).
@@ -286,10 +308,9 @@ class FakeQuantSession(HookSet):
         ``all_gather`` maps a ``[L, 3]`` tensor to ``[world, L, 3]`` (Lightning's ``strategy.all_gather``);
         a result without the leading world dimension (one process) changes nothing.
         """
-        names = list(self.observers)
-        if not names:
+        obs = [*self.observers.values(), *self.output_observers.values()]
+        if not obs:
             return
-        obs = [self.observers[n] for n in names]
         stats = torch.tensor([[o.min_val.item(), o.max_val.item(), float(o.count)] for o in obs])
         gathered = all_gather(stats)
         if gathered.dim() != 3:
@@ -303,3 +324,13 @@ class FakeQuantSession(HookSet):
         for i, o in enumerate(obs):
             if count[i] > 0:
                 o.min_val, o.max_val, o.count = lo[i].reshape(()), hi[i].reshape(()), int(count[i])
+
+
+def _plain(obs: MovingMinMaxObserver) -> dict[str, Any]:
+    return {"min": obs.min_val.clone(), "max": obs.max_val.clone(), "count": obs.count}
+
+
+def _restore(obs: MovingMinMaxObserver, saved: Mapping[str, Any]) -> None:
+    obs.min_val = torch.as_tensor(saved["min"], dtype=torch.float32).detach().cpu().reshape(())
+    obs.max_val = torch.as_tensor(saved["max"], dtype=torch.float32).detach().cpu().reshape(())
+    obs.count = int(saved["count"])

@@ -72,6 +72,8 @@ class Int8Kind:
         forward_is_own: whether a float module of this kind computes what ``float_type.forward`` does
             (a subclass that overrides ``forward`` is left float: its int8 version would lose the override).
         static_input: whether ``mode="static"`` quantizes this layer's input with a calibrated scale.
+        static_output: whether ``mode="static"`` also quantizes its output with a calibrated scale
+            (a convolution: ONNX Runtime fuses it into ``QLinearConv`` only then).
         refusal: optional check of a float module's settings (an ``nn.Embedding`` with ``max_norm``).
     """
 
@@ -80,6 +82,7 @@ class Int8Kind:
     int8_type: type[Int8Module]
     forward_is_own: Callable[[nn.Module], bool]
     static_input: bool = False
+    static_output: bool = False
     refusal: Callable[[nn.Module], str | None] | None = None
     """Why a float module of this kind cannot be converted (``None``: it can); it then stays float with that reason."""
 
@@ -152,7 +155,9 @@ def int8_types() -> tuple[type[Int8Module], ...]:
 
 
 register_int8(Int8Kind("Int8Linear", nn.Linear, Int8Linear, _linear_forward_is_own, static_input=True))
-register_int8(Int8Kind("Int8Conv2d", nn.Conv2d, Int8Conv2d, _conv2d_forward_is_own))
+register_int8(
+    Int8Kind("Int8Conv2d", nn.Conv2d, Int8Conv2d, _conv2d_forward_is_own, static_input=True, static_output=True)
+)
 register_int8(
     Int8Kind(
         "Int8InProjMultiheadAttention",

@@ -94,7 +94,9 @@ def test_session_keeps_state_dict_keys_and_parameters_and_pickles() -> None:
     keys = list(model.state_dict())
     params = [id(p) for p in model.parameters()]
     session = _session(model, "static", per_channel=False)
-    assert set(session.observers) == {"5", "7"}  # only the Linears' inputs are quantized (the int8 Conv2d is float)
+    # Every layer's input is quantized; the convolutions' outputs too (QLinearConv's form).
+    assert set(session.observers) == {"0", "2", "3", "5", "7"}
+    assert set(session.output_observers) == {"0", "2", "3"}
     session.attach()
     session.attach()  # idempotent
     model.train()
@@ -115,7 +117,10 @@ def test_session_keeps_state_dict_keys_and_parameters_and_pickles() -> None:
     buffer = io.BytesIO()
     torch.save(session.state(), buffer)
     buffer.seek(0)
-    assert set(torch.load(buffer, weights_only=True)) == {"5", "7"}
+    loaded = torch.load(buffer, weights_only=True)
+    assert set(loaded) == {"0", "2", "3", "5", "7"}
+    assert sorted(loaded["0"]) == ["count", "max", "min", "output"] and sorted(loaded["5"]) == ["count", "max", "min"]
+    assert loaded["0"]["output"]["count"] == 1 and float(loaded["0"]["output"]["max"]) > 0
     session.detach()
     session.detach()
     assert not session.attached
@@ -167,12 +172,12 @@ def test_int8_model_computes_what_the_last_fake_quant_forward_computed(mode: str
     x = torch.randn(16, 2, 6, 6)
     with torch.no_grad():
         fake = model(x)
-    ranges = session.input_ranges()
+    ranges, output_ranges = session.input_ranges(), session.output_ranges()
     session.detach()
     with torch.no_grad():
         plain = model(x)
     targets, _ = quantizable_targets(model)
-    result = quantize_model(model, targets, mode, per_channel, ranges)
+    result = quantize_model(model, targets, mode, per_channel, ranges, output_ranges)
     assert set(result.converted.values()) == {mode}
     assert isinstance(model[0], Int8Conv2d) and isinstance(model[7], Int8Linear)
     # The int8 grid itself (int_mm: what CUDA runs); on the CPU a small Linear may pick the float kernel,

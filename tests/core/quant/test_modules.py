@@ -157,9 +157,42 @@ def test_int8_conv_equals_the_float_conv_with_the_dequantized_weight(kwargs):
     assert "groups" in repr(q) or conv.groups == 1
 
 
-def test_conv_static_mode_has_no_input_scale():
-    q = Int8Conv2d.from_float(nn.Conv2d(2, 3, 1), "static", input_scale=torch.tensor(0.1))
-    assert q.mode == "static" and q.input_scale is None and "input_scale" not in q.state_dict()
+def test_conv_static_mode_puts_input_and_output_on_their_int8_grids():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    x = torch.randn(4, 2, 5, 5)
+    s_in, s_out = x.abs().amax() / 127, conv(x).abs().amax().detach() / 127
+    q = Int8Conv2d.from_float(conv, "static", input_scale=s_in)
+    assert q.mode == "static" and float(q.input_scale) == pytest.approx(float(s_in))
+    assert float(q.output_scale) == 0.0  # until calibrated: the output stays float
+    weight = q.dequantize_weight()
+    x_grid = torch.clamp(torch.round(x / s_in), -127, 127) * s_in
+    with torch.no_grad():
+        assert torch.equal(q(x), F.conv2d(x_grid, weight, q.bias, padding=1))
+        q.set_output_scale(s_out)
+        ref = F.conv2d(x_grid, weight, q.bias, padding=1)
+        got = q(x)
+    assert torch.equal(got, torch.clamp(torch.round(ref / s_out), -127, 127) * s_out)
+    assert torch.equal(torch.round(got / s_out) * s_out, got)  # every output is on the grid
+    assert sorted(q.state_dict()) == ["bias", "input_scale", "output_scale", "weight", "weight_scale"]
+    assert q.half().output_scale.dtype == torch.float32  # the scales stay float32 under a cast
+    dynamic = Int8Conv2d.from_float(conv, "dynamic")
+    assert dynamic.input_scale is None and dynamic.output_scale is None
+    with pytest.raises(ValueError, match="Only a static int8 convolution has an `output_scale`; this one is 'dynamic'"):
+        dynamic.set_output_scale(s_out)
+    dynamic.configure("static", True)
+    assert sorted(dynamic.state_dict()) == ["bias", "input_scale", "output_scale", "weight", "weight_scale"]
+    dynamic.configure("weight_only", True)
+    assert dynamic.input_scale is None and dynamic.output_scale is None
+
+
+def test_static_conv_with_zero_scales_computes_as_its_float_weights():
+    """An artifact written before convolutions had activation scales loads with both at 0: float activations."""
+    conv = nn.Conv2d(2, 3, 3)
+    q = Int8Conv2d.from_float(conv, "static", input_scale=torch.tensor(0.0))
+    x = torch.randn(2, 2, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(q(x), F.conv2d(x, q.dequantize_weight(), q.bias))
 
 
 def test_repr_names_mode_and_granularity():
