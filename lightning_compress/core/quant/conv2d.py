@@ -163,7 +163,12 @@ def _on_grid(x: Tensor, scale: Tensor | None) -> Tensor:
     The same arithmetic as QAT's fake quantization of an input (``core.quant.fake``), so that a
     converted layer computes what the last QAT forward computed.
     """
-    if scale is None or not bool(scale > 0):
+    if scale is None:
         return x
     s = scale.reshape(1)
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # no data-dependent branch in a graph
+        # `quantize` divides by 1 where the scale is 0, and `dequantize` then gives 0: `where` keeps x there.
+        return torch.where(s > 0, dequantize(quantize(x, s), s, dtype=x.dtype), x)
+    if not bool(scale > 0):
+        return x
     return dequantize(quantize(x, s), s, dtype=x.dtype)

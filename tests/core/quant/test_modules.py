@@ -198,3 +198,19 @@ def test_static_conv_with_zero_scales_computes_as_its_float_weights():
 def test_repr_names_mode_and_granularity():
     assert "mode='dynamic', per_channel" in repr(Int8Linear(4, 2))
     assert "per_tensor" in repr(Int8Conv2d(2, 2, 3, per_channel=False, padding_mode="reflect"))
+
+
+def test_static_convs_torch_export_to_what_eager_computes():
+    from lightning_compress.core.quant.convert import quantize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2)).eval()
+    quantize(model, "static", calibration=[torch.randn(4, 3, 8, 8)])
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+        program = torch.export.export(model, (x,)).module()  # no data-dependent branch on the scales
+        assert torch.equal(program(x), want)
+        model[0].output_scale.zero_()  # an artifact without activation scales: float output, in the graph too
+        program = torch.export.export(model, (x,)).module()
+        assert torch.equal(program(x), model(x)) and not torch.equal(model(x), want)
