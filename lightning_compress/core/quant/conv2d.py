@@ -20,7 +20,7 @@ from torch.nn.modules.utils import _pair
 from typing_extensions import Self, override
 
 from lightning_compress.core.quant.base import Int8Module
-from lightning_compress.core.quant.primitives import dequantize, quantize
+from lightning_compress.core.quant.primitives import on_grid
 
 __all__ = ["Int8Conv2d"]
 
@@ -138,7 +138,7 @@ class Int8Conv2d(Int8Module):
             out = F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
         else:
             out = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-        return _on_grid(out, self.output_scale)
+        return _on_grid(out, self.output_scale, inplace=not out.requires_grad)  # a fresh output: in place
 
     @override
     def extra_repr(self) -> str:
@@ -157,7 +157,7 @@ class Int8Conv2d(Int8Module):
         return f"{text}, {self._extra()}"
 
 
-def _on_grid(x: Tensor, scale: Tensor | None) -> Tensor:
+def _on_grid(x: Tensor, scale: Tensor | None, inplace: bool = False) -> Tensor:
     """``scale * clamp(round(x / scale), -127, 127)`` in ``x``'s dtype; ``x`` itself without a positive scale.
 
     The same arithmetic as QAT's fake quantization of an input (``core.quant.fake``), so that a
@@ -165,10 +165,9 @@ def _on_grid(x: Tensor, scale: Tensor | None) -> Tensor:
     """
     if scale is None:
         return x
-    s = scale.reshape(1)
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # no data-dependent branch in a graph
-        # `quantize` divides by 1 where the scale is 0, and `dequantize` then gives 0: `where` keeps x there.
-        return torch.where(s > 0, dequantize(quantize(x, s), s, dtype=x.dtype), x)
+        # `on_grid` divides by 1 where the scale is 0 and then multiplies by 1: `where` keeps x there.
+        return torch.where(scale > 0, on_grid(x, scale), x)
     if not bool(scale > 0):
         return x
-    return dequantize(quantize(x, s), s, dtype=x.dtype)
+    return on_grid(x, scale, inplace)

@@ -51,6 +51,7 @@ from lightning_compress.core.quant.primitives import (
     QMAX,
     RangeObserver,
     dequantize,
+    on_grid,
     quantize,
     scale_from_range,
     weight_scales,
@@ -88,9 +89,8 @@ class _InputSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, scale: Tensor) -> Tensor:
-        q = quantize(x, scale.reshape(1))
         ctx.save_for_backward(x, scale)
-        return dequantize(q, scale.reshape(1), dtype=x.dtype)
+        return on_grid(x, scale)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:

@@ -97,3 +97,21 @@ def test_min_max_observer_widens_ignores_non_finite_and_contains_zero():
     assert (obs.min_val.item(), obs.max_val.item(), obs.count) == (-3.0, 2.0, 3)
     assert obs.scale().item() == pytest.approx(3.0 / 127)
     assert math.isfinite(obs.scale().item())
+
+
+def test_on_grid_equals_the_int8_round_trip_and_keeps_nan():
+    from lightning_compress.core.quant.primitives import on_grid
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 5) * 3
+    s = torch.tensor(0.02)
+    want = dequantize(quantize(x, s.reshape(1)), s.reshape(1))
+    assert torch.equal(on_grid(x, s), want)
+    assert torch.equal(
+        on_grid(x.half(), s), dequantize(quantize(x.half(), s.reshape(1)), s.reshape(1), dtype=torch.half)
+    )
+    y = x.clone()
+    assert on_grid(y, s, inplace=True) is y and torch.equal(y, want)
+    z = torch.tensor([float("nan"), float("inf"), -1e9, 0.0])
+    got = on_grid(z, s)
+    assert torch.isnan(got[0]) and got[1:].tolist() == pytest.approx([127 * 0.02, -127 * 0.02, 0.0])
