@@ -235,3 +235,24 @@ def test_ddp_ranks_share_the_qat_ranges_and_convert_to_the_same_int8(tmp_path: P
         assert qat0[name]["count"] == 8  # 256 samples / 2 ranks / batch 16: one QAT epoch
         expected = scale_from_range(qat0[name]["min"], qat0[name]["max"])
         assert torch.equal(state0[f"{name}.input_scale"], expected)
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ddp_ranks_share_the_conv_input_and_output_ranges_of_qat(tmp_path: Path, monkeypatch) -> None:
+    from helpers import load_ranks, run_ddp_script
+
+    monkeypatch.setenv("LC_QAT_MODEL", "cnn")
+    run_ddp_script("ddp_quantize_qat.py", tmp_path)
+    state0, state1 = load_ranks(tmp_path, "state")
+    assert state0.keys() == state1.keys()
+    for key in state0:
+        assert torch.equal(state0[key], state1[key]), key
+    qat0, qat1 = load_ranks(tmp_path, "qat")
+    convs = {"backbone.features.0", "backbone.features.2"}
+    assert set(qat0) == set(qat1) == convs | {"backbone.classifier"}
+    for name in convs:
+        out0, out1 = qat0[name]["output"], qat1[name]["output"]
+        assert torch.equal(out0["min"], out1["min"]) and torch.equal(out0["max"], out1["max"]) and out0["count"] == 8
+        assert torch.equal(state0[f"{name}.output_scale"], scale_from_range(out0["min"], out0["max"]))
+        assert torch.equal(state0[f"{name}.input_scale"], scale_from_range(qat0[name]["min"], qat0[name]["max"]))

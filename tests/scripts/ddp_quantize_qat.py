@@ -1,6 +1,7 @@
 """QAT (static, per tensor) under DDP on two CPU processes; each rank saves what it holds.
 
-Usage: ``python ddp_quantize_qat.py OUT_DIR``. Each rank trains on its half of the data, so the input
+Usage: ``python ddp_quantize_qat.py OUT_DIR`` (``LC_QAT_MODEL=cnn`` for ``SmallCNN``, whose convolutions
+also observe their outputs; the MLP by default). Each rank trains on its half of the data, so the input
 ranges its observers see differ; QuantizeOnFitEnd all-gathers them after every QAT step, so both ranks
 must end with the same observer state and the same int8 weights and static input scales.
 
@@ -10,6 +11,7 @@ Files (written atomically): ``OUT_DIR/state_rank<r>.pt`` (the int8 ``state_dict`
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,13 +21,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import QuantizeOnFitEnd
 from lightning_compress.core.files import atomic_torch_save
-from lightning_compress.demo import MLP, Classifier
+from lightning_compress.demo import MLP, Classifier, SmallCNN
 
 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)  # the same initial weights on every rank
-    model = Classifier(MLP(hidden=(32, 16)))
+    model = Classifier(SmallCNN() if os.environ.get("LC_QAT_MODEL") == "cnn" else MLP(hidden=(32, 16)))
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.rand(256, 1, 8, 8, generator=g) * 2, torch.randint(0, 10, (256,), generator=g))
     quantize = QuantizeOnFitEnd("static", per_channel=False, qat_epochs=1, calibration_batches=2, verbose=0)
