@@ -218,9 +218,8 @@ def test_qat_while_distilling_fake_quantizes_only_the_student(tmp_path: Path) ->
         assert torch.equal(v, teacher_before[k])
 
 
-@pytest.mark.ddp
-@pytest.mark.slow
-def test_ddp_ranks_share_the_qat_ranges_and_convert_to_the_same_int8(tmp_path: Path) -> None:
+def _qat_under_ddp(tmp_path: Path) -> tuple[dict, dict, dict]:
+    """Run tests/scripts/ddp_quantize_qat.py; both ranks' int8 states must be equal: rank 0's, and both QAT states."""
     from helpers import load_ranks, run_ddp_script
 
     run_ddp_script("ddp_quantize_qat.py", tmp_path)
@@ -229,6 +228,13 @@ def test_ddp_ranks_share_the_qat_ranges_and_convert_to_the_same_int8(tmp_path: P
     for key in state0:
         assert torch.equal(state0[key], state1[key]), key
     qat0, qat1 = load_ranks(tmp_path, "qat")
+    return state0, qat0, qat1
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ddp_ranks_share_the_qat_ranges_and_convert_to_the_same_int8(tmp_path: Path) -> None:
+    state0, qat0, qat1 = _qat_under_ddp(tmp_path)
     assert set(qat0) == set(qat1) == {"backbone.net.1", "backbone.net.3", "backbone.net.5"}
     for name in qat0:
         assert torch.equal(qat0[name]["min"], qat1[name]["min"]) and torch.equal(qat0[name]["max"], qat1[name]["max"])
@@ -240,15 +246,8 @@ def test_ddp_ranks_share_the_qat_ranges_and_convert_to_the_same_int8(tmp_path: P
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_ddp_ranks_share_the_conv_input_and_output_ranges_of_qat(tmp_path: Path, monkeypatch) -> None:
-    from helpers import load_ranks, run_ddp_script
-
     monkeypatch.setenv("LC_QAT_MODEL", "cnn")
-    run_ddp_script("ddp_quantize_qat.py", tmp_path)
-    state0, state1 = load_ranks(tmp_path, "state")
-    assert state0.keys() == state1.keys()
-    for key in state0:
-        assert torch.equal(state0[key], state1[key]), key
-    qat0, qat1 = load_ranks(tmp_path, "qat")
+    state0, qat0, qat1 = _qat_under_ddp(tmp_path)
     convs = {"backbone.features.0", "backbone.features.2"}
     assert set(qat0) == set(qat1) == convs | {"backbone.classifier"}
     for name in convs:

@@ -10,11 +10,12 @@ turns the observers into the ``{name: (min, max)}`` that
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from lightning_compress.core.quant.primitives import MinMaxObserver
 from lightning_compress.core.quant.table import int8_kind_for
@@ -45,21 +46,16 @@ def record_input_ranges(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, 
         >>> obs["fc"].min_val.item(), obs["fc"].max_val.item(), obs["fc"].count
         (-1.0, 3.0, 1)
     """
-    observers = {name: MinMaxObserver() for name in modules}
 
-    def hook(name: str) -> Any:
-        def observe(_module: nn.Module, args: tuple[Any, ...]) -> None:
+    def observe(observer: MinMaxObserver) -> Any:
+        def pre_hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
             if args and isinstance(args[0], Tensor):
-                observers[name].update(args[0])
+                observer.update(args[0])
 
-        return observe
+        return pre_hook
 
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
-    try:
+    with _observing(modules, lambda module, obs: module.register_forward_pre_hook(observe(obs))) as observers:
         yield observers
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -75,16 +71,25 @@ def record_output_ranges(modules: Mapping[str, nn.Module]) -> Iterator[dict[str,
         >>> obs["conv"].min_val.item(), obs["conv"].max_val.item()
         (-2.0, 6.0)
     """
-    observers = {name: MinMaxObserver() for name in modules}
 
-    def hook(name: str) -> Any:
-        def observe(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+    def observe(observer: MinMaxObserver) -> Any:
+        def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
             if isinstance(output, Tensor):
-                observers[name].update(output)
+                observer.update(output)
 
-        return observe
+        return hook
 
-    handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
+    with _observing(modules, lambda module, obs: module.register_forward_hook(observe(obs))) as observers:
+        yield observers
+
+
+@contextmanager
+def _observing(
+    modules: Mapping[str, nn.Module], attach: Callable[[nn.Module, MinMaxObserver], RemovableHandle]
+) -> Iterator[dict[str, MinMaxObserver]]:
+    """One observer per module, attached by ``attach`` for the ``with`` block only."""
+    observers = {name: MinMaxObserver() for name in modules}
+    handles = [attach(module, observers[name]) for name, module in modules.items()]
     try:
         yield observers
     finally:

@@ -92,6 +92,19 @@ def test_record_input_ranges_observes_and_then_removes_its_hooks():
     assert not model[0]._forward_pre_hooks and not model[2]._forward_pre_hooks
 
 
+def test_record_output_ranges_observes_outputs_and_removes_its_hooks_after_an_error():
+    from lightning_compress.core.quant.convert import record_output_ranges
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    x = torch.tensor([[-1.0, 0.5, 2.0], [0.0, -3.0, 1.0]])
+    with record_output_ranges({"0": model[0]}) as obs:
+        out = model[0](x)
+    assert (obs["0"].min_val.item(), obs["0"].max_val.item(), obs["0"].count) == (out.min().item(), out.max().item(), 1)
+    with pytest.raises(RuntimeError, match="stop"), record_output_ranges({"0": model[0]}):
+        raise RuntimeError("stop")
+    assert not model[0]._forward_hooks
+
+
 def test_linear_subclasses_count_but_overridden_forwards_stay_float():
     class Scaled(nn.Linear):
         def forward(self, x):
