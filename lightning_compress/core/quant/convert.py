@@ -37,14 +37,9 @@ from lightning_compress.errors import CompressionConfigError, check_choice
 __all__ = [
     "ConversionResult",
     "int8_layers",
-    "observed_ranges",
     "quantizable_targets",
     "quantize",
     "quantize_model",
-    "record_input_ranges",
-    "record_output_ranges",
-    "static_input_modules",
-    "static_output_modules",
     "tie_int8_weights",
     "tied_weight_groups",
 ]
