@@ -174,4 +174,7 @@ def test_readme_holds_the_two_fresh_machine_commands():
     assert text.index("<!-- main-command -->") < text.index("<!-- test-command -->")
     assert main_command.startswith("python3 -m venv .venv && .venv/bin/pip install")
     assert main_command.endswith(".venv/bin/lightning-compress compress") and '".[demo]"' in main_command
-    assert test_command == 'python3 -m venv .venv && .venv/bin/pip install -e ".[test]" && .venv/bin/python -m pytest'
+    assert test_command == (
+        'python3 -m venv .venv && .venv/bin/pip install -e ".[test]" && .venv/bin/python -m pytest'
+        " -n 2 --dist loadfile --no-loadscope-reorder"
+    )
