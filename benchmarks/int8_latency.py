@@ -1,7 +1,7 @@
 """CPU latency of int8 models against float32, side by side in one run.
 
 Linear: a 4-layer MLP of width 4096 (ReLU between) at batch 1, 16, 64 and 256:
-float32, ours (``QuantizeOnFitEnd`` dynamic and static modes, i.e. ``quantize_model``),
+float32, ours (``QuantizeOnFitEnd`` dynamic and static modes, i.e. ``quantize``),
 ``torch.ao.quantization.quantize_dynamic`` (the deprecated peer) and torchao's
 ``Int8DynamicActivationInt8WeightConfig`` when torchao is importable.
 
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_compress.core.files import atomic_write_text
-from lightning_compress.core.quant.convert import quantizable_targets, quantize_model
+from lightning_compress.core.quant.convert import quantize
 from lightning_compress.core.quant.kernels import prepare_kernels
 from lightning_compress.core.quant.modules import Int8Conv2d
 from lightning_compress.core.quant.primitives import quantize_rows
@@ -67,16 +67,8 @@ def mlp(width: int, depth: int = 4) -> nn.Sequential:
 
 def ours(model: nn.Module, mode: str, calib: Tensor | None = None) -> nn.Module:
     model = copy.deepcopy(model)
-    targets, _ = quantizable_targets(model)
-    ranges = None
-    if mode == "static":
-        assert calib is not None
-        from lightning_compress.core.quant.convert import record_input_ranges
-
-        with torch.no_grad(), record_input_ranges({t.name: t.module for t in targets}) as obs:
-            model(calib)
-        ranges = {n: (o.min_val, o.max_val) for n, o in obs.items()}
-    quantize_model(model, targets, mode=mode, input_ranges=ranges)
+    assert mode != "static" or calib is not None
+    quantize(model, mode, calibration=[calib] if mode == "static" else ())
     prepare_kernels(model)
     return model
 

@@ -4,7 +4,7 @@ Side by side in one run, interleaved rounds (medians reported), on the CPU at ha
 
 * ``torch_fp32``: the float model in PyTorch eager (the baseline of every ratio);
 * ``ort_fp32``: ``export_onnx`` of the float model, in ONNX Runtime;
-* ``ours_dynamic`` / ``ours_static``: our int8 model (``quantize_model``), ``export_onnx`` (default
+* ``ours_dynamic`` / ``ours_static``: our int8 model (``quantize``), ``export_onnx`` (default
   ``weight_dtype="auto"``: uint8 weights on x86 without VNNI), in ONNX Runtime;
   ``ours_dynamic_int8w`` / ``ours_static_int8w``: the same with ``weight_dtype="int8"`` (ONNX
   Runtime's u8 x s8 kernels);
@@ -42,15 +42,7 @@ from torch import nn
 
 from lightning_compress import export_onnx
 from lightning_compress.core.files import atomic_write_text
-from lightning_compress.core.quant.convert import (
-    observed_ranges,
-    quantizable_targets,
-    quantize_model,
-    record_input_ranges,
-    record_output_ranges,
-    static_input_modules,
-    static_output_modules,
-)
+from lightning_compress.core.quant.convert import quantize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(RESULTS.parent))  # _cpu, also when a smoke test loads this script from its path
@@ -63,17 +55,7 @@ def call(model: nn.Module, inputs: Any) -> Any:
 
 def ours(model: nn.Module, mode: str, calib: Any) -> nn.Module:
     model = copy.deepcopy(model)
-    targets, _ = quantizable_targets(model)
-    ranges = outputs = None
-    if mode == "static":
-        with (
-            torch.no_grad(),
-            record_input_ranges(static_input_modules(model, targets)) as obs,
-            record_output_ranges(static_output_modules(model, targets)) as out_obs,
-        ):
-            call(model, calib)
-        ranges, outputs = observed_ranges(obs), observed_ranges(out_obs)
-    quantize_model(model, targets, mode=mode, input_ranges=ranges, output_ranges=outputs)
+    quantize(model, mode, calibration=[calib] if mode == "static" else ())
     return model.eval()
 
 

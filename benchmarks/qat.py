@@ -5,7 +5,7 @@ For each model and seed one float run trains ``--epochs`` epochs (``Classifier``
 int8 configuration (static per channel, static per tensor, weight-only per channel):
 
 * **PTQ**: a copy of the finished float model is converted as ``QuantizeOnFitEnd`` does without QAT
-  (min/max observers on ``--calibration-batches`` training batches for ``static``, ``quantize_model``);
+  (min/max observers on ``--calibration-batches`` training batches for ``static``, ``quantize``);
 * **QAT**: the fit is resumed from the checkpoint with ``QuantizeOnFitEnd(mode, per_channel=...,
   qat_epochs=Q)``, so the last ``Q`` epochs train with fake quantization and the callback converts.
 
@@ -25,6 +25,7 @@ epochs against that of the float run's last ``Q`` epochs, one thread by default.
 from __future__ import annotations
 
 import copy
+import itertools
 import statistics
 import sys
 import tempfile
@@ -42,15 +43,7 @@ from _common import bench_trainer, seeds_parser, table_head, write_results
 from _cpu import cpu_header
 
 from lightning_compress import QuantizeOnFitEnd
-from lightning_compress.core.quant.convert import (
-    observed_ranges,
-    quantizable_targets,
-    quantize_model,
-    record_input_ranges,
-    record_output_ranges,
-    static_input_modules,
-    static_output_modules,
-)
+from lightning_compress.core.quant.convert import quantize
 from lightning_compress.core.quant.kernels import use_kernel
 from lightning_compress.demo import MLP, Classifier, DigitsDataModule, SmallCNN
 
@@ -116,24 +109,12 @@ def test_accuracy(model: torch.nn.Module, dm: DigitsDataModule) -> float:
     return right / total
 
 
-@torch.no_grad()
 def post_training(
     model: Classifier, dm: DigitsDataModule, mode: str, per_channel: bool, batches: int
 ) -> torch.nn.Module:
     model = copy.deepcopy(model).eval()
-    targets, _ = quantizable_targets(model)
-    ranges = outputs = None
-    if mode == "static":
-        with (
-            record_input_ranges(static_input_modules(model, targets)) as observers,
-            record_output_ranges(static_output_modules(model, targets)) as out_observers,
-        ):
-            for i, (x, _) in enumerate(dm.train_dataloader()):
-                if i == batches:
-                    break
-                model(x)
-        ranges, outputs = observed_ranges(observers), observed_ranges(out_observers)
-    quantize_model(model, targets, mode, per_channel, ranges, outputs)
+    calibration = itertools.islice(dm.train_dataloader(), batches) if mode == "static" else ()
+    quantize(model, mode, per_channel, calibration=calibration)
     return model
 
 

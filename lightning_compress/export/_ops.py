@@ -67,11 +67,9 @@ def linear_static(
 
     ``w_zero`` is the weight zero point, shaped like ``w_scale`` (``[N]`` or 0-d).
     """
-    xs = input_scale.to(torch.float32)
-    xq = torch.round(x.to(torch.float32) / xs).clamp_(-128, 127)
     shape = [1, -1] if w_scale.dim() > 0 else [1, 1]
     weight = (wt.to(torch.float32) - w_zero.to(torch.float32).reshape(shape)) * w_scale.to(torch.float32).reshape(shape)
-    out = (xq * xs) @ weight
+    out = _activation_grid(x, input_scale) @ weight
     return out if bias is None else out + bias.to(torch.float32)
 
 
@@ -86,6 +84,11 @@ def quantize_activation(x: Tensor, scale: Tensor) -> Tensor:
 
     ONNX ``QuantizeLinear -> DequantizeLinear`` (uint8, zero point 128: the grid ``-128..127``).
     """
+    return _activation_grid(x, scale)
+
+
+def _activation_grid(x: Tensor, scale: Tensor) -> Tensor:
+    """``x`` on the grid ``-128..127`` of ``scale`` (uint8 with zero point 128), in float32."""
     s = scale.to(torch.float32)
     return torch.round(x.to(torch.float32) / s).clamp_(-128, 127) * s
 

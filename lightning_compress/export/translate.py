@@ -77,23 +77,21 @@ def _rank(x: Any) -> int | None:
         return None
 
 
+def _quantize_activation(x: Any, scale: Any) -> Any:
+    zero = _zero_point(128)
+    return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero), scale, zero)
+
+
 def _linear_static(x: Any, wt: Any, w_scale: Any, w_zero: Any, input_scale: Any, bias: Any = None) -> Any:
-    x_zero = _zero_point(128)
     flat = x
     if _rank(x) != 2:  # Gemm is 2-d: [..., K] -> [-1, K] and back
         minus_one: Any = op.Constant(value=onnx.helper.make_tensor("minus_one", onnx.TensorProto.INT64, [1], [-1]))
         flat = op.Reshape(x, op.Concat(minus_one, op.Shape(wt, start=0, end=1), axis=0))
-    xd = op.DequantizeLinear(op.QuantizeLinear(flat, input_scale, x_zero), input_scale, x_zero)
-    out = op.Gemm(xd, op.DequantizeLinear(wt, w_scale, w_zero, axis=1))
+    out = op.Gemm(_quantize_activation(flat, input_scale), op.DequantizeLinear(wt, w_scale, w_zero, axis=1))
     if flat is not x:
         lead: Any = op.Shape(x, start=0, end=-1)
         out = op.Reshape(out, op.Concat(lead, op.Shape(wt, start=1, end=2), axis=0))
     return out if bias is None else op.Add(out, bias)
-
-
-def _quantize_activation(x: Any, scale: Any) -> Any:
-    zero = _zero_point(128)
-    return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero), scale, zero)
 
 
 def translation_table() -> dict[Callable[..., Any], Callable[..., Any]]:

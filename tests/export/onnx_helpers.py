@@ -6,7 +6,6 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import torch
 from torch import Tensor, nn
 
 
@@ -14,21 +13,9 @@ def int8(
     model: nn.Module, mode: str = "dynamic", per_channel: bool = True, calib: Any = None, **select: Any
 ) -> nn.Module:
     """``model`` with its default-selected layers made int8 in place (static: calibrated on ``calib``)."""
-    from lightning_compress.core.quant import convert
+    from lightning_compress.core.quant.convert import quantize
 
-    targets, _ = convert.quantizable_targets(model, **select)
-    ranges = outputs = None
-    if mode == "static":
-        with (
-            torch.no_grad(),
-            convert.record_input_ranges(convert.static_input_modules(model, targets)) as observers,
-            convert.record_output_ranges(convert.static_output_modules(model, targets)) as out_observers,
-        ):
-            call(model, calib)
-        ranges, outputs = convert.observed_ranges(observers), convert.observed_ranges(out_observers)
-    convert.quantize_model(
-        model, targets, mode=mode, per_channel=per_channel, input_ranges=ranges, output_ranges=outputs
-    )
+    quantize(model, mode, per_channel, calibration=[calib] if mode == "static" else (), **select)
     return model.eval()
 
 
