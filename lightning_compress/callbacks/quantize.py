@@ -34,6 +34,7 @@ from lightning_compress.core.quant.convert import (
     static_output_modules,
 )
 from lightning_compress.core.quant.fake import FakeQuantSession
+from lightning_compress.core.quant.fold import fold_batch_norms
 from lightning_compress.core.quant.modules import MODES
 from lightning_compress.core.report import compression_report
 from lightning_compress.core.selection import DEFAULT_QUANT_TYPES, compression_root
@@ -61,7 +62,9 @@ class QuantizeOnFitEnd(CompressionCallback):
     That this call fits ``forward``'s signature is checked when training starts, so a model that
     cannot be driven fails with a ``CompressionConfigError`` before the first step. When the
     agreement is poor (relative error above 0.05 or top-1 agreement under 99 %), a warning names the
-    layers with the largest own int8 error and the remedies (report entry ``worst_layers``). ``trainer.validate(model)``
+    layers with the largest own int8 error and the remedies (report entry ``worst_layers``).
+    With ``per_channel=True`` and no QAT, each eval-mode ``BatchNorm2d`` that reads only a selected
+    convolution's output is first folded into it (:mod:`~lightning_compress.core.quant.fold`). ``trainer.validate(model)``
     and ``trainer.test(model)`` afterwards run the int8 model.
 
     Args:
@@ -89,7 +92,7 @@ class QuantizeOnFitEnd(CompressionCallback):
 
     After fit, :attr:`report` is a plain dict: ``layers_converted``, ``layers`` (name -> mode),
     ``kernels`` (name -> how the layer computes here, see :mod:`lightning_compress.core.quant.kernels`),
-    ``fallbacks``, ``skipped``, ``weight_bytes_before`` / ``weight_bytes_after`` /
+    ``fallbacks``, ``skipped``, ``folded`` (batch norm -> the convolution it was folded into), ``weight_bytes_before`` / ``weight_bytes_after`` /
     ``weight_bytes_ratio`` (the converted layers), ``model_bytes_before`` / ``model_bytes_after``,
     ``calibration_batches``, ``relative_error`` (:math:`\lVert y_{int8} - y\rVert_2 / \lVert y\rVert_2`
     over the calibration batches of all processes) and ``top1_agreement``. Its numbers are logged to
@@ -197,12 +200,15 @@ class QuantizeOnFitEnd(CompressionCallback):
         root.eval()
         batches = calibration_batches(trainer, self.calibration_batches, self.mode)
         qat = self._qat is not None
+        folded: dict[str, str] = {}
         if self._qat is not None:  # QAT: the reference is the fake-quantized model, the ranges QAT's own
             self._qat.attach()
             ranges, output_ranges = self._qat.input_ranges(), self._qat.output_ranges()
             float_outputs = float_pass(trainer, root, {}, batches)[2]
             self._stop_qat()
-        else:
+        else:  # after QAT the batch norms stay (the int8 model computes what QAT trained); per tensor too
+            if self.per_channel:
+                folded = fold_batch_norms(pl_module, {t.name: t.module for t in targets})
             static = self.mode == "static"
             ranges, output_ranges, float_outputs = float_pass(
                 trainer,
@@ -238,6 +244,7 @@ class QuantizeOnFitEnd(CompressionCallback):
             "kernels": {name: str(getattr(layer, "kernel", "dequant")) for name, layer in layers.items()},
             "fallbacks": dict(result.fallbacks),
             "skipped": dict(skipped),
+            "folded": folded,
             "weight_bytes_before": weight_before,
             "weight_bytes_after": weight_after,
             "weight_bytes_ratio": weight_after / weight_before if weight_before else float("nan"),

@@ -44,7 +44,10 @@ _VERSIONS_WRITTEN = (1,)
 """Every ``format_version`` a lightning-compress release has written (and so the only ones it reads)."""
 
 _REQUIRED_ENTRIES = ("format", "format_version", "layers", "tensors", "packed")
-_OPTIONAL_ENTRIES = ("torch_version", SHAPES_ENTRY)
+FOLDED_ENTRY = "folded"
+"""The optional entry of models whose batch norms were folded into their convolutions (``core/quant/fold.py``)."""
+
+_OPTIONAL_ENTRIES = ("torch_version", SHAPES_ENTRY, FOLDED_ENTRY)
 _LAYER_KEYS = frozenset({"kind", "mode", "per_channel"})
 _PACKED_KEYS = frozenset({"mask", "values", "shape"})
 _MAX_LISTED = 8

@@ -10,6 +10,8 @@ The artifact is a plain dict written with ``torch.save`` and read with
         "layers": {name: {"kind": "Int8Linear" | "Int8Conv2d", "mode": str, "per_channel": 0 | 1}},
         "tensors": {state_dict key: tensor},                      # stored as they are
         "packed": {state_dict key: {"mask": uint8, "values": tensor, "shape": [int, ...]}},
+        "shapes": {layer name: [int, ...]},                      # optional: a channel-removed model
+        "folded": {batch norm name: convolution name},            # optional: batch norms folded away
     }
 
 Int8 weights are stored as int8 with their float32 scales. A tensor with enough exact zeros is
@@ -36,17 +38,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.core.artifact_checks import FOLDED_ENTRY, SHAPES_ENTRY, _Plan, _plan, _read
+
 # Their old home: FORMAT, FORMAT_VERSION, pack_bits and unpack_bits are imported from here (explicit re-exports,
 # not in __all__: they belong to artifact_checks and packing).
 from lightning_compress.core.artifact_checks import FORMAT as FORMAT
 from lightning_compress.core.artifact_checks import FORMAT_VERSION as FORMAT_VERSION
-from lightning_compress.core.artifact_checks import SHAPES_ENTRY, _Plan, _plan, _read
 from lightning_compress.core.files import atomic_torch_save
 from lightning_compress.core.packing import _decode, _encode
 from lightning_compress.core.packing import pack_bits as pack_bits
 from lightning_compress.core.packing import unpack_bits as unpack_bits
 from lightning_compress.core.prune.slim_io import apply_slim_shapes, check_slim_shapes, slim_shapes
 from lightning_compress.core.quant.convert import int8_layers, tie_int8_weights, tied_weight_groups
+from lightning_compress.core.quant.fold import check_folded, folded_batch_norms, restore_folded
 from lightning_compress.core.quant.table import int8_kind_of
 from lightning_compress.core.quant.transformer import adapt_parents
 
@@ -119,6 +123,9 @@ def save_compressed(module: nn.Module, path: str | os.PathLike[str]) -> None:
     shapes = slim_shapes(module)  # layer widths of a channel-removed model (core/prune/slim_io.py)
     if shapes:
         artifact[SHAPES_ENTRY] = shapes
+    folded = folded_batch_norms(module)  # batch norms folded into their convolutions (core/quant/fold.py)
+    if folded:
+        artifact[FOLDED_ENTRY] = folded
     atomic_torch_save(artifact, Path(path))
 
 
@@ -168,6 +175,17 @@ def _apply_slim_shapes(module: nn.Module, obj: Mapping[str, Any], path: str) -> 
     apply_slim_shapes(module, shapes)
 
 
+def _apply_folded(module: nn.Module, obj: Mapping[str, Any], path: str) -> None:
+    """Replace the batch norms of the artifact's ``"folded"`` entry by ``FoldedBatchNorm``, validated first."""
+    folded = obj.get(FOLDED_ENTRY) if isinstance(obj, Mapping) else None
+    if folded is None:
+        return
+    problems = check_folded(module, folded)
+    if problems:
+        raise ValueError(f"{path!r}: entry {FOLDED_ENTRY!r} does not match the model: " + "; ".join(problems[:8]))
+    restore_folded(module, folded)
+
+
 @torch.no_grad()
 def load_compressed(path: str | os.PathLike[str], module: nn.Module) -> nn.Module:
     """Restore an artifact of :func:`save_compressed` into ``module`` and return it.
@@ -203,6 +221,7 @@ def load_compressed(path: str | os.PathLike[str], module: nn.Module) -> nn.Modul
         # slim layer widths first (checked, then bounded by the model's own sizes), so that the checks below
         # compare the artifact with the model it rebuilds; any refusal puts the module back as it was
         _apply_slim_shapes(module, obj, where)
+        _apply_folded(module, obj, where)  # then the folded batch norms: the state below has none of theirs
         plan = _plan(obj, module, where)
     except BaseException:
         _restore(snapshot)

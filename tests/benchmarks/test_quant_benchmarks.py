@@ -48,3 +48,15 @@ def test_int8_accuracy_smoke(tmp_path):
 def test_gpu_int8_check_smoke(tmp_path):
     result = _run("gpu_int8_check.py", tmp_path)
     assert result["failures"] == 0 and result["layers"] and result["models"]
+
+
+@pytest.mark.slow
+def test_batch_norm_fold_smoke(tmp_path):
+    result = _run("batch_norm_fold.py", tmp_path)
+    errors = result["errors"]
+    # per channel the fold costs nothing (the same weights up to float rounding); per tensor it does
+    for mode in ("dynamic", "weight_only"):
+        row = errors[f"{mode}, per channel"]
+        assert row["folded"] == pytest.approx(row["not folded"], rel=0.05)
+        assert errors[f"{mode}, per tensor"]["folded"] > errors[f"{mode}, per tensor"]["not folded"]
+    assert {"PyTorch float32", "PyTorch static, folded", "ONNX Runtime static, folded"} <= set(result["ms"])

@@ -31,3 +31,33 @@ def test_the_callback_and_quantize_agree_on_a_never_called_linear(tmp_path):
     assert result.fallbacks == {"unused": "dynamic (input never observed during calibration)"}
     for (name, mine), theirs in zip(snapshot.model.state_dict().items(), model.state_dict().values(), strict=True):
         assert mine.equal(theirs), name  # the same int8 weights and scales
+
+
+def _bn_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Flatten(),
+    )  # fmt: skip
+
+
+def test_the_callback_folds_batch_norms_as_quantize_does(tmp_path):
+    model = TinyNet(body=_bn_cnn(), head=nn.Linear(4 * 6 * 6, 3))
+    loader = classification_loader(32, (1, 6, 6), 3)
+    snapshot, callback = Snapshot(), QuantizeOnFitEnd("static", calibration_batches=4, verbose=0)
+    quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[snapshot, callback]).fit(model, loader)
+    result = quantize(snapshot.model, "static", calibration=list(loader)[:4])
+    assert result.folded == callback.report["folded"] == {"body.1": "body.0", "body.4": "body.3"}
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    for (name, mine), theirs in zip(snapshot.model.state_dict().items(), model.state_dict().values(), strict=True):
+        assert mine.equal(theirs), name  # the same folded int8 weights, biases and scales
+
+
+def test_per_tensor_and_qat_keep_the_batch_norms(tmp_path):
+    for kwargs in ({"per_channel": False}, {"qat_epochs": 1}):
+        model = TinyNet(body=_bn_cnn(), head=nn.Linear(4 * 6 * 6, 3))
+        callback = QuantizeOnFitEnd("static", calibration_batches=2, verbose=0, **kwargs)
+        loader = classification_loader(16, (1, 6, 6), 3)
+        quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[callback]).fit(model, loader)
+        assert callback.report["folded"] == {}, kwargs
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 2

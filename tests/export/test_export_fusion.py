@@ -104,3 +104,26 @@ def test_static_convs_run_as_qlinearconv_with_int8_weights_and_agree(tmp_path, w
     # Most outputs land on the same step of the output grid (ONNX Runtime requantizes in its own order).
     step = float(model[3].output_scale)
     assert (abs(got - want.numpy()) <= step * 1.01).mean() >= 0.98
+
+
+def test_folded_batch_norms_leave_no_float_op_between_qlinearconvs(tmp_path) -> None:
+    torch.manual_seed(0)
+    calib = torch.randn(8, 3, 16, 16)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8),
+    )  # fmt: skip
+    with torch.no_grad():
+        model.train()(calib)  # batch statistics of the data, as after training
+    model = int8(model.eval(), "static", True, calib)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    path = tmp_path / "folded.onnx"
+    export_onnx(model, path, calib[:2])
+    assert "BatchNormalization" not in Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    ops = optimized_ops(path, tmp_path)
+    assert ops["QLinearConv"] == 2 and "Conv" not in ops and "BatchNormalization" not in ops, ops
+    x = torch.randn(5, 3, 16, 16)
+    got = run_onnx(path, x)[0]
+    with torch.no_grad():
+        want = model(x)
+    assert rel_err(got, want) <= 0.02
