@@ -23,6 +23,7 @@ from torch import nn
 from lightning_compress.core.files import atomic_write
 from lightning_compress.errors import check_choice, config_error
 from lightning_compress.export import _deps
+from lightning_compress.export._chain import int32_gemm_bias, relu_after_quantize
 from lightning_compress.export._cpu import auto_weight_dtype
 from lightning_compress.export._inputs import batch_dynamic_shapes, ort_feed, split_inputs
 from lightning_compress.export._rewrite import foldable_conv_weights
@@ -84,6 +85,8 @@ def onnx_bytes(module: nn.Module, example_inputs: Any, *, weight_dtype: str = "a
     assert program is not None
     proto = program.model_proto
     foldable_conv_weights(proto)
+    int32_gemm_bias(proto)  # then ONNX Runtime chains static layers' int8 kernels (export/_chain.py)
+    relu_after_quantize(proto)
     onnx.checker.check_model(proto)
     data: bytes = proto.SerializeToString()
     if check and _deps.available("onnxruntime"):

@@ -1,0 +1,137 @@
+"""The rewrites that let ONNX Runtime chain static int8 layers (export/_chain.py): exact, or within their bound."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from onnx_helpers import int8, rel_err, run_onnx
+from test_export_fusion import optimized_ops
+from torch import nn
+
+from lightning_compress import export_onnx
+from lightning_compress.export._chain import int32_gemm_bias, relu_after_quantize
+
+
+def _run(proto, x: np.ndarray) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})
+
+
+def _const(value, dtype, name: str):
+    return numpy_helper.from_array(np.array(value, dtype), name)
+
+
+def _model(nodes, inits, outputs=("y",)):
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None, None]) for o in outputs],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize(("dtype", "zero"), [(np.uint8, 128), (np.uint8, 0), (np.int8, 0), (np.int8, -5)])
+def test_relu_moves_past_the_quantization_exactly(dtype, zero: int) -> None:
+    inits = [_const(0.05, np.float32, "s"), _const(zero, dtype, "z")]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("QuantizeLinear", ["r", "s", "z"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+    ]
+    proto = _model(nodes, inits)
+    x = (np.random.default_rng(0).standard_normal((64, 8)) * 4).astype(np.float32)  # also beyond the grid
+    before = _run(proto, x)[0]
+    assert relu_after_quantize(proto) == 1
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops == ["QuantizeLinear", "Max", "DequantizeLinear"]
+    onnx.checker.check_model(proto)
+    np.testing.assert_array_equal(_run(proto, x)[0], before)
+
+
+def test_a_relu_with_a_float_reader_stays() -> None:
+    inits = [_const(0.05, np.float32, "s"), _const(128, np.uint8, "z")]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("QuantizeLinear", ["r", "s", "z"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+        helper.make_node("Add", ["r", "y"], ["y2"]),  # the residual reads the float ReLU
+    ]
+    proto = _model(nodes, inits, outputs=("y2",))
+    assert relu_after_quantize(proto) == 0
+    assert "Relu" in [n.op_type for n in proto.graph.node]
+
+
+def _static_gemm(weight_scale: np.ndarray, bias: np.ndarray):
+    rng = np.random.default_rng(1)
+    w = rng.integers(-127, 128, size=(8, 4)).astype(np.int8)  # [K, N], as the export stores it
+    inits = [
+        numpy_helper.from_array(np.array(0.02, np.float32), "sx"),
+        numpy_helper.from_array(np.array(128, np.uint8), "zx"),
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(weight_scale.astype(np.float32), "sw"),
+        numpy_helper.from_array(np.zeros(weight_scale.shape, np.int8), "zw"),
+        numpy_helper.from_array(bias.astype(np.float32), "b"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=1),
+        helper.make_node("Gemm", ["xd", "wd"], ["g"]),
+        helper.make_node("Add", ["g", "b"], ["y"]),
+    ]
+    return _model(nodes, inits)
+
+
+def test_the_bias_goes_into_the_gemm_on_the_product_grid() -> None:
+    sw = np.array([0.01, 0.003, 0.02, 0.007])
+    bias = np.array([0.5, -1.25, 3.0, 0.001])
+    proto = _static_gemm(sw, bias)
+    x = np.random.default_rng(2).standard_normal((16, 8)).astype(np.float32)
+    before = _run(proto, x)[0]
+    assert int32_gemm_bias(proto) == 1
+    onnx.checker.check_model(proto)
+    assert [n.op_type for n in proto.graph.node] == ["DequantizeLinear", "QuantizeLinear", "DequantizeLinear",
+                                                     "DequantizeLinear", "Gemm"]  # fmt: skip
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    assert "b" not in inits and inits["b_int32"].dtype == np.int32
+    step = (0.02 * sw).astype(np.float32)
+    np.testing.assert_array_equal(inits["b_int32"], np.round(bias / step).astype(np.int32))
+    # each output moves by the rounding of its bias only: at most half a product step
+    assert np.all(np.abs(_run(proto, x)[0] - before) <= step / 2 + 1e-6)
+
+
+def test_a_bias_the_grid_cannot_hold_keeps_its_float_add() -> None:
+    for sw, bias in ((np.array([0.01, 0.0, 0.02, 0.01]), np.ones(4)), (np.full(4, 1e-9), np.full(4, 1e6))):
+        proto = _static_gemm(sw, bias)
+        assert int32_gemm_bias(proto) == 0
+        assert [n.op_type for n in proto.graph.node][-1] == "Add"
+
+
+def test_a_static_mlp_runs_as_one_chain_of_qgemms(tmp_path) -> None:
+    torch.manual_seed(0)
+    calib = torch.randn(64, 32)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 8))
+    model = int8(model.eval(), "static", True, calib)
+    path = tmp_path / "mlp.onnx"
+    export_onnx(model, path, calib[:4])
+    written = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert "Relu" not in written and written["Max"] == 2 and "Add" not in written
+    ops = optimized_ops(path, tmp_path)
+    # ONNX Runtime's own quantize_static chain: each QGemm writes the next one's uint8 input
+    assert ops["QGemm"] == 3 and ops["QuantizeLinear"] == 1 and "DequantizeLinear" not in ops, ops
+    x = torch.randn(20, 32)
+    got = run_onnx(path, x)[0]
+    with torch.no_grad():
+        want = model(x)
+    assert rel_err(got, want) <= 0.02
