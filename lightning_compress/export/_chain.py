@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["int32_gemm_bias", "relu_after_quantize"]
+__all__ = ["int32_gemm_bias", "int8_weights_where_safe", "relu_after_quantize"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -37,67 +37,146 @@ def _consumers(graph: Any) -> dict[str, list[Any]]:
     return found
 
 
-def _scalar(graph: Any, name: str) -> bool:
-    """Whether ``name`` is a scalar initializer or the output of a scalar ``Constant``."""
+def _scalar_value(graph: Any, name: str) -> Any:
+    """The value of ``name`` if it is a scalar initializer or the output of a scalar ``Constant``, else None."""
+    from onnx import numpy_helper
+
     for init in graph.initializer:
         if init.name == name:
-            return len(init.dims) == 0
+            return numpy_helper.to_array(init) if len(init.dims) == 0 else None
     for node in graph.node:
         if node.op_type == "Constant" and node.output[0] == name:
-            return all(len(a.t.dims) == 0 for a in node.attribute if a.name == "value")
-    return False
+            tensors = [a.t for a in node.attribute if a.name == "value"]
+            return numpy_helper.to_array(tensors[0]) if tensors and len(tensors[0].dims) == 0 else None
+    return None
 
 
-def _per_tensor_quantize(graph: Any, node: Any, source: str) -> bool:
-    """Whether ``node`` quantizes ``source`` with an explicit scalar zero point."""
+def _quantizes(graph: Any, node: Any, source: str) -> bool:
+    """Whether ``node`` quantizes ``source`` per tensor, with an explicit scalar zero point."""
     return (
         node.op_type == "QuantizeLinear"
         and node.input[0] == source
         and len(node.input) == 3
-        and _scalar(graph, node.input[2])
+        and _scalar_value(graph, node.input[2]) is not None
     )
 
 
+HALF_GRID = "lc_relu_half_grid"
+"""Name stem of the constants of :func:`relu_after_quantize`'s uint8 form (zero point 0, top 127)."""
+
+
 def relu_after_quantize(proto: Any) -> int:
-    """Rewrite, in place, each ``Relu`` read only by per-tensor ``QuantizeLinear`` nodes; returns how many.
+    """Move each ``Relu`` that a per-tensor ``QuantizeLinear`` reads past it, in place; returns how many moved.
 
     ``Relu -> QuantizeLinear(scale, zero)`` becomes ``QuantizeLinear(scale, zero) -> Max(., zero)``:
-    the same integers, with the float ReLU gone from between the layers.
+    the same integers, with the float ReLU gone from between the layers. The export's own activation
+    form (uint8, zero point 128: the signed grid ``-128..127``) becomes the non-negative half of that
+    grid instead, ``QuantizeLinear(scale, 0) -> Min(., 127)`` with its ``DequantizeLinear`` at zero
+    point 0: the same values, and uint8 inputs below 128, which ONNX Runtime's u8 x s8 kernels
+    multiply without saturating where the CPU has no VNNI (see :func:`int8_weights_where_safe`).
+    A ``Relu`` that a float node also reads stays for that node.
     """
-    from onnx import helper
+    from onnx import helper, numpy_helper
 
     graph = proto.graph
     consumers = _consumers(graph)
     outputs = {o.name for o in graph.output}
-    moved: dict[int, Any] = {}  # QuantizeLinear node -> the Max that follows it
+    after: dict[int, Any] = {}  # QuantizeLinear node -> the node that follows it
     dropped: set[int] = set()
+    half_grid = False
     for node in graph.node:
-        if node.op_type != "Relu" or node.output[0] in outputs:
+        if node.op_type != "Relu":
             continue
         users = consumers.get(node.output[0], [])
-        if not users or not all(_per_tensor_quantize(graph, u, node.output[0]) for u in users):
-            continue
-        for q in users:
-            q.input[0] = node.input[0]
+        quantizers = [u for u in users if _quantizes(graph, u, node.output[0])]
+        for q in quantizers:
+            readers = consumers.get(q.output[0], [])
+            if q.output[0] in outputs or not readers:
+                continue
+            zero = _scalar_value(graph, q.input[2])
             clipped = f"{q.output[0]}_relu"
-            for reader in consumers.get(q.output[0], []):
-                reader.input[:] = [clipped if i == q.output[0] else i for i in reader.input]
-            if q.output[0] in outputs:
-                continue  # never: a QuantizeLinear output is read by its DequantizeLinear
-            moved[id(q)] = helper.make_node("Max", [q.output[0], q.input[2]], [clipped], name=f"{clipped}_max")
-        dropped.add(id(node))
-    if not dropped:
+            half = (
+                zero.dtype == np.uint8
+                and int(zero) == 128
+                and all(r.op_type == "DequantizeLinear" and r.input[0] == q.output[0] and r.input[2] == q.input[2]
+                        for r in readers)
+            )  # fmt: skip
+            if half:
+                q.input[2] = f"{HALF_GRID}_zero"
+                for r in readers:
+                    r.input[2] = f"{HALF_GRID}_zero"
+                after[id(q)] = helper.make_node("Min", [q.output[0], f"{HALF_GRID}_top"], [clipped], name=clipped)
+                half_grid = True
+            else:
+                after[id(q)] = helper.make_node("Max", [q.output[0], q.input[2]], [clipped], name=clipped)
+            for r in readers:
+                r.input[:] = [clipped if i == q.output[0] else i for i in r.input]
+            q.input[0] = node.input[0]
+        if node.output[0] not in outputs and len(quantizers) == len(users) and all(id(q) in after for q in users):
+            dropped.add(id(node))
+    if not after:
         return 0
+    if half_grid:
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array(0, dtype=np.uint8), f"{HALF_GRID}_zero"),
+                numpy_helper.from_array(np.array(127, dtype=np.uint8), f"{HALF_GRID}_top"),
+            ]
+        )
     nodes = []
     for node in graph.node:
         if id(node) in dropped:
             continue
         nodes.append(node)
-        if id(node) in moved:
-            nodes.append(moved[id(node)])
+        if id(node) in after:
+            nodes.append(after[id(node)])
     del graph.node[:]
     graph.node.extend(nodes)
-    return len(dropped)
+    return len(after)
+
+
+def int8_weights_where_safe(proto: Any) -> int:
+    """Store as int8 (zero point 0) each uint8 weight (zero point 128) whose layers read only half-grid inputs.
+
+    A weight stored as uint8 keeps ONNX Runtime on its u8 x u8 kernels, which never saturate but run
+    slower than u8 x s8 on x86 without VNNI; u8 x s8 saturates only when a uint8 input is 128 or more.
+    After :func:`relu_after_quantize` an input on the half grid (``Min(., 127)``) never is, so a
+    ``Gemm`` or ``Conv`` that reads only such inputs gets its weight back as int8: ``w - 128`` with
+    zero point 0, the same values. Returns how many weights changed.
+    """
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers = _consumers(graph)
+    uses = {name: len(readers) for name, readers in consumers.items()}
+
+    def half_grid_input(layer: Any) -> bool:
+        dq = producers.get(layer.input[0])
+        source = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        return source is not None and source.op_type == "Min" and source.input[1] == f"{HALF_GRID}_top"
+
+    changed = 0
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) != 3:
+            continue
+        weight, zero = inits.get(node.input[0]), inits.get(node.input[2])
+        layers = consumers.get(node.output[0], [])
+        if weight is None or zero is None or uses.get(weight.name) != 1:
+            continue
+        w, z = numpy_helper.to_array(weight), numpy_helper.to_array(zero)
+        if w.dtype != np.uint8 or z.dtype != np.uint8 or not np.all(z == 128):
+            continue
+        if not layers or not all(
+            n.op_type in ("Gemm", "Conv") and n.input[1] == node.output[0] and half_grid_input(n) for n in layers
+        ):
+            continue
+        weight.CopyFrom(numpy_helper.from_array((w.astype(np.int16) - 128).astype(np.int8), weight.name))
+        node.input[2] = f"{weight.name}_zero_int8"  # the exporter shares one zero-point tensor between layers
+        graph.initializer.append(numpy_helper.from_array(np.zeros(z.shape, dtype=np.int8), node.input[2]))
+        changed += 1
+    return changed
 
 
 def _attribute(node: Any, name: str, default: Any) -> Any:

@@ -23,7 +23,7 @@ from torch import nn
 from lightning_compress.core.files import atomic_write
 from lightning_compress.errors import check_choice, config_error
 from lightning_compress.export import _deps
-from lightning_compress.export._chain import int32_gemm_bias, relu_after_quantize
+from lightning_compress.export._chain import int8_weights_where_safe, int32_gemm_bias, relu_after_quantize
 from lightning_compress.export._cpu import auto_weight_dtype
 from lightning_compress.export._inputs import batch_dynamic_shapes, ort_feed, split_inputs
 from lightning_compress.export._rewrite import foldable_conv_weights
@@ -56,7 +56,8 @@ def _check_path(path: Any) -> str:
 def onnx_bytes(module: nn.Module, example_inputs: Any, *, weight_dtype: str = "auto", check: bool = True) -> bytes:
     """The serialized ONNX model that :func:`export_onnx` writes (see there for the arguments)."""
     check_choice("weight_dtype", weight_dtype, ("auto", *WEIGHT_DTYPES))
-    if weight_dtype == "auto":
+    chosen = weight_dtype == "auto"
+    if chosen:
         weight_dtype = auto_weight_dtype()
     onnx = _deps.require("onnx")
     _deps.require("onnxscript")
@@ -87,6 +88,8 @@ def onnx_bytes(module: nn.Module, example_inputs: Any, *, weight_dtype: str = "a
     foldable_conv_weights(proto)
     int32_gemm_bias(proto)  # then ONNX Runtime chains static layers' int8 kernels (export/_chain.py)
     relu_after_quantize(proto)
+    if chosen:  # uint8 weights only where an int8 one could saturate
+        int8_weights_where_safe(proto)
     onnx.checker.check_model(proto)
     data: bytes = proto.SerializeToString()
     if check and _deps.available("onnxruntime"):

@@ -15,7 +15,7 @@ from test_export_fusion import optimized_ops
 from torch import nn
 
 from lightning_compress import export_onnx
-from lightning_compress.export._chain import int32_gemm_bias, relu_after_quantize
+from lightning_compress.export._chain import int8_weights_where_safe, int32_gemm_bias, relu_after_quantize
 
 
 def _run(proto, x: np.ndarray) -> list[np.ndarray]:
@@ -41,8 +41,11 @@ def _model(nodes, inits, outputs=("y",)):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
-@pytest.mark.parametrize(("dtype", "zero"), [(np.uint8, 128), (np.uint8, 0), (np.int8, 0), (np.int8, -5)])
-def test_relu_moves_past_the_quantization_exactly(dtype, zero: int) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "zero", "after"),
+    [(np.uint8, 128, "Min"), (np.uint8, 0, "Max"), (np.int8, 0, "Max"), (np.int8, -5, "Max")],
+)
+def test_relu_moves_past_the_quantization_exactly(dtype, zero: int, after: str) -> None:
     inits = [_const(0.05, np.float32, "s"), _const(zero, dtype, "z")]
     nodes = [
         helper.make_node("Relu", ["x"], ["r"]),
@@ -53,13 +56,15 @@ def test_relu_moves_past_the_quantization_exactly(dtype, zero: int) -> None:
     x = (np.random.default_rng(0).standard_normal((64, 8)) * 4).astype(np.float32)  # also beyond the grid
     before = _run(proto, x)[0]
     assert relu_after_quantize(proto) == 1
-    ops = [n.op_type for n in proto.graph.node]
-    assert ops == ["QuantizeLinear", "Max", "DequantizeLinear"]
+    assert [n.op_type for n in proto.graph.node] == ["QuantizeLinear", after, "DequantizeLinear"]
     onnx.checker.check_model(proto)
     np.testing.assert_array_equal(_run(proto, x)[0], before)
+    if after == "Min":  # the export's own form: the non-negative half of its grid, as uint8 below 128
+        q = proto.graph.node[0]
+        assert {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}[q.input[2]] == 0
 
 
-def test_a_relu_with_a_float_reader_stays() -> None:
+def test_a_relu_with_a_float_reader_stays_for_it() -> None:
     inits = [_const(0.05, np.float32, "s"), _const(128, np.uint8, "z")]
     nodes = [
         helper.make_node("Relu", ["x"], ["r"]),
@@ -68,8 +73,56 @@ def test_a_relu_with_a_float_reader_stays() -> None:
         helper.make_node("Add", ["r", "y"], ["y2"]),  # the residual reads the float ReLU
     ]
     proto = _model(nodes, inits, outputs=("y2",))
-    assert relu_after_quantize(proto) == 0
-    assert "Relu" in [n.op_type for n in proto.graph.node]
+    x = np.random.default_rng(3).standard_normal((16, 8)).astype(np.float32)
+    before = _run(proto, x)[0]
+    assert relu_after_quantize(proto) == 1
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("Relu") == 1 and "Min" in ops
+    np.testing.assert_array_equal(_run(proto, x)[0], before)
+
+
+def _half_grid_gemm(second_reader: bool = False):
+    """Relu -> Q(128) -> DQ -> Gemm with a uint8 weight (zero point 128), as the export writes it."""
+    rng = np.random.default_rng(4)
+    inits = [
+        _const(0.05, np.float32, "s"),
+        _const(128, np.uint8, "z"),
+        numpy_helper.from_array(rng.integers(1, 256, size=(8, 4)).astype(np.uint8), "w"),
+        numpy_helper.from_array(np.full(4, 0.01, np.float32), "sw"),
+        numpy_helper.from_array(np.full(4, 128, np.uint8), "zw"),
+    ]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("QuantizeLinear", ["r", "s", "z"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=1),
+        helper.make_node("Gemm", ["xd", "wd"], ["y"]),
+    ]
+    outputs = ("y",)
+    if second_reader:  # the same weight read by a Gemm of the signed input too
+        nodes.append(helper.make_node("Gemm", ["x", "wd"], ["y2"]))
+        outputs = ("y", "y2")
+    return _model(nodes, inits, outputs=outputs)
+
+
+def test_weights_of_half_grid_layers_become_int8_with_the_same_values() -> None:
+    proto = _half_grid_gemm()
+    x = np.random.default_rng(5).standard_normal((16, 8)).astype(np.float32)
+    before = _run(proto, x)[0]
+    w_before = numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "w"))
+    assert relu_after_quantize(proto) == 1 and int8_weights_where_safe(proto) == 1
+    onnx.checker.check_model(proto)
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    assert inits["w"].dtype == np.int8
+    np.testing.assert_array_equal(inits["w"].astype(np.int16), w_before.astype(np.int16) - 128)
+    np.testing.assert_array_equal(_run(proto, x)[0], before)
+
+
+def test_a_weight_that_a_signed_input_also_reads_stays_uint8() -> None:
+    proto = _half_grid_gemm(second_reader=True)
+    relu_after_quantize(proto)
+    assert int8_weights_where_safe(proto) == 0
+    assert {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}["w"].dtype == np.uint8
 
 
 def _static_gemm(weight_scale: np.ndarray, bias: np.ndarray):
@@ -125,8 +178,13 @@ def test_a_static_mlp_runs_as_one_chain_of_qgemms(tmp_path) -> None:
     model = int8(model.eval(), "static", True, calib)
     path = tmp_path / "mlp.onnx"
     export_onnx(model, path, calib[:4])
-    written = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
-    assert "Relu" not in written and written["Max"] == 2 and "Add" not in written
+    written = onnx.load(str(path))
+    assert Counter(n.op_type for n in written.graph.node) >= Counter({"Min": 2, "Gemm": 3})
+    assert not {"Relu", "Add"} & {n.op_type for n in written.graph.node}
+    # the layers after a ReLU read uint8 inputs below 128: int8 weights whatever the CPU (no saturation)
+    dtypes = {i.name: i.data_type for i in written.graph.initializer}
+    weight_dq = [n for n in written.graph.node if n.op_type == "DequantizeLinear" and "weight" in n.input[0]]
+    assert [dtypes[n.input[0]] for n in weight_dq][1:] == [TensorProto.INT8, TensorProto.INT8]
     ops = optimized_ops(path, tmp_path)
     # ONNX Runtime's own quantize_static chain: each QGemm writes the next one's uint8 input
     assert ops["QGemm"] == 3 and ops["QuantizeLinear"] == 1 and "DequantizeLinear" not in ops, ops
