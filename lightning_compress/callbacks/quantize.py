@@ -64,8 +64,8 @@ class QuantizeOnFitEnd(CompressionCallback):
     agreement is poor (relative error above 0.05 or top-1 agreement under 99 %), a warning names the
     layers with the largest own int8 error and the remedies (report entry ``worst_layers``).
     With ``per_channel=True`` and no QAT, each eval-mode ``BatchNorm2d`` that reads only a selected
-    convolution's output is first folded into it (:mod:`~lightning_compress.core.quant.fold`). ``trainer.validate(model)``
-    and ``trainer.test(model)`` afterwards run the int8 model.
+    convolution's output is first folded into it (:mod:`~lightning_compress.core.quant.fold`).
+    ``trainer.validate(model)`` and ``trainer.test(model)`` afterwards run the int8 model.
 
     Args:
         mode: ``"dynamic"`` (activations quantized per row at run time, int8 x int8 -> int32
@@ -92,8 +92,9 @@ class QuantizeOnFitEnd(CompressionCallback):
 
     After fit, :attr:`report` is a plain dict: ``layers_converted``, ``layers`` (name -> mode),
     ``kernels`` (name -> how the layer computes here, see :mod:`lightning_compress.core.quant.kernels`),
-    ``fallbacks``, ``skipped``, ``folded`` (batch norm -> the convolution it was folded into), ``weight_bytes_before`` / ``weight_bytes_after`` /
-    ``weight_bytes_ratio`` (the converted layers), ``model_bytes_before`` / ``model_bytes_after``,
+    ``fallbacks``, ``skipped``, ``folded`` (batch norm -> the convolution it was folded into),
+    ``weight_bytes_before`` / ``weight_bytes_after`` / ``weight_bytes_ratio`` (the converted layers),
+    ``model_bytes_before`` / ``model_bytes_after``,
     ``calibration_batches``, ``relative_error`` (:math:`\lVert y_{int8} - y\rVert_2 / \lVert y\rVert_2`
     over the calibration batches of all processes) and ``top1_agreement``. Its numbers are logged to
     every logger under ``quantize/``.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from fixtures import TinyNet, classification_loader, mlp
 from helpers import quiet_trainer
 from lightning.pytorch.callbacks import Callback
@@ -61,3 +62,29 @@ def test_per_tensor_and_qat_keep_the_batch_norms(tmp_path):
         quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[callback]).fit(model, loader)
         assert callback.report["folded"] == {}, kwargs
         assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 2
+
+
+def test_a_channel_removed_folded_model_reloads_into_a_fresh_one(tmp_path):
+    from lightning_compress import PruningCallback, load_compressed
+
+    def body() -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        )  # fmt: skip
+
+    model = TinyNet(body=body(), head=nn.Linear(32, 3))
+    path = tmp_path / "slim.pt"
+    callbacks = [
+        PruningCallback(target_sparsity=0.5, method="channel", remove_channels=True, verbose=0),
+        QuantizeOnFitEnd("static", save_path=str(path), verbose=0),
+    ]
+    loader = classification_loader(64, (1, 6, 6), 3)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=callbacks).fit(model, loader)
+    assert callbacks[1].report["folded"] == {"body.1": "body.0", "body.4": "body.3"}
+    assert model.body[3].out_channels < 8  # channels were removed, then the batch norms folded
+    fresh = TinyNet(body=body(), head=nn.Linear(32, 3))
+    load_compressed(path, fresh)
+    x = next(iter(loader))[0]
+    assert torch.equal(fresh.eval()(x), model.eval()(x))

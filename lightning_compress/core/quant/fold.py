@@ -216,7 +216,9 @@ def check_folded(model: nn.Module, folded: Any) -> list[str]:
     """What keeps an artifact's ``"folded"`` entry (``{batch norm name: convolution name}``) from fitting ``model``.
 
     Each batch norm must be a ``BatchNorm2d`` (or already a :class:`FoldedBatchNorm`) of the model,
-    its convolution a sibling ``Conv2d`` (or int8 convolution) with as many output channels.
+    its convolution a sibling ``Conv2d`` (or int8 convolution). Their widths are not compared: a
+    channel-removed artifact shrinks the convolution but never the batch norm it replaces (the
+    convolution's own shapes are checked with the rest of the state).
     """
     if not isinstance(folded, dict):
         return [f"expected a table (dict) of names, got a {type(folded).__name__}"]
@@ -229,13 +231,10 @@ def check_folded(model: nn.Module, folded: Any) -> list[str]:
             problems.append(f"{bn_name!r} and {conv_name!r} are not two children of one module")
             continue
         bn, conv = _get(model, bn_name), _get(model, conv_name)
-        channels = getattr(conv, "out_channels", None)
         if not isinstance(bn, (nn.BatchNorm2d, FoldedBatchNorm)):
             problems.append(f"{bn_name!r}: the model has no such BatchNorm2d")
         elif not isinstance(conv, (nn.Conv2d, Int8Conv2d)):
             problems.append(f"{conv_name!r}: the model has no such convolution")
-        elif isinstance(bn, nn.BatchNorm2d) and bn.num_features != channels:
-            problems.append(f"{bn_name!r} has {bn.num_features} channels, {conv_name!r} {channels}")
     return problems
 
 

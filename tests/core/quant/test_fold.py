@@ -11,7 +11,6 @@ from lightning_compress import load_compressed, save_compressed
 from lightning_compress.core.quant.convert import int8_layers, quantize
 from lightning_compress.core.quant.fold import (
     FoldedBatchNorm,
-    check_folded,
     fold_batch_norms,
     foldable_pairs,
     folded_batch_norms,
@@ -228,11 +227,6 @@ def test_damaged_folded_entry_is_refused_and_the_model_untouched(tmp_path, folde
     assert message in str(err.value)
     assert isinstance(fresh[1], nn.BatchNorm2d) and fresh[0].bias is not None
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
-
-
-def test_channel_mismatch_is_named() -> None:
-    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(4))
-    assert check_folded(model, {"1": "0"}) == ["'1' has 4 channels, '0' 3"]
 
 
 def test_folding_a_conv_without_bias_into_a_fresh_model_adds_it(tmp_path) -> None:
