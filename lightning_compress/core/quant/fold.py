@@ -18,7 +18,8 @@ Which pairs: only a convolution and a batch norm that are children of the same p
 called once there, where the batch norm's only input is the convolution's output and that output
 has no other reader. Inside an ``nn.Sequential`` that is two neighbours; any other parent is traced
 with :mod:`torch.fx` with its children as leaves, and a parent that does not trace is left alone.
-A batch norm without running statistics (``track_running_stats=False``) is never folded.
+A batch norm without running statistics (``track_running_stats=False``), or of a subclass with its
+own ``forward`` (timm's ``BatchNormAct2d``, which adds an activation), is never folded.
 
 Pure torch.
 """
@@ -104,9 +105,11 @@ def _neighbour_pairs(parent: nn.Sequential) -> list[tuple[str, str]]:
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    # A subclass with its own forward (timm's BatchNormAct2d adds an activation) is more than the affine map.
     return (
         isinstance(conv, nn.Conv2d)
         and isinstance(bn, nn.BatchNorm2d)
+        and type(bn).forward is nn.modules.batchnorm._BatchNorm.forward
         and bn.running_mean is not None
         and bn.running_var is not None
         and bn.num_features == conv.out_channels

@@ -106,6 +106,13 @@ class ValueBranch(nn.Module):
         return x
 
 
+class BatchNormRelu(nn.BatchNorm2d):
+    """A batch norm with its own forward (as timm's BatchNormAct2d): more than the affine map."""
+
+    def forward(self, x):
+        return F.relu(super().forward(x))
+
+
 @pytest.mark.parametrize(
     "model",
     [
@@ -115,8 +122,17 @@ class ValueBranch(nn.Module):
         nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 2, 1)),  # the batch norm comes first
         nn.Sequential(nn.Conv2d(2, 2, 1), nn.ReLU(), nn.BatchNorm2d(2)),  # not neighbours
         nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2, track_running_stats=False)),  # batch statistics only
+        nn.Sequential(nn.Conv2d(2, 2, 1), BatchNormRelu(2)),
     ],
-    ids=["output-read-twice", "conv-called-twice", "untraceable", "bn-first", "not-neighbours", "no-running-stats"],
+    ids=[
+        "output-read-twice",
+        "conv-called-twice",
+        "untraceable",
+        "bn-first",
+        "not-neighbours",
+        "no-running-stats",
+        "bn-with-own-forward",
+    ],
 )
 def test_pairs_that_must_not_fold(model: nn.Module) -> None:
     model.eval()
