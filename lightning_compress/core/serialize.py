@@ -31,7 +31,7 @@ the artifact and applies a checked one to the model.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -164,26 +164,26 @@ def _restore(snapshot: _Snapshot) -> None:
             getattr(m, name).update(table)
 
 
-def _apply_slim_shapes(module: nn.Module, obj: Mapping[str, Any], path: str) -> None:
-    """Shrink ``module`` to the artifact's ``"shapes"`` entry (``core/prune/slim_io.py``), validated first."""
-    shapes = obj.get(SHAPES_ENTRY) if isinstance(obj, Mapping) else None
-    if shapes is None:
-        return
-    problems = check_slim_shapes(module, shapes)
-    if problems:
-        raise ValueError(f"{path!r}: entry {SHAPES_ENTRY!r} does not match the model: " + "; ".join(problems[:8]))
-    apply_slim_shapes(module, shapes)
+def _apply_entry(
+    module: nn.Module,
+    obj: Mapping[str, Any],
+    path: str,
+    entry: str,
+    check: Callable[[nn.Module, Any], list[str]],
+    apply: Callable[[nn.Module, Any], object],
+) -> None:
+    """Reshape ``module`` by an optional artifact entry, validated first (``ValueError`` naming it otherwise).
 
-
-def _apply_folded(module: nn.Module, obj: Mapping[str, Any], path: str) -> None:
-    """Replace the batch norms of the artifact's ``"folded"`` entry by ``FoldedBatchNorm``, validated first."""
-    folded = obj.get(FOLDED_ENTRY) if isinstance(obj, Mapping) else None
-    if folded is None:
+    ``"shapes"`` shrinks a channel-removed model (``core/prune/slim_io.py``); ``"folded"`` replaces its
+    folded batch norms (``core/quant/fold.py``).
+    """
+    value = obj.get(entry) if isinstance(obj, Mapping) else None
+    if value is None:
         return
-    problems = check_folded(module, folded)
+    problems = check(module, value)
     if problems:
-        raise ValueError(f"{path!r}: entry {FOLDED_ENTRY!r} does not match the model: " + "; ".join(problems[:8]))
-    restore_folded(module, folded)
+        raise ValueError(f"{path!r}: entry {entry!r} does not match the model: " + "; ".join(problems[:8]))
+    apply(module, value)
 
 
 @torch.no_grad()
@@ -220,8 +220,9 @@ def load_compressed(path: str | os.PathLike[str], module: nn.Module) -> nn.Modul
     try:
         # slim layer widths first (checked, then bounded by the model's own sizes), so that the checks below
         # compare the artifact with the model it rebuilds; any refusal puts the module back as it was
-        _apply_slim_shapes(module, obj, where)
-        _apply_folded(module, obj, where)  # then the folded batch norms: the state below has none of theirs
+        _apply_entry(module, obj, where, SHAPES_ENTRY, check_slim_shapes, apply_slim_shapes)
+        # then the folded batch norms: the state below has none of theirs
+        _apply_entry(module, obj, where, FOLDED_ENTRY, check_folded, restore_folded)
         plan = _plan(obj, module, where)
     except BaseException:
         _restore(snapshot)

@@ -73,33 +73,27 @@ def test_traced_parent_folds_both_pairs_and_keeps_the_output() -> None:
     assert folded_batch_norms(block) == {"bn1": "conv1", "bn2": "conv2"}
 
 
-class SharedOutput(nn.Module):
+class ConvBn(nn.Module):
+    """A convolution and a batch norm that its subclasses' forward wires in ways that must not fold."""
+
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 2, 1)
         self.bn = nn.BatchNorm2d(2)
 
+
+class SharedOutput(ConvBn):
     def forward(self, x):
         y = self.conv(x)
         return self.bn(y) + y  # the convolution's output has a second reader
 
 
-class CalledTwice(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 2, 1)
-        self.bn = nn.BatchNorm2d(2)
-
+class CalledTwice(ConvBn):
     def forward(self, x):
         return self.bn(self.conv(self.conv(x)))
 
 
-class ValueBranch(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 2, 1)
-        self.bn = nn.BatchNorm2d(2)
-
+class ValueBranch(ConvBn):
     def forward(self, x):
         if x.sum() > 0:  # control flow on a value: fx cannot trace it
             return self.bn(self.conv(x))
