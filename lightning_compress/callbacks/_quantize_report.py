@@ -86,6 +86,11 @@ def summary(r: dict[str, Any]) -> str:
         )
     for name, why in {**r["fallbacks"], **r["skipped"]}.items():
         lines.append(f"  {name}: {why}")
+    folded = r.get("folded") or {}
+    if folded:
+        pairs = ", ".join(f"{bn} -> {conv}" for bn, conv in list(folded.items())[:3])
+        more = f", and {len(folded) - 3} more" if len(folded) > 3 else ""
+        lines.append(f"  {len(folded)} batch norm(s) folded into their convolutions: {pairs}{more}")
     if r["save_path"]:
         lines.append(f"  artifact written to {r['save_path']}")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_compress import QuantizeOnFitEnd
+from lightning_compress.callbacks._quantize_report import summary
 from lightning_compress.core.quant.convert import quantize
 
 
@@ -50,6 +51,13 @@ def test_the_callback_folds_batch_norms_as_quantize_does(tmp_path):
     result = quantize(snapshot.model, "static", calibration=list(loader)[:4])
     assert result.folded == callback.report["folded"] == {"body.1": "body.0", "body.4": "body.3"}
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert "2 batch norm(s) folded into their convolutions: body.1 -> body.0, body.4 -> body.3\n" in (
+        summary(callback.report) + "\n"
+    )
+    many = summary({**callback.report, "folded": {f"bn{i}": f"conv{i}" for i in range(5)}})
+    assert "5 batch norm(s) folded into their convolutions: bn0 -> conv0, bn1 -> conv1, bn2 -> conv2, and 2 more" in (
+        many
+    )
     for (name, mine), theirs in zip(snapshot.model.state_dict().items(), model.state_dict().values(), strict=True):
         assert mine.equal(theirs), name  # the same folded int8 weights, biases and scales
 
