@@ -35,6 +35,7 @@ from lightning_compress.core.quant.convert import (
 )
 from lightning_compress.core.quant.fake import FakeQuantSession
 from lightning_compress.core.quant.fold import fold_batch_norms
+from lightning_compress.core.quant.grids import relu_links, share_grids
 from lightning_compress.core.quant.modules import MODES
 from lightning_compress.core.report import compression_report
 from lightning_compress.core.selection import DEFAULT_QUANT_TYPES, compression_root
@@ -218,6 +219,9 @@ class QuantizeOnFitEnd(CompressionCallback):
                 batches,
                 static_output_modules(pl_module, targets) if static else {},
             )
+            if static:  # a convolution that only feeds the next one through a ReLU quantizes once
+                links = relu_links(pl_module, {t.name: t.module for t in targets})
+                output_ranges = share_grids(links, ranges, output_ranges)
         originals = float_layers(pl_module, targets)
         result = quantize_model(pl_module, targets, self.mode, self.per_channel, ranges, output_ranges)
         agreed = agreement(trainer, root, batches, float_outputs)

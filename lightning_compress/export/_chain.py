@@ -13,7 +13,9 @@ between the ``Gemm`` and the ``QuantizeLinear``. In the exported graph two thing
   quantizer writes. That rounds each bias entry by at most half a product step (about
   ``1 / 32000`` of the output's int8 step), the one difference it makes to the outputs.
 
-Both run after the export, on the ONNX graph; :func:`int8_weights_where_safe` then gives the layers
+A third, :func:`requantize_on_one_grid`, hands one ``QLinearConv``'s codes to the next as integers
+where the two share a grid (``core/quant/grids.py``). All run after the export, on the ONNX graph;
+:func:`int8_weights_where_safe` then gives the layers
 that read only the non-negative half of the grid their int8 weights back. What they measured is in
 the *Deploying* page of the docs (``benchmarks/onnx_export.py``).
 """
@@ -24,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["int32_gemm_bias", "int8_weights_where_safe", "relu_after_quantize"]
+__all__ = ["int32_gemm_bias", "int8_weights_where_safe", "relu_after_quantize", "requantize_on_one_grid"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -133,6 +135,56 @@ def relu_after_quantize(proto: Any) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     return len(after)
+
+
+def requantize_on_one_grid(proto: Any) -> int:
+    """Replace ``DequantizeLinear(q, s, 128) -> QuantizeLinear(s, 0)`` on one scale by integer ops, in place.
+
+    After :func:`relu_after_quantize`, a static convolution whose output grid is the next one's
+    input grid (:mod:`lightning_compress.core.quant.grids`) is followed by a float round trip that
+    only takes the non-negative half: ``clamp(q - 128, 0, 255)``, written ``Max(q, 128) - 128`` on
+    the uint8 codes (exact), so that ONNX Runtime runs the two ``QLinearConv`` nodes with nothing
+    but two integer ops between them. Returns how many pairs it replaced.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers = _consumers(graph)
+    outputs = {o.name for o in graph.output}
+    replaced: dict[int, list[Any]] = {}
+    dropped: set[int] = set()
+    for q in graph.node:
+        if q.op_type != "QuantizeLinear" or len(q.input) != 3 or q.input[2] != f"{HALF_GRID}_zero":
+            continue
+        dq = producers.get(q.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) != 3 or dq.output[0] in outputs:
+            continue
+        if len(consumers.get(dq.output[0], [])) != 1:
+            continue
+        zero, s_in, s_out = (_scalar_value(graph, name) for name in (dq.input[2], dq.input[1], q.input[1]))
+        if zero is None or s_in is None or s_out is None or zero.dtype != np.uint8 or int(zero) != 128:
+            continue
+        if s_in.dtype != np.float32 or s_out.dtype != np.float32 or float(s_in) != float(s_out) or float(s_in) <= 0:
+            continue
+        shift, top = f"{HALF_GRID}_shift", f"{q.output[0]}_top"
+        replaced[id(q)] = [
+            helper.make_node("Max", [dq.input[0], shift], [top], name=top),
+            helper.make_node("Sub", [top, shift], [q.output[0]], name=f"{q.output[0]}_shifted"),
+        ]
+        dropped.add(id(dq))
+    if not replaced:
+        return 0
+    graph.initializer.append(numpy_helper.from_array(np.array(128, dtype=np.uint8), f"{HALF_GRID}_shift"))
+    nodes = []
+    for node in graph.node:
+        if id(node) in replaced:
+            nodes.extend(replaced[id(node)])
+        elif id(node) not in dropped:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return len(replaced)
 
 
 def int8_weights_where_safe(proto: Any) -> int:

@@ -23,7 +23,12 @@ from torch import nn
 from lightning_compress.core.files import atomic_write
 from lightning_compress.errors import check_choice, config_error
 from lightning_compress.export import _deps
-from lightning_compress.export._chain import int8_weights_where_safe, int32_gemm_bias, relu_after_quantize
+from lightning_compress.export._chain import (
+    int8_weights_where_safe,
+    int32_gemm_bias,
+    relu_after_quantize,
+    requantize_on_one_grid,
+)
 from lightning_compress.export._cpu import auto_weight_dtype
 from lightning_compress.export._inputs import batch_dynamic_shapes, ort_feed, split_inputs
 from lightning_compress.export._rewrite import foldable_conv_weights
@@ -88,6 +93,7 @@ def onnx_bytes(module: nn.Module, example_inputs: Any, *, weight_dtype: str = "a
     foldable_conv_weights(proto)
     int32_gemm_bias(proto)  # then ONNX Runtime chains static layers' int8 kernels (export/_chain.py)
     relu_after_quantize(proto)
+    requantize_on_one_grid(proto)
     if chosen:  # uint8 weights only where an int8 one could saturate
         int8_weights_where_safe(proto)
     onnx.checker.check_model(proto)

@@ -51,6 +51,7 @@ def test_the_callback_folds_batch_norms_as_quantize_does(tmp_path):
     result = quantize(snapshot.model, "static", calibration=list(loader)[:4])
     assert result.folded == callback.report["folded"] == {"body.1": "body.0", "body.4": "body.3"}
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert model.body[0].output_scale.item() == model.body[3].input_scale.item()  # one grid (core/quant/grids.py)
     assert "2 batch norm(s) folded into their convolutions: body.1 -> body.0, body.4 -> body.3\n" in (
         summary(callback.report) + "\n"
     )

@@ -15,7 +15,13 @@ from test_export_fusion import optimized_ops
 from torch import nn
 
 from lightning_compress import export_onnx
-from lightning_compress.export._chain import int8_weights_where_safe, int32_gemm_bias, relu_after_quantize
+from lightning_compress.export._chain import (
+    HALF_GRID,
+    int8_weights_where_safe,
+    int32_gemm_bias,
+    relu_after_quantize,
+    requantize_on_one_grid,
+)
 
 
 def _run(proto, x: np.ndarray) -> list[np.ndarray]:
@@ -189,6 +195,63 @@ def test_a_static_mlp_runs_as_one_chain_of_qgemms(tmp_path) -> None:
     # ONNX Runtime's own quantize_static chain: each QGemm writes the next one's uint8 input
     assert ops["QGemm"] == 3 and ops["QuantizeLinear"] == 1 and "DequantizeLinear" not in ops, ops
     x = torch.randn(20, 32)
+    got = run_onnx(path, x)[0]
+    with torch.no_grad():
+        want = model(x)
+    assert rel_err(got, want) <= 0.02
+
+
+def _round_trip(s_in: float, s_out: float):
+    """DQ(q, s_in, 128) -> Q(s_out, half grid) -> Min -> DQ: a convolution's output read as the next one's input."""
+    inits = [
+        _const(s_in, np.float32, "s_in"),
+        _const(s_out, np.float32, "s_out"),
+        _const(128, np.uint8, "z"),
+        _const(0, np.uint8, f"{HALF_GRID}_zero"),
+        _const(127, np.uint8, f"{HALF_GRID}_top"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s_in", "z"], ["q"]),  # the first layer's quantized output
+        helper.make_node("DequantizeLinear", ["q", "s_in", "z"], ["d"]),
+        helper.make_node("QuantizeLinear", ["d", "s_out", f"{HALF_GRID}_zero"], ["q2"]),
+        helper.make_node("Min", ["q2", f"{HALF_GRID}_top"], ["m"]),
+        helper.make_node("DequantizeLinear", ["m", "s_out", f"{HALF_GRID}_zero"], ["y"]),
+    ]
+    return _model(nodes, inits)
+
+
+def test_a_round_trip_on_one_grid_becomes_integer_ops_exactly() -> None:
+    proto = _round_trip(0.05, 0.05)
+    x = (np.random.default_rng(6).standard_normal((64, 8)) * 4).astype(np.float32)
+    before = _run(proto, x)[0]
+    assert requantize_on_one_grid(proto) == 1
+    onnx.checker.check_model(proto)
+    assert [n.op_type for n in proto.graph.node] == ["QuantizeLinear", "Max", "Sub", "Min", "DequantizeLinear"]
+    np.testing.assert_array_equal(_run(proto, x)[0], before)
+
+
+def test_a_round_trip_between_two_grids_stays() -> None:
+    proto = _round_trip(0.05, 0.04)
+    assert requantize_on_one_grid(proto) == 0
+    assert "DequantizeLinear" in [n.op_type for n in proto.graph.node][:2]
+
+
+def test_a_resnet_block_runs_its_two_convolutions_back_to_back(tmp_path) -> None:
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.resnet.BasicBlock(8, 8).eval()
+    calib = torch.randn(8, 8, 12, 12)
+    with torch.no_grad():
+        model.train()(calib)
+    model = int8(model.eval(), "static", True, calib)
+    assert model.conv1.output_scale.item() == model.conv2.input_scale.item()
+    path = tmp_path / "block.onnx"
+    export_onnx(model, path, calib[:2])
+    written = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert written["Max"] == 1 and written["Sub"] == 1  # conv1's codes go to conv2 as integers
+    ops = optimized_ops(path, tmp_path)
+    assert ops["QLinearConv"] == 2, ops
+    x = torch.randn(5, 8, 12, 12)
     got = run_onnx(path, x)[0]
     with torch.no_grad():
         want = model(x)

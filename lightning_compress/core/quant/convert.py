@@ -29,6 +29,7 @@ from lightning_compress.core.quant.calibration import record_output_ranges as re
 from lightning_compress.core.quant.calibration import static_input_modules as static_input_modules
 from lightning_compress.core.quant.calibration import static_output_modules as static_output_modules
 from lightning_compress.core.quant.fold import fold_batch_norms
+from lightning_compress.core.quant.grids import relu_links, share_grids
 from lightning_compress.core.quant.primitives import scale_from_range
 from lightning_compress.core.quant.table import INT8_TABLE, int8_kind_for, int8_types
 from lightning_compress.core.quant.transformer import adapt_parents
@@ -148,7 +149,9 @@ def quantize(
         calibration: for ``"static"``, the batches to observe, as a dataloader yields them; each is fed
             to the model by the package's one rule (:func:`~lightning_compress.core.batches.call_model`:
             a tensor is the input, a tuple's first item, a dict the keyword arguments), in eval mode. A
-            layer they never reach is converted ``"dynamic"`` (listed in ``fallbacks``).
+            layer they never reach is converted ``"dynamic"`` (listed in ``fallbacks``). A
+            convolution that only feeds the next one through a ReLU takes that one's input grid as
+            its output grid (:mod:`~lightning_compress.core.quant.grids`).
         include: module type names to convert.
         exclude: ``fnmatch`` globs of module names left float.
         fold_batch_norm: with ``per_channel``, first fold each eval-mode ``BatchNorm2d`` that reads
@@ -183,6 +186,7 @@ def quantize(
         finally:
             model.train(was_training)
         ranges, output_ranges = observed_ranges(observers), observed_ranges(out_observers)
+        output_ranges = share_grids(relu_links(model, convs), ranges, output_ranges)
     result = quantize_model(model, targets, mode, per_channel, ranges, output_ranges)
     result.skipped.update(skipped)
     result.folded = folded

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, fx, nn
 from typing_extensions import override
 
+from lightning_compress.core.quant._local_graph import child_calls, local_graph, only_reader
 from lightning_compress.core.quant.conv2d import Int8Conv2d
 
 __all__ = [
@@ -68,33 +69,20 @@ class FoldedBatchNorm(nn.Identity):
         return f"into={self.into!r}"
 
 
-class _ChildrenAreLeaves(fx.Tracer):
-    """Traces one module's own ``forward``: each of its children is one call in the graph."""
-
-    @override
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return "." not in module_qualified_name or super().is_leaf_module(m, module_qualified_name)
-
-
 def _traced_pairs(parent: nn.Module) -> list[tuple[str, str]]:
     """``(conv child, batch norm child)`` pairs of ``parent`` whose batch norm reads only the convolution."""
-    try:
-        graph = _ChildrenAreLeaves().trace(parent)
-    except Exception:  # arbitrary user code: control flow on values, dict inputs, ... (then nothing folds here)
+    graph = local_graph(parent)
+    if graph is None:
         return []
-    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+    calls = child_calls(graph)
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             continue
         source = node.args[0]
-        if (
-            isinstance(source, fx.Node)
-            and source.op == "call_module"
-            and len(source.users) == 1
-            and calls[str(node.target)] == 1
-            and calls[str(source.target)] == 1
-        ):
+        if not isinstance(source, fx.Node) or source.op != "call_module" or id(only_reader(source)) != id(node):
+            continue
+        if calls[str(node.target)] == 1 and calls[str(source.target)] == 1:
             pairs.append((str(source.target), str(node.target)))
     return pairs
 
