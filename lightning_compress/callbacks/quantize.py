@@ -27,15 +27,15 @@ from lightning_compress.callbacks._quantize_report import (
 from lightning_compress.core.files import file_problem
 from lightning_compress.core.quant.agreement import is_poor, layer_errors, poor_agreement_message
 from lightning_compress.core.quant.convert import (
+    fold_before_conversion,
     int8_layers,
     quantizable_targets,
     quantize_model,
+    shared_output_ranges,
     static_input_modules,
     static_output_modules,
 )
 from lightning_compress.core.quant.fake import FakeQuantSession
-from lightning_compress.core.quant.fold import fold_batch_norms
-from lightning_compress.core.quant.grids import relu_links, share_grids
 from lightning_compress.core.quant.modules import MODES
 from lightning_compress.core.report import compression_report
 from lightning_compress.core.selection import DEFAULT_QUANT_TYPES, compression_root
@@ -209,8 +209,7 @@ class QuantizeOnFitEnd(CompressionCallback):
             float_outputs = float_pass(trainer, root, {}, batches)[2]
             self._stop_qat()
         else:  # after QAT the batch norms stay (the int8 model computes what QAT trained); per tensor too
-            if self.per_channel:
-                folded = fold_batch_norms(pl_module, {t.name: t.module for t in targets})
+            folded = fold_before_conversion(pl_module, targets, self.per_channel)
             static = self.mode == "static"
             ranges, output_ranges, float_outputs = float_pass(
                 trainer,
@@ -220,8 +219,7 @@ class QuantizeOnFitEnd(CompressionCallback):
                 static_output_modules(pl_module, targets) if static else {},
             )
             if static:  # a convolution that only feeds the next one through a ReLU quantizes once
-                links = relu_links(pl_module, {t.name: t.module for t in targets})
-                output_ranges = share_grids(links, ranges, output_ranges)
+                output_ranges = shared_output_ranges(pl_module, targets, ranges, output_ranges)
         originals = float_layers(pl_module, targets)
         result = quantize_model(pl_module, targets, self.mode, self.per_channel, ranges, output_ranges)
         agreed = agreement(trainer, root, batches, float_outputs)

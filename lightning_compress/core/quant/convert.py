@@ -170,8 +170,7 @@ def quantize(
     """
     check_choice("mode", mode, MODES)
     targets, skipped = quantizable_targets(model, include, exclude)
-    convs = {t.name: t.module for t in targets}
-    folded = fold_batch_norms(model, convs) if fold_batch_norm and per_channel else {}
+    folded = fold_before_conversion(model, targets, per_channel) if fold_batch_norm else {}
     ranges: dict[str, tuple[Tensor, Tensor]] = {}
     output_ranges: dict[str, tuple[Tensor, Tensor]] = {}
     if mode == "static":
@@ -186,11 +185,27 @@ def quantize(
         finally:
             model.train(was_training)
         ranges, output_ranges = observed_ranges(observers), observed_ranges(out_observers)
-        output_ranges = share_grids(relu_links(model, convs), ranges, output_ranges)
+        output_ranges = shared_output_ranges(model, targets, ranges, output_ranges)
     result = quantize_model(model, targets, mode, per_channel, ranges, output_ranges)
     result.skipped.update(skipped)
     result.folded = folded
     return result
+
+
+def fold_before_conversion(model: nn.Module, targets: Sequence[Target], per_channel: bool) -> dict[str, str]:
+    """The batch norm folding of a post-training conversion: per channel only (see :func:`quantize`)."""
+    return fold_batch_norms(model, {t.name: t.module for t in targets}) if per_channel else {}
+
+
+def shared_output_ranges(
+    model: nn.Module,
+    targets: Sequence[Target],
+    input_ranges: Mapping[str, tuple[Tensor, Tensor]],
+    output_ranges: Mapping[str, tuple[Tensor, Tensor]],
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """``output_ranges`` with one grid between convolutions that only a ReLU joins (``core/quant/grids.py``)."""
+    links = relu_links(model, {t.name: t.module for t in targets})
+    return share_grids(links, input_ranges, output_ranges)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
