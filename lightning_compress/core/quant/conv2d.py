@@ -5,10 +5,11 @@ an unfold + ``torch._int_mm`` convolution 2.5-15x slower than the float one, whi
 0-17 % to the float convolution (see ``benchmarks/int8_latency.py`` and the quantization docs).
 In ``mode="static"`` it also holds the calibrated scales of its input and of its output
 (``input_scale``, ``output_scale``) and puts both on their int8 grid (``q = clamp(round(x / s),
--127, 127)``, read back as ``s * q``) around the float convolution: what the exported ONNX model
-computes, where ONNX Runtime fuses the quantized input, the int8 weight and the quantized output
-into one ``QLinearConv``. A scale of 0 (an artifact written before these scales existed) leaves that
-side in float.
+-127, 127)``, read back as ``s * q``) around the float convolution, whose bias is then rounded to
+the grid of the int32 product (:func:`~lightning_compress.core.quant.primitives.bias_on_grid`):
+what the exported ONNX model computes, where ONNX Runtime fuses the quantized input, the int8
+weight and the quantized output into one ``QLinearConv``. A scale of 0 (an artifact written before
+these scales existed) leaves that side in float.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch.nn.modules.utils import _pair
 from typing_extensions import Self, override
 
 from lightning_compress.core.quant.base import Int8Module
-from lightning_compress.core.quant.primitives import on_grid
+from lightning_compress.core.quant.primitives import bias_on_grid, on_grid
 
 __all__ = ["Int8Conv2d"]
 
@@ -131,7 +132,10 @@ class Int8Conv2d(Int8Module):
     @override
     def forward(self, x: Tensor) -> Tensor:
         weight = self.dequantize_weight(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias: Tensor | None = self.bias
+        if bias is not None and self.input_scale is not None:  # static: the int32 bias QLinearConv adds
+            bias = bias_on_grid(bias, self.input_scale, self.weight_scale)
+        bias = None if bias is None else bias.to(x.dtype)
         x = _on_grid(x, self.input_scale)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._pad_twice, mode=self.padding_mode)

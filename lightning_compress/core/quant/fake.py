@@ -4,7 +4,9 @@ During QAT a layer computes with its weight quantized to the int8 grid and read 
 (:math:`\hat w = s\,\operatorname{clamp}(\operatorname{round}(w / s), -127, 127)`, the same
 :func:`~lightning_compress.core.quant.primitives.quantize` / ``dequantize`` the int8 conversion uses,
 so :math:`\hat w` is *bit-identical* to the dequantized weight of the int8 layer made from :math:`w`)
-and, for ``mode="static"``, with its input quantized with the scale of a moving min/max observer.
+and, for ``mode="static"``, with its input quantized with the scale of a moving min/max observer
+and its bias rounded to the grid of the int32 product, as the int8 layer's is
+(:func:`~lightning_compress.core.quant.primitives.bias_on_grid`).
 Gradients pass by the straight-through estimator (Bengio et al. 2013): the weight's gradient is the
 gradient of :math:`\hat w` unchanged (its scale covers the whole weight, so nothing is clipped);
 the input's gradient is passed where the input lies inside the observed range and is zero where it
@@ -50,6 +52,7 @@ from lightning_compress.core.quant.base import MODES
 from lightning_compress.core.quant.primitives import (
     QMAX,
     RangeObserver,
+    bias_on_grid,
     dequantize,
     on_grid,
     quantize,
@@ -179,6 +182,7 @@ class _PreHook:
         self.observer = observer
         self.transposed = transposed  # HF Conv1D: the weight is [in, out]; a channel is a column
         self.stash: list[Tensor] = []
+        self.bias_stash: list[Tensor | None] = []  # the float bias while a static call runs on its grid
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         weight = module._parameters["weight"]
@@ -190,11 +194,19 @@ class _PreHook:
             fake = fake_quantize_weight(weight, self.per_channel)
         module._parameters["weight"] = fake  # type: ignore[assignment]
         if self.observer is None or not args or not isinstance(args[0], Tensor):
+            self.bias_stash.append(None)
             return None
         x = args[0]
         if module.training and torch.is_grad_enabled():
             self.observer.update(x)
-        return (fake_quantize_input(x, self.observer.scale()), *args[1:])
+        scale = self.observer.scale()
+        bias = module._parameters.get("bias")
+        self.bias_stash.append(bias)
+        if bias is not None:  # the int32 bias of the int8 layer (its gradient passes straight through)
+            channels = weight.detach().t() if self.transposed else weight.detach()
+            grid_bias = bias_on_grid(bias, scale, weight_scales(channels, self.per_channel))
+            module._parameters["bias"] = grid_bias  # type: ignore[assignment]
+        return (fake_quantize_input(x, scale), *args[1:])
 
 
 class _PostHook:
@@ -207,6 +219,8 @@ class _PostHook:
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if self.pre.stash:
             module._parameters["weight"] = self.pre.stash.pop()  # type: ignore[assignment]
+        if self.pre.bias_stash and (bias := self.pre.bias_stash.pop()) is not None:
+            module._parameters["bias"] = bias  # type: ignore[assignment]
         if self.observer is None or not isinstance(output, Tensor):
             return None
         if module.training and torch.is_grad_enabled():

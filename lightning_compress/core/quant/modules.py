@@ -13,7 +13,9 @@ How they compute (``mode``):
   ``row_scale * weight_scale`` and the bias added.
 * ``"static"`` (Linear): like dynamic, but the input scale is a fixed ``input_scale`` found from
   calibration batches, so no reduction over the input is needed at run time; inputs beyond the
-  calibrated range saturate.
+  calibrated range saturate, and the bias is rounded to the product's grid ``input_scale *
+  weight_scale`` (:func:`~lightning_compress.core.quant.primitives.bias_on_grid`), as the int32
+  bias of an int8 kernel is. Every kernel computes this, the float one included.
 * ``"weight_only"``: int8 storage, float compute (the weight is dequantized for each call).
 
 A convolution always computes with its dequantized weight and ``F.conv2d``
@@ -36,7 +38,7 @@ from lightning_compress.core.quant import kernels
 from lightning_compress.core.quant.base import MODES
 from lightning_compress.core.quant.base import Int8Module as Int8Module  # re-exported: it lived here
 from lightning_compress.core.quant.conv2d import Int8Conv2d as Int8Conv2d  # re-exported: it lived here
-from lightning_compress.core.quant.primitives import quantize, quantize_rows
+from lightning_compress.core.quant.primitives import bias_on_grid, quantize, quantize_rows
 
 __all__ = ["MODES", "Int8Linear", "int8_mm"]
 
@@ -156,10 +158,13 @@ class Int8Linear(Int8Module):
         # Two passes over the [M, N] result: int32 -> float32 times the row scales, then
         # bias + out * weight_scale.
         out = torch.mul(acc, x_scale)
-        if self.bias is None:
+        bias: Tensor | None = self.bias
+        if bias is not None and self.mode == "static":  # the int32 bias of the product's grid
+            bias = bias_on_grid(bias, x_scale, self.weight_scale)
+        if bias is None:
             out.mul_(self.weight_scale)
         else:
-            out = torch.addcmul(self.bias.to(torch.float32), out, self.weight_scale)
+            out = torch.addcmul(bias.to(torch.float32), out, self.weight_scale)
         if self.mode == "static":  # rounding makes a NaN / inf finite: 0 * sum(row) puts it back, as in float
             out.add_(x2.sum(dim=1, keepdim=True).to(torch.float32).mul_(0.0))
         return out.to(x.dtype).reshape(*lead, self.out_features)

@@ -18,6 +18,7 @@ __all__ = [
     "QMAX",
     "MinMaxObserver",
     "RangeObserver",
+    "bias_on_grid",
     "dequantize",
     "on_grid",
     "quantize",
@@ -112,6 +113,33 @@ def on_grid(x: Tensor, scale: Tensor, inplace: bool = False) -> Tensor:
         return x.div_(s).round_().clamp_(-QMAX, QMAX).mul_(s)
     out = torch.div(x.to(torch.float32), s).round_().clamp_(-QMAX, QMAX).mul_(s)
     return out.to(x.dtype)
+
+
+INT32_MAX = 2**31 - 1
+"""Largest magnitude of an int32 bias step count."""
+
+
+def bias_on_grid(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> Tensor:
+    """``bias`` rounded to the grid of its layer's int32 product, ``s_x * s_w`` (one step per output channel).
+
+    An int8 kernel adds its bias to the int32 accumulator as an integer count of that step (ONNX's
+    ``QLinearConv`` and ONNX Runtime's fused ``Gemm`` and convolution do; so does PyTorch's own
+    quantized convolution), so a static layer computes with this bias too: its output is then
+    what the exported file computes, not half a product step away, where a requantized output
+    can land on the next integer. Where a step is 0 (no calibrated input, a zero weight channel)
+    or too small for int32 to count the bias, the float bias is kept, as the export keeps a float
+    ``Add`` there. The gradient passes unchanged (straight through), so the bias still trains.
+
+    Example:
+        >>> bias_on_grid(torch.tensor([0.26, -0.01]), torch.tensor(0.1), torch.tensor([0.5, 0.0]))
+        tensor([ 0.2500, -0.0100])
+    """
+    step = (input_scale.to(torch.float32) * weight_scale.to(torch.float32)).reshape(-1).expand(bias.shape[-1:])
+    b = bias.to(torch.float32)
+    count = torch.div(b, _safe(step)).round_()
+    usable = (step > 0) & (count.abs() <= INT32_MAX)
+    snapped = torch.where(usable, count * step, b)
+    return (b + (snapped - b).detach()).to(bias.dtype)
 
 
 _AMAX_FLOOR = 1e-30

@@ -83,9 +83,11 @@ def test_the_second_convolution_reads_the_relu_of_the_float_output_on_its_own_gr
     handle = second.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     with torch.no_grad():
         model(x)
-        # the reference written another way: the first convolution in float, on its input grid, no output grid
+        # the reference written another way: the first convolution in float, on its input grid (its bias
+        # on the int32 product grid), no output grid
         weight = first.int8_weight.float() * first.weight_scale.reshape(-1, 1, 1, 1)
-        y = F.conv2d(on_grid(x, first.input_scale), weight, first.bias, padding=1)
+        step = first.input_scale * first.weight_scale
+        y = F.conv2d(on_grid(x, first.input_scale), weight, torch.round(first.bias / step) * step, padding=1)
     handle.remove()
     s = second.input_scale
     torch.testing.assert_close(on_grid(seen[0], s), on_grid(F.relu(y), s), atol=1e-6, rtol=0)

@@ -167,10 +167,13 @@ def test_conv_static_mode_puts_input_and_output_on_their_int8_grids():
     assert float(q.output_scale) == 0.0  # until calibrated: the output stays float
     weight = q.dequantize_weight()
     x_grid = torch.clamp(torch.round(x / s_in), -127, 127) * s_in
+    step = s_in * q.weight_scale  # the int32 bias grid of each output channel
+    bias = torch.round(q.bias.detach() / step) * step
+    assert not torch.equal(bias, q.bias.detach()) and (bias - q.bias).abs().max() <= step.max() / 2
     with torch.no_grad():
-        assert torch.equal(q(x), F.conv2d(x_grid, weight, q.bias, padding=1))
+        assert torch.equal(q(x), F.conv2d(x_grid, weight, bias, padding=1))
         q.set_output_scale(s_out)
-        ref = F.conv2d(x_grid, weight, q.bias, padding=1)
+        ref = F.conv2d(x_grid, weight, bias, padding=1)
         got = q(x)
     assert torch.equal(got, torch.clamp(torch.round(ref / s_out), -127, 127) * s_out)
     assert torch.equal(torch.round(got / s_out) * s_out, got)  # every output is on the grid

@@ -6,6 +6,7 @@ import torch
 from lightning_compress.core.quant.primitives import (
     QMAX,
     MinMaxObserver,
+    bias_on_grid,
     dequantize,
     quantize,
     quantize_rows,
@@ -115,3 +116,16 @@ def test_on_grid_equals_the_int8_round_trip_and_keeps_nan():
     z = torch.tensor([float("nan"), float("inf"), -1e9, 0.0])
     got = on_grid(z, s)
     assert torch.isnan(got[0]) and got[1:].tolist() == pytest.approx([127 * 0.02, -127 * 0.02, 0.0])
+
+
+def test_bias_on_grid_counts_product_steps_and_keeps_what_int32_cannot_count():
+    bias = torch.tensor([0.26, -0.0131, 0.5, 3.0e6], requires_grad=True)
+    x_scale, w_scale = torch.tensor(0.1), torch.tensor([0.5, 0.02, 0.0, 1e-6])
+    got = bias_on_grid(bias, x_scale, w_scale)
+    # steps 0.05, 0.002, 0 (a zero channel: kept), 1e-7 (3e13 steps > 2**31 - 1: kept)
+    torch.testing.assert_close(got.detach(), torch.tensor([0.25, -0.014, 0.5, 3.0e6]))
+    got.sum().backward()
+    assert torch.equal(bias.grad, torch.ones(4))  # straight through
+    one = bias_on_grid(torch.tensor([0.26, 0.31]), torch.tensor(0.1), torch.tensor([0.5]))  # one weight scale
+    torch.testing.assert_close(one, torch.tensor([0.25, 0.30]))
+    assert torch.equal(bias_on_grid(bias.detach(), torch.tensor(0.0), w_scale), bias.detach())  # no input grid
