@@ -39,27 +39,31 @@ def _consumers(graph: Any) -> dict[str, list[Any]]:
     return found
 
 
-def _scalar_value(graph: Any, name: str) -> Any:
-    """The value of ``name`` if it is a scalar initializer or the output of a scalar ``Constant``, else None."""
+def _scalar_values(graph: Any) -> dict[str, Any]:
+    """``{name: value}`` of every scalar initializer and scalar ``Constant`` output (one pass over the graph)."""
     from onnx import numpy_helper
 
-    for init in graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init) if len(init.dims) == 0 else None
+    found: dict[str, Any] = {}
     for node in graph.node:
-        if node.op_type == "Constant" and node.output[0] == name:
+        if node.op_type == "Constant":
             tensors = [a.t for a in node.attribute if a.name == "value"]
-            return numpy_helper.to_array(tensors[0]) if tensors and len(tensors[0].dims) == 0 else None
-    return None
+            if tensors and len(tensors[0].dims) == 0:
+                found[node.output[0]] = numpy_helper.to_array(tensors[0])
+    for init in graph.initializer:  # an initializer wins over a Constant of the same name, as it did
+        if len(init.dims) == 0:
+            found[init.name] = numpy_helper.to_array(init)
+        else:
+            found.pop(init.name, None)
+    return found
 
 
-def _quantizes(graph: Any, node: Any, source: str) -> bool:
+def _quantizes(scalars: dict[str, Any], node: Any, source: str) -> bool:
     """Whether ``node`` quantizes ``source`` per tensor, with an explicit scalar zero point."""
     return (
         node.op_type == "QuantizeLinear"
         and node.input[0] == source
         and len(node.input) == 3
-        and _scalar_value(graph, node.input[2]) is not None
+        and node.input[2] in scalars
     )
 
 
@@ -82,6 +86,7 @@ def relu_after_quantize(proto: Any) -> int:
 
     graph = proto.graph
     consumers = _consumers(graph)
+    scalars = _scalar_values(graph)
     outputs = {o.name for o in graph.output}
     after: dict[int, Any] = {}  # QuantizeLinear node -> the node that follows it
     dropped: set[int] = set()
@@ -90,12 +95,12 @@ def relu_after_quantize(proto: Any) -> int:
         if node.op_type != "Relu":
             continue
         users = consumers.get(node.output[0], [])
-        quantizers = [u for u in users if _quantizes(graph, u, node.output[0])]
+        quantizers = [u for u in users if _quantizes(scalars, u, node.output[0])]
         for q in quantizers:
             readers = consumers.get(q.output[0], [])
             if q.output[0] in outputs or not readers:
                 continue
-            zero = _scalar_value(graph, q.input[2])
+            zero = scalars[q.input[2]]
             clipped = f"{q.output[0]}_relu"
             half = (
                 zero.dtype == np.uint8
@@ -151,6 +156,7 @@ def requantize_on_one_grid(proto: Any) -> int:
     graph = proto.graph
     producers = {o: n for n in graph.node for o in n.output}
     consumers = _consumers(graph)
+    scalars = _scalar_values(graph)
     outputs = {o.name for o in graph.output}
     replaced: dict[int, list[Any]] = {}
     dropped: set[int] = set()
@@ -162,7 +168,7 @@ def requantize_on_one_grid(proto: Any) -> int:
             continue
         if len(consumers.get(dq.output[0], [])) != 1:
             continue
-        zero, s_in, s_out = (_scalar_value(graph, name) for name in (dq.input[2], dq.input[1], q.input[1]))
+        zero, s_in, s_out = (scalars.get(name) for name in (dq.input[2], dq.input[1], q.input[1]))
         if zero is None or s_in is None or s_out is None or zero.dtype != np.uint8 or int(zero) != 128:
             continue
         if s_in.dtype != np.float32 or s_out.dtype != np.float32 or float(s_in) != float(s_out) or float(s_in) <= 0:
