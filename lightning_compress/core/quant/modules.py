@@ -15,7 +15,8 @@ How they compute (``mode``):
   calibration batches, so no reduction over the input is needed at run time; inputs beyond the
   calibrated range saturate, and the bias is rounded to the product's grid ``input_scale *
   weight_scale`` (:func:`~lightning_compress.core.quant.primitives.bias_on_grid`), as the int32
-  bias of an int8 kernel is. Every kernel computes this, the float one included.
+  bias of an int8 kernel is (the CPU's ``"float"`` kernel of a small layer computes the weight-only
+  result instead: :mod:`~lightning_compress.core.quant.kernels`).
 * ``"weight_only"``: int8 storage, float compute (the weight is dequantized for each call).
 
 A convolution always computes with its dequantized weight and ``F.conv2d``

@@ -180,8 +180,8 @@ def test_int8_model_computes_what_the_last_fake_quant_forward_computed(mode: str
     result = quantize_model(model, targets, mode, per_channel, ranges, output_ranges)
     assert set(result.converted.values()) == {mode}
     assert isinstance(model[0], Int8Conv2d) and isinstance(model[7], Int8Linear)
-    # The int8 grid itself (int_mm: what CUDA runs; a small static Linear's float kernel rounds the same
-    # input and bias, see core/quant/kernels.py).
+    # The int8 grid itself (int_mm: what CUDA runs); on the CPU a small Linear may pick the float kernel,
+    # which does not quantize its input at all (see core/quant/kernels.py).
     with torch.no_grad(), use_kernel("int_mm"):
         int8 = model(x)
     if mode == "dynamic":  # the int8 model also quantizes each input row; QAT did not (weights only)
