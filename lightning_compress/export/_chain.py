@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["int32_gemm_bias", "int8_weights_where_safe", "relu_after_quantize", "requantize_on_one_grid"]
+from lightning_compress.core.quant.primitives import INT32_MAX
 
-_INT32_MAX = 2**31 - 1
+__all__ = ["int32_gemm_bias", "int8_weights_where_safe", "relu_after_quantize", "requantize_on_one_grid"]
 
 
 def _consumers(graph: Any) -> dict[str, list[Any]]:
@@ -285,7 +285,7 @@ def int32_gemm_bias(proto: Any) -> int:
         if not np.all(np.isfinite(scale)) or not np.all(scale > 0):
             continue
         steps = np.round(bias.astype(np.float64) / scale.astype(np.float64))
-        if not np.all(np.abs(steps) <= _INT32_MAX):
+        if not np.all(np.abs(steps) <= INT32_MAX):
             continue
         base = f"{bias_init.name}_int32"
         graph.initializer.extend(

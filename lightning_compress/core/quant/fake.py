@@ -78,8 +78,7 @@ class _WeightSTE(torch.autograd.Function):
     """Forward: the fake-quantized weight (computed exactly as the int8 conversion); backward: identity."""
 
     @staticmethod
-    def forward(ctx: Any, weight: Tensor, per_channel: bool) -> Tensor:
-        scale = weight_scales(weight, per_channel).to(weight.device)
+    def forward(ctx: Any, weight: Tensor, scale: Tensor) -> Tensor:
         return dequantize(quantize(weight, scale, axis=0), scale, axis=0, dtype=weight.dtype)
 
     @staticmethod
@@ -116,7 +115,7 @@ def fake_quantize_weight(weight: Tensor, per_channel: bool = True) -> Tensor:
         >>> fq.sum().backward(); w.grad.tolist()
         [[1.0, 1.0, 1.0]]
     """
-    out: Tensor = _WeightSTE.apply(weight, per_channel)
+    out: Tensor = _WeightSTE.apply(weight, weight_scales(weight, per_channel).to(weight.device))
     return out
 
 
@@ -188,11 +187,10 @@ class _PreHook:
         weight = module._parameters["weight"]
         assert weight is not None  # only layers with a weight are attached
         self.stash.append(weight)
-        if self.transposed:
-            fake = fake_quantize_weight(weight.t(), self.per_channel).t()
-        else:
-            fake = fake_quantize_weight(weight, self.per_channel)
-        module._parameters["weight"] = fake  # type: ignore[assignment]
+        channels = weight.t() if self.transposed else weight
+        w_scale = weight_scales(channels, self.per_channel).to(weight.device)  # also the bias grid's, below
+        fake: Tensor = _WeightSTE.apply(channels, w_scale)
+        module._parameters["weight"] = fake.t() if self.transposed else fake  # type: ignore[assignment]
         if self.observer is None or not args or not isinstance(args[0], Tensor):
             self.bias_stash.append(None)
             return None
@@ -203,9 +201,7 @@ class _PreHook:
         bias = module._parameters.get("bias")
         self.bias_stash.append(bias)
         if bias is not None:  # the int32 bias of the int8 layer (its gradient passes straight through)
-            channels = weight.detach().t() if self.transposed else weight.detach()
-            grid_bias = bias_on_grid(bias, scale, weight_scales(channels, self.per_channel))
-            module._parameters["bias"] = grid_bias  # type: ignore[assignment]
+            module._parameters["bias"] = bias_on_grid(bias, scale, w_scale)  # type: ignore[assignment]
         return (fake_quantize_input(x, scale), *args[1:])
 
 

@@ -178,7 +178,6 @@ class _Plan:
         self.bound = 0.0
         # Plain tensors even when built under inference_mode (the model may later run with autograd on).
         with torch.inference_mode(False), torch.no_grad():
-            static = mode == "static" and input_scale is not None and bool(input_scale > 0)
             if self.kernel == "float":
                 self.weight = dequantize(weight, scale, axis=0).contiguous()
                 # The bias itself (a float32 parameter still trains, e.g. in a second fit of the int8 model).
@@ -191,7 +190,7 @@ class _Plan:
                     s = float(input_scale) if input_scale is not None else 0.0
                     self.bound = QMAX * s
                     self.x_scale = s * QMAX / self.qmax if s > 0 else 1.0
-                    if bias is not None and static:
+                    if bias is not None and s > 0:
                         bias = bias_on_grid(bias.detach(), input_scale, scale)
                     self.packed = fbgemm_pack(weight, scale, bias)
                 else:
