@@ -91,6 +91,10 @@ def summary(r: dict[str, Any]) -> str:
         pairs = ", ".join(f"{bn} -> {conv}" for bn, conv in list(folded.items())[:3])
         more = f", and {len(folded) - 3} more" if len(folded) > 3 else ""
         lines.append(f"  {len(folded)} batch norm(s) folded into their convolutions: {pairs}{more}")
+    grids = r.get("input_grids") or {}
+    if grids:
+        names = ", ".join(list(grids)[:3]) + (f", and {len(grids) - 3} more" if len(grids) > 3 else "")
+        lines.append(f"  {len(grids)} residual block input(s) on their convolution's int8 grid: {names}")
     if r["save_path"]:
         lines.append(f"  artifact written to {r['save_path']}")
     return "\n".join(lines)

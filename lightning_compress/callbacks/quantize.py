@@ -31,6 +31,7 @@ from lightning_compress.core.quant.convert import (
     int8_layers,
     quantizable_targets,
     quantize_model,
+    residual_input_grids,
     shared_output_ranges,
     static_input_modules,
     static_output_modules,
@@ -222,6 +223,8 @@ class QuantizeOnFitEnd(CompressionCallback):
                 output_ranges = shared_output_ranges(pl_module, targets, ranges, output_ranges)
         originals = float_layers(pl_module, targets)
         result = quantize_model(pl_module, targets, self.mode, self.per_channel, ranges, output_ranges)
+        if not qat and self.mode == "static":  # residual additions read int8 operands (core/quant/residual.py)
+            result.input_grids = residual_input_grids(pl_module)
         agreed = agreement(trainer, root, batches, float_outputs)
         worst: dict[str, float] = {}
         if batches and is_poor(agreed["relative_error"], agreed["top1_agreement"]):
@@ -248,6 +251,7 @@ class QuantizeOnFitEnd(CompressionCallback):
             "fallbacks": dict(result.fallbacks),
             "skipped": dict(skipped),
             "folded": folded,
+            "input_grids": dict(result.input_grids),
             "weight_bytes_before": weight_before,
             "weight_bytes_after": weight_after,
             "weight_bytes_ratio": weight_after / weight_before if weight_before else float("nan"),

@@ -47,7 +47,9 @@ _REQUIRED_ENTRIES = ("format", "format_version", "layers", "tensors", "packed")
 FOLDED_ENTRY = "folded"
 """The optional entry of models whose batch norms were folded into their convolutions (``core/quant/fold.py``)."""
 
-_OPTIONAL_ENTRIES = ("torch_version", SHAPES_ENTRY, FOLDED_ENTRY)
+INPUT_GRIDS_ENTRY = "input_grids"
+"""``{block name: convolution path}``: residual blocks whose input is put on that convolution's grid."""
+_OPTIONAL_ENTRIES = ("torch_version", SHAPES_ENTRY, FOLDED_ENTRY, INPUT_GRIDS_ENTRY)
 _LAYER_KEYS = frozenset({"kind", "mode", "per_channel"})
 _PACKED_KEYS = frozenset({"mask", "values", "shape"})
 _MAX_LISTED = 8

@@ -12,6 +12,7 @@ The artifact is a plain dict written with ``torch.save`` and read with
         "packed": {state_dict key: {"mask": uint8, "values": tensor, "shape": [int, ...]}},
         "shapes": {layer name: [int, ...]},                      # optional: a channel-removed model
         "folded": {batch norm name: convolution name},            # optional: batch norms folded away
+        "input_grids": {block name: convolution path},            # optional: residual inputs on a grid
     }
 
 Int8 weights are stored as int8 with their float32 scales. A tensor with enough exact zeros is
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.core.artifact_checks import FOLDED_ENTRY, SHAPES_ENTRY, _Plan, _plan, _read
+from lightning_compress.core.artifact_checks import FOLDED_ENTRY, INPUT_GRIDS_ENTRY, SHAPES_ENTRY, _Plan, _plan, _read
 
 # Their old home: FORMAT, FORMAT_VERSION, pack_bits and unpack_bits are imported from here (explicit re-exports,
 # not in __all__: they belong to artifact_checks and packing).
@@ -51,6 +52,7 @@ from lightning_compress.core.packing import unpack_bits as unpack_bits
 from lightning_compress.core.prune.slim_io import apply_slim_shapes, check_slim_shapes, slim_shapes
 from lightning_compress.core.quant.convert import int8_layers, tie_int8_weights, tied_weight_groups
 from lightning_compress.core.quant.fold import check_folded, folded_batch_norms, restore_folded
+from lightning_compress.core.quant.residual import check_input_grids, input_grids, put_input_grids
 from lightning_compress.core.quant.table import int8_kind_of
 from lightning_compress.core.quant.transformer import adapt_parents
 
@@ -126,6 +128,9 @@ def save_compressed(module: nn.Module, path: str | os.PathLike[str]) -> None:
     folded = folded_batch_norms(module)  # batch norms folded into their convolutions (core/quant/fold.py)
     if folded:
         artifact[FOLDED_ENTRY] = folded
+    grids = input_grids(module)  # residual blocks whose input is on a convolution's grid (core/quant/residual.py)
+    if grids:
+        artifact[INPUT_GRIDS_ENTRY] = grids
     atomic_torch_save(artifact, Path(path))
 
 
@@ -224,6 +229,12 @@ def load_compressed(path: str | os.PathLike[str], module: nn.Module) -> nn.Modul
         # then the folded batch norms: the state below has none of theirs
         _apply_entry(module, obj, where, FOLDED_ENTRY, check_folded, restore_folded)
         plan = _plan(obj, module, where)
+        grids = obj.get(INPUT_GRIDS_ENTRY, {})
+        problems = check_input_grids(module, grids, obj["layers"])
+        if problems:
+            raise ValueError(
+                f"{where!r}: entry {INPUT_GRIDS_ENTRY!r} does not match the model: " + "; ".join(problems[:8])
+            )
     except BaseException:
         _restore(snapshot)
         raise
@@ -237,4 +248,5 @@ def load_compressed(path: str | os.PathLike[str], module: nn.Module) -> nn.Modul
     except BaseException:
         _restore(snapshot)
         raise
+    put_input_grids(module, grids, only=True)  # checked above; registering a hook cannot fail
     return module

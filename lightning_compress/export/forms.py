@@ -164,6 +164,10 @@ class ExportConv2d(nn.Module):
             value = t.detach().cpu().float().reshape(()).clone() if quantized and t is not None else None
             self.register_buffer(name, value)
 
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """``x`` on the input grid, as :meth:`forward` puts it (``QuantizeLinear -> DequantizeLinear``); else ``x``."""
+        return x if self.input_scale is None else _ops.quantize_activation(x, self.input_scale)
+
     @override
     def forward(self, x: Tensor) -> Tensor:
         weight = _ops.dequantize_weight(self.weight_q, self.weight_scale, self.weight_zero, 0)

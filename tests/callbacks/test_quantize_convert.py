@@ -63,6 +63,48 @@ def test_the_callback_folds_batch_norms_as_quantize_does(tmp_path):
         assert mine.equal(theirs), name  # the same folded int8 weights, biases and scales
 
 
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + x)
+
+
+def _residual_cnn() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), _Residual(), _Residual(), nn.Flatten())
+
+
+def test_the_callback_rounds_residual_inputs_as_quantize_does(tmp_path):
+    from lightning_compress.core.quant.residual import input_grids
+
+    model = TinyNet(body=_residual_cnn(), head=nn.Linear(4 * 6 * 6, 3))
+    loader = classification_loader(32, (1, 6, 6), 3)
+    snapshot, callback = Snapshot(), QuantizeOnFitEnd("static", calibration_batches=4, verbose=0)
+    quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[snapshot, callback]).fit(model, loader)
+    result = quantize(snapshot.model, "static", calibration=list(loader)[:4])
+    assert result.input_grids == callback.report["input_grids"] == {"body.2": "conv", "body.3": "conv"}
+    assert input_grids(model) == result.input_grids
+    assert "2 residual block input(s) on their convolution's int8 grid: body.2, body.3\n" in (
+        summary(callback.report) + "\n"
+    )
+    x = next(iter(loader))[0]
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), snapshot.model.eval()(x))
+
+
+def test_after_qat_residual_inputs_stay_as_qat_trained_them(tmp_path):
+    from lightning_compress.core.quant.residual import input_grids
+
+    model = TinyNet(body=_residual_cnn(), head=nn.Linear(4 * 6 * 6, 3))
+    callback = QuantizeOnFitEnd("static", calibration_batches=2, qat_epochs=1, verbose=0)
+    loader = classification_loader(16, (1, 6, 6), 3)
+    quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[callback]).fit(model, loader)
+    assert callback.report["input_grids"] == {} and input_grids(model) == {}
+    assert "residual block" not in summary(callback.report)
+
+
 def test_per_tensor_and_qat_keep_the_batch_norms(tmp_path):
     for kwargs in ({"per_channel": False}, {"qat_epochs": 1}):
         model = TinyNet(body=_bn_cnn(), head=nn.Linear(4 * 6 * 6, 3))

@@ -127,3 +127,27 @@ def test_folded_batch_norms_leave_no_float_op_between_qlinearconvs(tmp_path) -> 
     with torch.no_grad():
         want = model(x)
     assert rel_err(got, want) <= 0.02
+
+
+def test_static_resnet18_runs_its_residual_additions_as_qlinearadd(tmp_path) -> None:
+    """Each block's input is on its first convolution's grid (core/quant/residual.py): int8 additions."""
+    tv = pytest.importorskip("torchvision")
+    from lightning_compress.core.quant.convert import quantize
+
+    torch.manual_seed(0)
+    model = tv.models.resnet18(num_classes=10)
+    calib = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        model.train()(calib)
+    model.eval()
+    assert len(quantize(model, "static", calibration=[calib]).input_grids) == 8
+    path = tmp_path / "resnet18.onnx"
+    export_onnx(model, path, calib[:2])
+    ops = optimized_ops(path, tmp_path)
+    # the last block's sum goes to the average pool in float; the other seven stay int8
+    assert ops["QLinearAdd"] == 7 and ops["Add"] == 1 and ops["QLinearConv"] == 20, ops
+    x = torch.randn(4, 3, 32, 32)
+    got = run_onnx(path, x)[0]
+    with torch.no_grad():
+        want = model(x)
+    assert rel_err(got, want) <= 0.02

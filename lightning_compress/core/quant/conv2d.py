@@ -129,6 +129,15 @@ class Int8Conv2d(Int8Module):
         elif mode not in self._static_input_modes:
             self.output_scale = None
 
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """``x`` on this layer's input grid, as :meth:`forward` puts it (``x`` itself unless the layer is static).
+
+        Rounding a tensor that is already on the grid leaves it as it is, so a block may put its
+        input on the grid once for this layer and its other readers
+        (:mod:`~lightning_compress.core.quant.residual`).
+        """
+        return _on_grid(x, self.input_scale)
+
     @override
     def forward(self, x: Tensor) -> Tensor:
         weight = self.dequantize_weight(x.dtype)

@@ -31,6 +31,7 @@ from lightning_compress.core.quant.calibration import static_output_modules as s
 from lightning_compress.core.quant.fold import fold_batch_norms
 from lightning_compress.core.quant.grids import relu_links, share_grids
 from lightning_compress.core.quant.primitives import scale_from_range
+from lightning_compress.core.quant.residual import put_input_grids, residual_grids
 from lightning_compress.core.quant.table import INT8_TABLE, int8_kind_for, int8_types
 from lightning_compress.core.quant.transformer import adapt_parents
 from lightning_compress.core.selection import DEFAULT_QUANT_TYPES, Target, select_targets
@@ -42,6 +43,7 @@ __all__ = [
     "quantizable_targets",
     "quantize",
     "quantize_model",
+    "residual_input_grids",
     "tie_int8_weights",
     "tied_weight_groups",
 ]
@@ -127,6 +129,10 @@ class ConversionResult:
     folded: dict[str, str] = field(default_factory=dict)
     """``{batch norm: convolution}`` folded before conversion (filled by :func:`quantize`; see
     :mod:`~lightning_compress.core.quant.fold`)."""
+    input_grids: dict[str, str] = field(default_factory=dict)
+    """``{block: convolution}``: static blocks whose input is rounded once on that convolution's input
+    grid, so that their residual additions read int8 operands (filled by :func:`quantize` and
+    :func:`residual_input_grids`; see :mod:`~lightning_compress.core.quant.residual`)."""
 
 
 @torch.no_grad()
@@ -151,7 +157,9 @@ def quantize(
             a tensor is the input, a tuple's first item, a dict the keyword arguments), in eval mode. A
             layer they never reach is converted ``"dynamic"`` (listed in ``fallbacks``). A
             convolution that only feeds the next one through a ReLU takes that one's input grid as
-            its output grid (:mod:`~lightning_compress.core.quant.grids`).
+            its output grid (:mod:`~lightning_compress.core.quant.grids`), and a residual block's
+            input is put once on its static convolution's input grid
+            (:mod:`~lightning_compress.core.quant.residual`; listed in ``result.input_grids``).
         include: module type names to convert.
         exclude: ``fnmatch`` globs of module names left float.
         fold_batch_norm: with ``per_channel``, first fold each eval-mode ``BatchNorm2d`` that reads
@@ -189,7 +197,17 @@ def quantize(
     result = quantize_model(model, targets, mode, per_channel, ranges, output_ranges)
     result.skipped.update(skipped)
     result.folded = folded
+    if mode == "static":
+        result.input_grids = residual_input_grids(model)
     return result
+
+
+def residual_input_grids(model: nn.Module) -> dict[str, str]:
+    """Put each residual block's input once on its static convolution's input grid (``core/quant/residual.py``).
+
+    The last step of a post-training static conversion; returns ``{block: convolution path}``.
+    """
+    return put_input_grids(model, residual_grids(model))
 
 
 def fold_before_conversion(model: nn.Module, targets: Sequence[Target], per_channel: bool) -> dict[str, str]:
