@@ -149,7 +149,10 @@ def requantize_on_one_grid(proto: Any) -> int:
     input grid (:mod:`lightning_compress.core.quant.grids`) is followed by a float round trip that
     only takes the non-negative half: ``clamp(q - 128, 0, 255)``, written ``Max(q, 128) - 128`` on
     the uint8 codes (exact), so that ONNX Runtime runs the two ``QLinearConv`` nodes with nothing
-    but two integer ops between them. Returns how many pairs it replaced.
+    but two integer ops between them. Where ``q`` is a ``QuantizeLinear(x, s, 128)`` that nothing
+    else reads, that quantization itself moves to the half grid instead (``QuantizeLinear(x, s, 0)``,
+    whose ``Min(., 127)`` follows: ``clamp(round(x / s), 0, 127)`` either way), and only that ``Min``
+    stands between the two convolutions. Returns how many pairs it replaced.
     """
     from onnx import helper, numpy_helper
 
@@ -160,6 +163,7 @@ def requantize_on_one_grid(proto: Any) -> int:
     outputs = {o.name for o in graph.output}
     replaced: dict[int, list[Any]] = {}
     dropped: set[int] = set()
+    shifted = False
     for q in graph.node:
         if q.op_type != "QuantizeLinear" or len(q.input) != 3 or q.input[2] != f"{HALF_GRID}_zero":
             continue
@@ -173,15 +177,25 @@ def requantize_on_one_grid(proto: Any) -> int:
             continue
         if s_in.dtype != np.float32 or s_out.dtype != np.float32 or float(s_in) != float(s_out) or float(s_in) <= 0:
             continue
+        dropped.add(id(dq))
+        source = producers.get(dq.input[0])
+        if _requantizes_alone(source, dq, scalars, consumers, outputs):
+            assert source is not None
+            # Q(x, s, 128) -> [Max, Sub] is Q(x, s, 0) on the half grid (then the Min(., 127) that follows)
+            source.input[2] = f"{HALF_GRID}_zero"
+            source.output[0] = q.output[0]
+            replaced[id(q)] = []
+            continue
         shift, top = f"{HALF_GRID}_shift", f"{q.output[0]}_top"
         replaced[id(q)] = [
             helper.make_node("Max", [dq.input[0], shift], [top], name=top),
             helper.make_node("Sub", [top, shift], [q.output[0]], name=f"{q.output[0]}_shifted"),
         ]
-        dropped.add(id(dq))
+        shifted = True
     if not replaced:
         return 0
-    graph.initializer.append(numpy_helper.from_array(np.array(128, dtype=np.uint8), f"{HALF_GRID}_shift"))
+    if shifted:
+        graph.initializer.append(numpy_helper.from_array(np.array(128, dtype=np.uint8), f"{HALF_GRID}_shift"))
     nodes = []
     for node in graph.node:
         if id(node) in replaced:
@@ -191,6 +205,20 @@ def requantize_on_one_grid(proto: Any) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     return len(replaced)
+
+
+def _requantizes_alone(
+    source: Any, dq: Any, scalars: dict[str, Any], consumers: dict[str, list[Any]], outputs: set[str]
+) -> bool:
+    """Whether ``source`` is a ``QuantizeLinear(x, s, 128)`` on ``dq``'s scale that only ``dq`` reads."""
+    if source is None or source.op_type != "QuantizeLinear" or len(source.input) != 3:
+        return False
+    if source.output[0] in outputs or [id(n) for n in consumers.get(source.output[0], [])] != [id(dq)]:
+        return False
+    zero, scale, dq_scale = (scalars.get(name) for name in (source.input[2], source.input[1], dq.input[1]))
+    if zero is None or scale is None or dq_scale is None or zero.dtype != np.uint8 or int(zero) != 128:
+        return False
+    return scale.dtype == np.float32 and float(scale) == float(dq_scale)
 
 
 def int8_weights_where_safe(proto: Any) -> int:

@@ -32,6 +32,7 @@ from lightning_compress.export._chain import (
 from lightning_compress.export._cpu import auto_weight_dtype
 from lightning_compress.export._inputs import batch_dynamic_shapes, ort_feed, split_inputs
 from lightning_compress.export._rewrite import foldable_conv_weights
+from lightning_compress.export._round_trips import drop_same_grid_round_trips, max_pool_after_quantize
 from lightning_compress.export.forms import WEIGHT_DTYPES, ExportOptions
 from lightning_compress.export.registry import export_forms
 
@@ -92,8 +93,10 @@ def onnx_bytes(module: nn.Module, example_inputs: Any, *, weight_dtype: str = "a
     proto = program.model_proto
     foldable_conv_weights(proto)
     int32_gemm_bias(proto)  # then ONNX Runtime chains static layers' int8 kernels (export/_chain.py)
+    max_pool_after_quantize(proto)  # (export/_round_trips.py), so that a ReLU before the pooling moves too
     relu_after_quantize(proto)
     requantize_on_one_grid(proto)
+    drop_same_grid_round_trips(proto)  # a residual block's input, quantized twice on one grid (_round_trips.py)
     if chosen:  # uint8 weights only where an int8 one could saturate
         int8_weights_where_safe(proto)
     onnx.checker.check_model(proto)

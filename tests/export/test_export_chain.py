@@ -201,8 +201,11 @@ def test_a_static_mlp_runs_as_one_chain_of_qgemms(tmp_path) -> None:
     assert rel_err(got, want) <= 0.02
 
 
-def _round_trip(s_in: float, s_out: float):
-    """DQ(q, s_in, 128) -> Q(s_out, half grid) -> Min -> DQ: a convolution's output read as the next one's input."""
+def _round_trip(s_in: float, s_out: float, second_reader: bool = False):
+    """DQ(q, s_in, 128) -> Q(s_out, half grid) -> Min -> DQ: a convolution's output read as the next one's input.
+
+    ``second_reader``: the first quantization ``q`` is also read by another ``DequantizeLinear`` (output ``y2``).
+    """
     inits = [
         _const(s_in, np.float32, "s_in"),
         _const(s_out, np.float32, "s_out"),
@@ -217,16 +220,32 @@ def _round_trip(s_in: float, s_out: float):
         helper.make_node("Min", ["q2", f"{HALF_GRID}_top"], ["m"]),
         helper.make_node("DequantizeLinear", ["m", "s_out", f"{HALF_GRID}_zero"], ["y"]),
     ]
-    return _model(nodes, inits)
+    if second_reader:
+        nodes.append(helper.make_node("DequantizeLinear", ["q", "s_in", "z"], ["y2"]))
+    return _model(nodes, inits, ("y", "y2") if second_reader else ("y",))
 
 
 def test_a_round_trip_on_one_grid_becomes_integer_ops_exactly() -> None:
-    proto = _round_trip(0.05, 0.05)
+    proto = _round_trip(0.05, 0.05, second_reader=True)
     x = (np.random.default_rng(6).standard_normal((64, 8)) * 4).astype(np.float32)
+    before = _run(proto, x)
+    assert requantize_on_one_grid(proto) == 1
+    onnx.checker.check_model(proto)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops == ["QuantizeLinear", "Max", "Sub", "Min", "DequantizeLinear", "DequantizeLinear"]
+    for got, want in zip(_run(proto, x), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_round_trip_after_a_quantization_nothing_else_reads_moves_that_quantization_to_the_half_grid() -> None:
+    proto = _round_trip(0.05, 0.05)
+    x = (np.random.default_rng(6).standard_normal((256, 8)) * 4).astype(np.float32)
+    x[0, :4] = [0.025, 0.075, -0.025, 6.35]  # ties and the top of the half grid
     before = _run(proto, x)[0]
     assert requantize_on_one_grid(proto) == 1
     onnx.checker.check_model(proto)
-    assert [n.op_type for n in proto.graph.node] == ["QuantizeLinear", "Max", "Sub", "Min", "DequantizeLinear"]
+    assert [n.op_type for n in proto.graph.node] == ["QuantizeLinear", "Min", "DequantizeLinear"]
+    assert proto.graph.node[0].input[2] == f"{HALF_GRID}_zero"
     np.testing.assert_array_equal(_run(proto, x)[0], before)
 
 
@@ -248,7 +267,8 @@ def test_a_resnet_block_runs_its_two_convolutions_back_to_back(tmp_path) -> None
     path = tmp_path / "block.onnx"
     export_onnx(model, path, calib[:2])
     written = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
-    assert written["Max"] == 1 and written["Sub"] == 1  # conv1's codes go to conv2 as integers
+    # conv1 writes conv2's input codes itself: on the half grid, then Min(., 127); no Max / Sub between them
+    assert written["Min"] >= 1 and "Max" not in written and "Sub" not in written, written
     ops = optimized_ops(path, tmp_path)
     assert ops["QLinearConv"] == 2, ops
     x = torch.randn(5, 8, 12, 12)

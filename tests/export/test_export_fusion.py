@@ -130,7 +130,11 @@ def test_folded_batch_norms_leave_no_float_op_between_qlinearconvs(tmp_path) -> 
 
 
 def test_static_resnet18_runs_its_residual_additions_as_qlinearadd(tmp_path) -> None:
-    """Each block's input is on its first convolution's grid (core/quant/residual.py): int8 additions."""
+    """Each block's input is on its first convolution's grid (core/quant/residual.py): int8 additions.
+
+    Before: 20 QLinearConv, 8 float Add (each between DequantizeLinear and QuantizeLinear), a float Relu
+    and max pool in the stem.
+    """
     tv = pytest.importorskip("torchvision")
     from lightning_compress.core.quant.convert import quantize
 
@@ -146,6 +150,9 @@ def test_static_resnet18_runs_its_residual_additions_as_qlinearadd(tmp_path) -> 
     ops = optimized_ops(path, tmp_path)
     # the last block's sum goes to the average pool in float; the other seven stay int8
     assert ops["QLinearAdd"] == 7 and ops["Add"] == 1 and ops["QLinearConv"] == 20, ops
+    # the stem's ReLU and max pool run on the codes (core/quant/grids.py, export/_round_trips.py); the one
+    # float Relu and the two dequantizations are the last block's, before the average pool
+    assert ops["Relu"] == 1 and ops["DequantizeLinear"] == 2 and ops["NhwcMaxPool"] == 1, ops
     x = torch.randn(4, 3, 32, 32)
     got = run_onnx(path, x)[0]
     with torch.no_grad():

@@ -11,10 +11,14 @@ then reads exactly the ReLU of the first one's float output on its own grid: one
 than before, and in the exported file the first convolution writes the second one's uint8 input
 directly (``lightning_compress/export/_chain.py``), as ONNX Runtime's own ``quantize_static`` does.
 
-Which pairs: two convolutions that are children of one module, each called once there, where the
-first one's output is read only by a (folded or not) batch norm and then a ReLU, or by the ReLU
-directly, and that ReLU's output only by the second convolution (torchvision's and timm's
-residual blocks: ``conv1 -> bn1 -> relu -> conv2``). Only for post-training conversion: after
+Which pairs: a convolution that is a child of a module, called once there, whose output is read
+only by a (folded or not) batch norm and then a ReLU, or by the ReLU directly, and that ReLU's
+output, through any max pooling (which commutes with a monotone rounding), only by the second
+convolution, a sibling called once, or a sibling module whose input that convolution reads first:
+the first child of an ``nn.Sequential``, or the first convolution of a residual block (its input
+read only by additions and such children, :mod:`~lightning_compress.core.quant.residual`).
+torchvision's and timm's residual blocks: ``conv1 -> bn1 -> relu -> conv2``; resnet's stem:
+``conv1 -> bn1 -> relu -> maxpool -> layer1[0].conv1``. Only for post-training conversion: after
 QAT each layer keeps the ranges it trained with.
 
 Pure torch.
@@ -22,6 +26,7 @@ Pure torch.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 
 import torch
@@ -34,6 +39,8 @@ from lightning_compress.core.quant.fold import FoldedBatchNorm
 __all__ = ["relu_links", "share_grids"]
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
+_MAX_POOL_FUNCTIONS = (F.max_pool2d, torch.max_pool2d)
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 
 
 def _is_relu(node: fx.Node, children: Mapping[str, nn.Module]) -> bool:
@@ -45,6 +52,56 @@ def _is_relu(node: fx.Node, children: Mapping[str, nn.Module]) -> bool:
 def _is_norm(node: fx.Node, children: Mapping[str, nn.Module], calls: Mapping[str, int]) -> bool:
     module = children.get(str(node.target)) if node.op == "call_module" else None
     return isinstance(module, (nn.BatchNorm2d, FoldedBatchNorm)) and calls[str(node.target)] == 1
+
+
+def _is_max_pool(node: fx.Node, children: Mapping[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        pool = children.get(str(node.target))
+        return type(pool) is nn.MaxPool2d and not pool.return_indices
+    return node.op == "call_function" and node.target in _MAX_POOL_FUNCTIONS and not node.kwargs.get("return_indices")
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCTIONS and not node.kwargs
+    return node.op == "call_method" and node.target in ("add", "add_") and not node.kwargs
+
+
+def _entry(module: nn.Module, name: str, wanted: set[int], depth: int = 0) -> str | None:
+    """The path (from ``name``) of the wanted convolution that first reads ``module``'s input, if one does.
+
+    ``module`` itself; the first child of an ``nn.Sequential``; or, in a module whose input only
+    additions and such children (each called once with it alone) read, the first of those children's
+    (a residual block, whose input :mod:`~lightning_compress.core.quant.residual` then puts on that
+    convolution's grid).
+    """
+    if id(module) in wanted:
+        return name
+    if depth > 8:
+        return None
+    if isinstance(module, nn.Sequential):
+        if len(module) == 0:
+            return None
+        first, child = next(iter(module.named_children()))
+        return _entry(child, f"{name}.{first}", wanted, depth + 1)
+    graph = local_graph(module) if any(id(m) in wanted for m in module.modules()) else None
+    inputs = [] if graph is None else [n for n in graph.nodes if n.op == "placeholder"]
+    if graph is None or not inputs:
+        return None
+    children = dict(module.named_children())
+    calls = child_calls(graph)
+    found: list[str] = []
+    for reader in inputs[0].users:
+        if _is_add(reader):
+            continue
+        target = str(reader.target)
+        if reader.op != "call_module" or reader.args != (inputs[0],) or reader.kwargs or calls[target] != 1:
+            return None
+        path = _entry(children[target], f"{name}.{target}", wanted, depth + 1)
+        if path is None:
+            return None
+        found.append(path)
+    return found[0] if found else None
 
 
 def _links_in(parent: nn.Module, wanted: set[int]) -> list[tuple[str, str]]:
@@ -62,6 +119,16 @@ def _links_in(parent: nn.Module, wanted: set[int]) -> list[tuple[str, str]]:
             and calls[str(node.target)] == 1
         )
 
+    def consumer_entry(node: fx.Node | None, step: fx.Node) -> str | None:
+        if node is None or node.op != "call_module" or node.args[:1] != (step,) or node.kwargs:
+            return None
+        if conv_call(node):
+            return str(node.target)
+        target = str(node.target)
+        if calls[target] != 1 or len(node.args) != 1:
+            return None
+        return _entry(children[target], target, wanted)
+
     links = []
     for node in graph.nodes:
         if not conv_call(node):
@@ -72,8 +139,12 @@ def _links_in(parent: nn.Module, wanted: set[int]) -> list[tuple[str, str]]:
         if step is None or not _is_relu(step, children):
             continue
         consumer = only_reader(step)
-        if consumer is not None and conv_call(consumer) and consumer.args[:1] == (step,) and not consumer.kwargs:
-            links.append((str(node.target), str(consumer.target)))
+        while consumer is not None and _is_max_pool(consumer, children) and consumer.args[:1] == (step,):
+            step, consumer = consumer, only_reader(consumer)  # max pooling commutes with the grid
+        assert step is not None
+        second = consumer_entry(consumer, step)
+        if second is not None:
+            links.append((str(node.target), second))
     return links
 
 
@@ -88,8 +159,7 @@ def relu_links(model: nn.Module, convs: Mapping[str, nn.Module]) -> dict[str, st
     wanted = {id(m) for m in convs.values() if isinstance(m, nn.Conv2d)}
     found: dict[str, str] = {}
     for parent_name, parent in model.named_modules():
-        children = list(parent.children())
-        if sum(id(m) in wanted for m in children) < 2:
+        if not any(id(m) in wanted for m in parent.children()):
             continue
         prefix = f"{parent_name}." if parent_name else ""
         for first, second in _links_in(parent, wanted):
