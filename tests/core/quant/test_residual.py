@@ -250,3 +250,16 @@ def test_a_damaged_input_grids_entry_is_refused_and_leaves_the_model_untouched(t
     assert message in str(err.value)
     assert input_grids(fresh) == {} and isinstance(fresh[2].conv, nn.Conv2d)
     assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+
+
+def test_torch_export_traces_the_input_grid() -> None:
+    torch.manual_seed(0)
+    model = _stack(Residual)
+    _static(model, torch.randn(16, 3, 8, 8))
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+        exported = torch.export.export(model, (x,)).module()
+        torch.testing.assert_close(exported(x), want, atol=1e-5, rtol=0)
+        put_input_grids(model, {}, only=True)
+        assert float((model(x) - want).abs().max()) > 1e-3  # without the hooks the output differs
