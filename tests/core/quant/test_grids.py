@@ -79,7 +79,7 @@ class Stem(nn.Module):
         (
             nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Sequential(nn.Conv2d(4, 4, 3))),
             {"0": "3.0"},
-        ),  # noqa: E501
+        ),
     ],
     ids=[
         "conv-bn-relu-conv",
