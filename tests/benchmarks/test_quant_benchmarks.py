@@ -60,3 +60,11 @@ def test_batch_norm_fold_smoke(tmp_path):
         assert row["folded"] == pytest.approx(row["not folded"], rel=0.05)
         assert errors[f"{mode}, per tensor"]["folded"] > errors[f"{mode}, per tensor"]["not folded"]
     assert {"PyTorch float32", "PyTorch static, folded", "ONNX Runtime static, folded"} <= set(result["ms"])
+
+
+@pytest.mark.slow
+def test_static_conv_forms_smoke(tmp_path):
+    result = _run("static_conv_forms.py", tmp_path)
+    assert set(result["ms"]) == {"float32", "static_integer", "static_float_form", "dynamic"}
+    (row,) = result["agreement"]
+    assert 0 <= row["integer_vs_ort"] <= 0.02 and 0 <= row["float_vs_ort"] <= 0.05

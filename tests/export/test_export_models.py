@@ -99,8 +99,9 @@ def test_static_resnet18_in_onnx_runtime_computes_what_pytorch_int8_does(check_e
     Measured before static layers put their bias on the int32 grid of the product (as QLinearConv and
     the fused Gemm do): 0.032 and 0.049 (seeds 0, 1); then 0.017 and 0.014; with the residual additions
     in int8 too (QLinearAdd, core/quant/residual.py) 0.019 and 0.016 (seeds 0-7: 0.011-0.021, mean
-    0.016, against 0.011-0.019, mean 0.015, without: float32 emulation against integer kernels, whose
-    one-step differences a random-init network amplifies).
+    0.016: float32 sums against integer kernels, whose one-code differences a random-init network
+    amplifies); with static convolutions on their integer codes (Int8Conv2d._integer_forward) 0.011
+    and 0.014 (seeds 0-7: 0.007-0.016, mean 0.012; benchmarks/static_conv_forms.py).
     """
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(seed)

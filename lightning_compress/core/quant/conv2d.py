@@ -1,12 +1,14 @@
 """``Int8Conv2d``: ``nn.Conv2d`` (grouped and depthwise included) with an int8 weight.
 
-A convolution always computes with its dequantized weight and ``F.conv2d``: on the CPU we measured
+A convolution always computes with ``F.conv2d`` (a static float32 one on the integer codes of its
+input and weight, :meth:`Int8Conv2d._integer_forward`; otherwise with its dequantized weight): on the CPU we measured
 an unfold + ``torch._int_mm`` convolution 2.5-15x slower than the float one, while dequantizing adds
 0-17 % to the float convolution (see ``benchmarks/int8_latency.py`` and the quantization docs).
 In ``mode="static"`` it also holds the calibrated scales of its input and of its output
 (``input_scale``, ``output_scale``) and puts both on their int8 grid (``q = clamp(round(x / s),
 -127, 127)``, read back as ``s * q``) around the float convolution, whose bias is then rounded to
-the grid of the int32 product (:func:`~lightning_compress.core.quant.primitives.bias_on_grid`):
+the grid of the int32 product (:func:`~lightning_compress.core.quant.primitives.bias_on_grid`; in
+eager float32 the sum is the integer one, as an int8 kernel computes it):
 what the exported ONNX model computes, where ONNX Runtime fuses the quantized input, the int8
 weight and the quantized output into one ``QLinearConv``. A scale of 0 (an artifact written before
 these scales existed) leaves that side in float.
@@ -21,7 +23,7 @@ from torch.nn.modules.utils import _pair
 from typing_extensions import Self, override
 
 from lightning_compress.core.quant.base import Int8Module
-from lightning_compress.core.quant.primitives import bias_on_grid, on_grid
+from lightning_compress.core.quant.primitives import INT32_MAX, QMAX, bias_on_grid, on_grid
 
 __all__ = ["Int8Conv2d"]
 
@@ -140,6 +142,9 @@ class Int8Conv2d(Int8Module):
 
     @override
     def forward(self, x: Tensor) -> Tensor:
+        exact = self._integer_forward(x)
+        if exact is not None:
+            return exact
         weight = self.dequantize_weight(x.dtype)
         bias: Tensor | None = self.bias
         if bias is not None and self.input_scale is not None:  # static: the int32 bias QLinearConv adds
@@ -152,6 +157,49 @@ class Int8Conv2d(Int8Module):
         else:
             out = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         return _on_grid(out, self.output_scale, inplace=not out.requires_grad)  # a fresh output: in place
+
+    def _integer_forward(self, x: Tensor) -> Tensor | None:
+        """A static float32 call as an int8 kernel computes it: integer codes, then one rescale; else ``None``.
+
+        The input's codes ``clamp(round(x / s_x), -127, 127)`` and the weight's int8 codes go into
+        ``F.conv2d`` as float32 integers, whose products and sums are exact while the accumulator
+        stays below 2^24; the bias is added as its integer count of the product step
+        (:func:`~lightning_compress.core.quant.primitives.bias_on_grid`'s count), and the sum is
+        scaled once, by ``s_x * s_w / s_y`` (float32, per channel) onto the output's codes, or by
+        ``s_x * s_w`` for a float output: the arithmetic of ONNX Runtime's ``QLinearConv``, so that
+        the exported file computes the same codes (the float form, the dequantized input times the
+        dequantized weight, rounds its partial sums, and a sum near a half step can land on the
+        other code: measured on resnet18, this halves the difference to ONNX Runtime). Not while
+        compiling or exporting (data-dependent branches), for other dtypes, or without a positive
+        input scale: those take the float form, which equals this one up to float rounding.
+        """
+        sx, sy = self.input_scale, self.output_scale
+        if sx is None or x.dtype is not torch.float32 or torch.compiler.is_compiling():
+            return None
+        if torch.compiler.is_exporting() or not bool(sx > 0):
+            return None
+        step = (sx * self.weight_scale.to(torch.float32)).reshape(-1).expand(self.out_channels)
+        codes = torch.div(x, sx).round_().clamp_(-QMAX, QMAX)
+        if self.padding_mode != "zeros":
+            codes = F.pad(codes, self._pad_twice, mode=self.padding_mode)
+        padding = 0 if self.padding_mode != "zeros" else self.padding
+        weight = self.int8_weight.to(torch.float32)
+        acc = F.conv2d(codes, weight, None, self.stride, padding, self.dilation, self.groups)
+        shape = (1, -1, 1, 1)
+        rest: Tensor | None = None  # float bias of the channels an int32 count cannot carry
+        if self.bias is not None:
+            bias = self.bias.detach().to(torch.float32)
+            count = torch.div(bias, torch.where(step > 0, step, torch.ones_like(step))).round_()
+            usable = (step > 0) & (count.abs() <= INT32_MAX)
+            acc.add_(torch.where(usable, count, 0.0).reshape(shape))
+            rest = None if bool(usable.all()) else torch.where(usable, 0.0, bias)
+        if sy is not None and bool(sy > 0):
+            out = acc.mul_((step / sy).reshape(shape))
+            if rest is not None:
+                out.add_((rest / sy).reshape(shape))
+            return out.round_().clamp_(-QMAX, QMAX).mul_(sy)
+        out = acc.mul_(step.reshape(shape))
+        return out if rest is None else out.add_(rest.reshape(shape))
 
     @override
     def extra_repr(self) -> str:
