@@ -101,7 +101,8 @@ def test_static_resnet18_in_onnx_runtime_computes_what_pytorch_int8_does(check_e
     in int8 too (QLinearAdd, core/quant/residual.py) 0.019 and 0.016 (seeds 0-7: 0.011-0.021, mean
     0.016: float32 sums against integer kernels, whose one-code differences a random-init network
     amplifies); with static convolutions on their integer codes (Int8Conv2d._integer_forward) 0.011
-    and 0.014 (seeds 0-7: 0.007-0.016, mean 0.012; benchmarks/static_conv_forms.py).
+    and 0.014 (seeds 0-7 of this setup, checked once: 0.007-0.016, mean 0.012; see also
+    benchmarks/static_conv_forms.py).
     """
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(seed)
