@@ -28,7 +28,7 @@ import numpy as np
 
 from lightning_compress.core.quant.primitives import INT32_MAX
 
-__all__ = ["int32_gemm_bias", "int8_weights_where_safe", "relu_after_quantize", "requantize_on_one_grid"]
+__all__ = ["int32_gemm_bias", "int8_weights_where_safe", "rebuild", "relu_after_quantize", "requantize_on_one_grid"]
 
 
 def _consumers(graph: Any) -> dict[str, list[Any]]:
@@ -65,6 +65,20 @@ def _quantizes(scalars: dict[str, Any], node: Any, source: str) -> bool:
         and len(node.input) == 3
         and node.input[2] in scalars
     )
+
+
+def rebuild(graph: Any, dropped: set[int], after: dict[int, Any] | None = None) -> None:
+    """Rewrite ``graph.node`` in order, without the nodes in ``dropped`` (ids), each of ``after`` after its key."""
+    follow = after or {}
+    nodes = []
+    for node in graph.node:
+        if id(node) in dropped:
+            continue
+        nodes.append(node)
+        if id(node) in follow:
+            nodes.append(follow[id(node)])
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 HALF_GRID = "lc_relu_half_grid"
@@ -130,15 +144,7 @@ def relu_after_quantize(proto: Any) -> int:
                 numpy_helper.from_array(np.array(127, dtype=np.uint8), f"{HALF_GRID}_top"),
             ]
         )
-    nodes = []
-    for node in graph.node:
-        if id(node) in dropped:
-            continue
-        nodes.append(node)
-        if id(node) in after:
-            nodes.append(after[id(node)])
-    del graph.node[:]
-    graph.node.extend(nodes)
+    rebuild(graph, dropped, after)
     return len(after)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_compress.export._chain import _consumers, _scalar_values
+from lightning_compress.export._chain import _consumers, _scalar_values, rebuild
 
 __all__ = ["drop_same_grid_round_trips"]
 
@@ -91,9 +91,7 @@ def drop_same_grid_round_trips(proto: Any) -> int:
         if all(id(n) in dropped or n is q for n in consumers.get(dq.output[0], [])) and dq.output[0] not in outputs:
             dropped.add(id(dq))  # nothing reads it any more (ONNX Runtime would still run it)
     if dropped:
-        nodes = [n for n in graph.node if id(n) not in dropped]
-        del graph.node[:]
-        graph.node.extend(nodes)
+        rebuild(graph, dropped)
     return removed
 
 
@@ -128,15 +126,6 @@ def max_pool_after_quantize(proto: Any) -> int:
         q.input[0], q.output[0] = source, f"{codes}_before_pool"
         pool.input[0], pool.output[0] = q.output[0], codes
         moved[id(q)] = pool
-    if not moved:
-        return 0
-    nodes = []
-    for node in graph.node:
-        if any(node is p for p in moved.values()):
-            continue
-        nodes.append(node)
-        if id(node) in moved:
-            nodes.append(moved[id(node)])
-    del graph.node[:]
-    graph.node.extend(nodes)
+    if moved:
+        rebuild(graph, {id(pool) for pool in moved.values()}, moved)
     return len(moved)
