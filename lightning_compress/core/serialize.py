@@ -185,10 +185,14 @@ def _apply_entry(
     value = obj.get(entry) if isinstance(obj, Mapping) else None
     if value is None:
         return
-    problems = check(module, value)
+    _refuse_entry(path, entry, check(module, value))
+    apply(module, value)
+
+
+def _refuse_entry(path: str, entry: str, problems: list[str]) -> None:
+    """A ``ValueError`` naming the file and the entry when ``problems`` lists any."""
     if problems:
         raise ValueError(f"{path!r}: entry {entry!r} does not match the model: " + "; ".join(problems[:8]))
-    apply(module, value)
 
 
 @torch.no_grad()
@@ -229,12 +233,9 @@ def load_compressed(path: str | os.PathLike[str], module: nn.Module) -> nn.Modul
         # then the folded batch norms: the state below has none of theirs
         _apply_entry(module, obj, where, FOLDED_ENTRY, check_folded, restore_folded)
         plan = _plan(obj, module, where)
+        # residual input grids are checked now and put on last, after the state (core/quant/residual.py)
         grids = obj.get(INPUT_GRIDS_ENTRY, {})
-        problems = check_input_grids(module, grids, obj["layers"])
-        if problems:
-            raise ValueError(
-                f"{where!r}: entry {INPUT_GRIDS_ENTRY!r} does not match the model: " + "; ".join(problems[:8])
-            )
+        _refuse_entry(where, INPUT_GRIDS_ENTRY, check_input_grids(module, grids, obj["layers"]))
     except BaseException:
         _restore(snapshot)
         raise

@@ -8,12 +8,16 @@ changed inside it. Pure torch.
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 
+import torch
 from torch import fx, nn
 from typing_extensions import override
 
-__all__: list[str] = []  # read by fold.py and grids.py
+__all__: list[str] = []  # read by fold.py, grids.py and residual.py
+
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 
 
 class _ChildrenAreLeaves(fx.Tracer):
@@ -38,3 +42,31 @@ def child_calls(graph: fx.Graph) -> Counter[str]:
 def only_reader(node: fx.Node) -> fx.Node | None:
     """The one node that reads ``node``'s output, if exactly one does."""
     return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def is_add(node: fx.Node) -> bool:
+    """Whether ``node`` is an addition without keyword arguments: ``+``, ``+=``, ``torch.add``, ``Tensor.add(_)``."""
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCTIONS and not node.kwargs
+    return node.op == "call_method" and node.target in ("add", "add_") and not node.kwargs
+
+
+def input_readers(graph: fx.Graph) -> tuple[fx.Node, list[str]] | None:
+    """``(first input, children reading it)`` when additions and children called once with it alone read it.
+
+    ``None`` when the graph has no input or another node reads it (a function, a child called with
+    more, or twice). The children are named in the order the graph reads the input.
+    """
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if not inputs:
+        return None
+    x, calls = inputs[0], child_calls(graph)
+    children: list[str] = []
+    for reader in x.users:
+        if is_add(reader):
+            continue
+        target = str(reader.target)
+        if reader.op != "call_module" or reader.args != (x,) or reader.kwargs or calls[target] != 1:
+            return None
+        children.append(target)
+    return x, children

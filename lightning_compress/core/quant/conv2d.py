@@ -23,7 +23,7 @@ from torch.nn.modules.utils import _pair
 from typing_extensions import Self, override
 
 from lightning_compress.core.quant.base import Int8Module
-from lightning_compress.core.quant.primitives import INT32_MAX, QMAX, bias_on_grid, on_grid
+from lightning_compress.core.quant.primitives import QMAX, bias_counts, bias_on_grid, on_grid
 
 __all__ = ["Int8Conv2d"]
 
@@ -178,7 +178,6 @@ class Int8Conv2d(Int8Module):
             return None
         if torch.compiler.is_exporting() or not bool(sx > 0):
             return None
-        step = (sx * self.weight_scale.to(torch.float32)).reshape(-1).expand(self.out_channels)
         codes = torch.div(x, sx).round_().clamp_(-QMAX, QMAX)
         if self.padding_mode != "zeros":
             codes = F.pad(codes, self._pad_twice, mode=self.padding_mode)
@@ -187,10 +186,11 @@ class Int8Conv2d(Int8Module):
         acc = F.conv2d(codes, weight, None, self.stride, padding, self.dilation, self.groups)
         shape = (1, -1, 1, 1)
         rest: Tensor | None = None  # float bias of the channels an int32 count cannot carry
-        if self.bias is not None:
+        if self.bias is None:
+            step = (sx * self.weight_scale.to(torch.float32)).reshape(-1).expand(self.out_channels)
+        else:
             bias = self.bias.detach().to(torch.float32)
-            count = torch.div(bias, torch.where(step > 0, step, torch.ones_like(step))).round_()
-            usable = (step > 0) & (count.abs() <= INT32_MAX)
+            step, count, usable = bias_counts(bias, sx, self.weight_scale)
             acc.add_(torch.where(usable, count, 0.0).reshape(shape))
             rest = None if bool(usable.all()) else torch.where(usable, 0.0, bias)
         if sy is not None and bool(sy > 0):

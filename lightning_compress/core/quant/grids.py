@@ -26,21 +26,19 @@ Pure torch.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, fx, nn
 from torch.nn import functional as F
 
-from lightning_compress.core.quant._local_graph import child_calls, local_graph, only_reader
+from lightning_compress.core.quant._local_graph import child_calls, input_readers, local_graph, only_reader
 from lightning_compress.core.quant.fold import FoldedBatchNorm
 
 __all__ = ["relu_links", "share_grids"]
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _MAX_POOL_FUNCTIONS = (F.max_pool2d, torch.max_pool2d)
-_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 
 
 def _is_relu(node: fx.Node, children: Mapping[str, nn.Module]) -> bool:
@@ -61,12 +59,6 @@ def _is_max_pool(node: fx.Node, children: Mapping[str, nn.Module]) -> bool:
     return node.op == "call_function" and node.target in _MAX_POOL_FUNCTIONS and not node.kwargs.get("return_indices")
 
 
-def _is_add(node: fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target in _ADD_FUNCTIONS and not node.kwargs
-    return node.op == "call_method" and node.target in ("add", "add_") and not node.kwargs
-
-
 def _entry(module: nn.Module, name: str, wanted: set[int], depth: int = 0) -> str | None:
     """The path (from ``name``) of the wanted convolution that first reads ``module``'s input, if one does.
 
@@ -85,23 +77,14 @@ def _entry(module: nn.Module, name: str, wanted: set[int], depth: int = 0) -> st
         first, child = next(iter(module.named_children()))
         return _entry(child, f"{name}.{first}", wanted, depth + 1)
     graph = local_graph(module) if any(id(m) in wanted for m in module.modules()) else None
-    inputs = [] if graph is None else [n for n in graph.nodes if n.op == "placeholder"]
-    if graph is None or not inputs:
+    read = None if graph is None else input_readers(graph)
+    if read is None:
         return None
     children = dict(module.named_children())
-    calls = child_calls(graph)
-    found: list[str] = []
-    for reader in inputs[0].users:
-        if _is_add(reader):
-            continue
-        target = str(reader.target)
-        if reader.op != "call_module" or reader.args != (inputs[0],) or reader.kwargs or calls[target] != 1:
-            return None
-        path = _entry(children[target], f"{name}.{target}", wanted, depth + 1)
-        if path is None:
-            return None
-        found.append(path)
-    return found[0] if found else None
+    found = [_entry(children[target], f"{name}.{target}", wanted, depth + 1) for target in read[1]]
+    if not found or any(path is None for path in found):
+        return None
+    return found[0]
 
 
 def _links_in(parent: nn.Module, wanted: set[int]) -> list[tuple[str, str]]:

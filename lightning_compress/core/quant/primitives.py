@@ -18,6 +18,7 @@ __all__ = [
     "QMAX",
     "MinMaxObserver",
     "RangeObserver",
+    "bias_counts",
     "bias_on_grid",
     "dequantize",
     "on_grid",
@@ -134,12 +135,23 @@ def bias_on_grid(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> Ten
         >>> bias_on_grid(torch.tensor([0.26, -0.01]), torch.tensor(0.1), torch.tensor([0.5, 0.0]))
         tensor([ 0.2500, -0.0100])
     """
-    step = (input_scale.to(torch.float32) * weight_scale.to(torch.float32)).reshape(-1).expand(bias.shape[-1:])
     b = bias.to(torch.float32)
-    count = torch.div(b, _safe(step)).round_()
-    usable = (step > 0) & (count.abs() <= INT32_MAX)
+    step, count, usable = bias_counts(b, input_scale, weight_scale)
     snapped = torch.where(usable, count * step, b)
     return (b + (snapped - b).detach()).to(bias.dtype)
+
+
+def bias_counts(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(step, count, usable)`` per output channel: the product step, the bias's count of it, and where it is int32.
+
+    ``step`` is ``s_x * s_w``, ``count`` is ``round(bias / step)`` (float32), and ``usable`` marks a
+    positive step with ``|count| <= INT32_MAX``. The bias of :func:`bias_on_grid` is ``count * step``
+    where usable; a static convolution on its integer codes adds ``count`` itself
+    (:meth:`~lightning_compress.core.quant.conv2d.Int8Conv2d._integer_forward`).
+    """
+    step = (input_scale.to(torch.float32) * weight_scale.to(torch.float32)).reshape(-1).expand(bias.shape[-1:])
+    count = torch.div(bias.to(torch.float32), _safe(step)).round_()
+    return step, count, (step > 0) & (count.abs() <= INT32_MAX)
 
 
 _AMAX_FLOOR = 1e-30

@@ -33,21 +33,17 @@ with them); an artifact records them in its ``"input_grids"`` entry
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
-from lightning_compress.core.quant._local_graph import child_calls, local_graph
+from lightning_compress.core.quant._local_graph import input_readers, local_graph
 from lightning_compress.core.quant.base import Int8Module
 from lightning_compress.core.quant.conv2d import Int8Conv2d
 
 __all__ = ["InputGrid", "check_input_grids", "input_grids", "put_input_grids", "residual_grids"]
-
-_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
-_ADD_METHODS = ("add", "add_")
 
 
 class InputGrid:
@@ -75,8 +71,10 @@ class InputGrid:
 
 
 def _static_conv(module: nn.Module) -> bool:
-    scale = module._buffers.get("input_scale") if isinstance(module, Int8Conv2d) else None
-    return isinstance(module, Int8Conv2d) and module.mode == "static" and scale is not None and bool(scale > 0)
+    if not isinstance(module, Int8Conv2d) or module.mode != "static":
+        return False
+    scale = module.input_scale
+    return scale is not None and bool(scale > 0)
 
 
 def _entry_conv(child: nn.Module, name: str) -> tuple[str, Int8Conv2d] | None:
@@ -84,43 +82,25 @@ def _entry_conv(child: nn.Module, name: str) -> tuple[str, Int8Conv2d] | None:
     while isinstance(child, nn.Sequential) and len(child) > 0:
         first, child = next(iter(child.named_children()))
         name = f"{name}.{first}"
-    return (name, child) if isinstance(child, Int8Conv2d) and _static_conv(child) else None
-
-
-def _is_add(node: fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target in _ADD_FUNCTIONS and not node.kwargs
-    return node.op == "call_method" and node.target in _ADD_METHODS and not node.kwargs
+    return (name, child) if isinstance(child, Int8Conv2d) and _static_conv(child) else None  # (the type, for mypy)
 
 
 def _grid_in(parent: nn.Module) -> str | None:
     """The child path whose input grid ``parent``'s first input should be rounded to, if any (see the module doc)."""
     graph = local_graph(parent)
-    if graph is None:
+    read = None if graph is None else input_readers(graph)
+    if read is None or len(read[0].users) < 2 or not read[1]:
         return None
-    inputs = [n for n in graph.nodes if n.op == "placeholder"]
-    if not inputs or len(inputs[0].users) < 2:
-        return None
-    x = inputs[0]
     children = dict(parent.named_children())
-    calls = child_calls(graph)
-    convs: list[tuple[str, Int8Conv2d]] = []
-    for reader in x.users:
-        if _is_add(reader):
-            continue
-        if reader.op != "call_module" or reader.args != (x,) or reader.kwargs or calls[str(reader.target)] != 1:
-            return None
-        entry = _entry_conv(children[str(reader.target)], str(reader.target))
-        if entry is None:
-            return None
-        convs.append(entry)
-    if not convs:
+    convs = [_entry_conv(children[target], target) for target in read[1]]
+    found = [entry for entry in convs if entry is not None]
+    if len(found) != len(convs):
         return None
-    first_scale = convs[0][1].input_scale
+    first_scale = found[0][1].input_scale
     assert first_scale is not None  # _static_conv
-    if any(not torch.equal(conv.input_scale, first_scale) for _, conv in convs[1:]):  # type: ignore[arg-type]
+    if any(not torch.equal(conv.input_scale, first_scale) for _, conv in found[1:]):  # type: ignore[arg-type]
         return None
-    return convs[0][0]
+    return found[0][0]
 
 
 def residual_grids(model: nn.Module) -> dict[str, str]:
@@ -141,8 +121,8 @@ def residual_grids(model: nn.Module) -> dict[str, str]:
     """
     found: dict[str, str] = {}
     for name, parent in model.named_modules():
-        if isinstance(parent, Int8Module) or not any(_static_conv(m) for m in parent.modules()):
-            continue
+        if isinstance(parent, Int8Module) or not any(_entry_conv(c, n) for n, c in parent.named_children()):
+            continue  # no child starts with a static convolution: nothing to trace
         child = _grid_in(parent)
         if child is not None:
             found[name] = child
