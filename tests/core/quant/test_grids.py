@@ -113,6 +113,23 @@ def test_a_second_convolution_never_reached_keeps_the_first_ones_range() -> None
     assert share_grids({"a": "b"}, {"b": theirs}, {"a": own}) == {"a": theirs}
 
 
+def _second_input_and_first_float_output(model, first, second, x):
+    """What ``second`` reads in one call of ``model``, and ``first``'s output written another way.
+
+    The reference: the first convolution in float, on its input grid (its bias on the int32 product
+    grid), no output grid.
+    """
+    seen = []
+    handle = second.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(x)
+        weight = first.int8_weight.float() * first.weight_scale.reshape(-1, 1, 1, 1)
+        step = first.input_scale * first.weight_scale
+        y = F.conv2d(on_grid(x, first.input_scale), weight, torch.round(first.bias / step) * step, padding=1)
+    handle.remove()
+    return seen, y
+
+
 def test_the_second_convolution_reads_the_relu_of_the_float_output_on_its_own_grid() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
@@ -127,16 +144,7 @@ def test_the_second_convolution_reads_the_relu_of_the_float_output_on_its_own_gr
     first, second = model[0], model[3]
     assert first.output_scale.item() == second.input_scale.item() > 0
     assert own.item() > 1.2 * second.input_scale.item()  # so the shared grid is not a coincidence
-    seen = []
-    handle = second.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    with torch.no_grad():
-        model(x)
-        # the reference written another way: the first convolution in float, on its input grid (its bias
-        # on the int32 product grid), no output grid
-        weight = first.int8_weight.float() * first.weight_scale.reshape(-1, 1, 1, 1)
-        step = first.input_scale * first.weight_scale
-        y = F.conv2d(on_grid(x, first.input_scale), weight, torch.round(first.bias / step) * step, padding=1)
-    handle.remove()
+    seen, y = _second_input_and_first_float_output(model, first, second, x)
     s = second.input_scale
     torch.testing.assert_close(on_grid(seen[0], s), on_grid(F.relu(y), s), atol=1e-6, rtol=0)
     assert torch.equal(on_grid(seen[0], s), seen[0])  # already on the grid: the second quantization is exact
@@ -152,14 +160,7 @@ def test_through_a_max_pool_the_next_block_reads_the_pooled_relu_of_the_float_ou
     quantize(model, "static", calibration=[x])
     first, second = model.conv, model.stage[0].conv
     assert first.output_scale.item() == second.input_scale.item() > 0
-    seen = []
-    handle = second.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    with torch.no_grad():
-        model(x)
-        weight = first.int8_weight.float() * first.weight_scale.reshape(-1, 1, 1, 1)
-        step = first.input_scale * first.weight_scale
-        y = F.conv2d(on_grid(x, first.input_scale), weight, torch.round(first.bias / step) * step, padding=1)
-    handle.remove()
+    seen, y = _second_input_and_first_float_output(model, first, second, x)
     s = second.input_scale
     want = on_grid(F.max_pool2d(F.relu(y), 3, 2, 1), s)
     torch.testing.assert_close(seen[0], want, atol=1e-6, rtol=0)

@@ -72,6 +72,14 @@ def _stack(block: type[nn.Module]) -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), block(), block())
 
 
+def _static_stack() -> nn.Module:
+    """Two static residual blocks after a convolution (seed 0)."""
+    torch.manual_seed(0)
+    model = _stack(Residual)
+    _static(model, torch.randn(16, 3, 8, 8))
+    return model
+
+
 def _static(model: nn.Module, calib: torch.Tensor):
     with torch.no_grad():
         model.train()(calib)  # batch-norm statistics that are not the identity
@@ -90,9 +98,7 @@ def test_residual_blocks_put_their_input_on_their_convolutions_grid(block) -> No
 
 
 def test_a_residual_block_computes_its_convolution_plus_the_identity_on_the_same_grid() -> None:
-    torch.manual_seed(0)
-    model = _stack(Residual)
-    _static(model, torch.randn(16, 3, 8, 8))
+    model = _static_stack()
     block = model[2]
     x = torch.randn(5, 4, 8, 8) * 2
     scale = block.conv.input_scale
@@ -177,9 +183,7 @@ def test_torchvision_residual_blocks() -> None:
 
 
 def test_the_hooks_survive_deepcopy_and_pickle() -> None:
-    torch.manual_seed(0)
-    model = _stack(Residual)
-    _static(model, torch.randn(16, 3, 8, 8))
+    model = _static_stack()
     x = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         want = model(x)
@@ -190,17 +194,13 @@ def test_the_hooks_survive_deepcopy_and_pickle() -> None:
 
 
 def test_put_input_grids_is_idempotent() -> None:
-    torch.manual_seed(0)
-    model = _stack(Residual)
-    _static(model, torch.randn(16, 3, 8, 8))
+    model = _static_stack()
     put_input_grids(model, {"2": "conv", "3": "conv"})
     assert sum(isinstance(h, InputGrid) for h in model[2]._forward_pre_hooks.values()) == 1
 
 
 def test_an_artifact_keeps_the_input_grids(tmp_path) -> None:
-    torch.manual_seed(0)
-    model = _stack(Residual)
-    _static(model, torch.randn(16, 3, 8, 8))
+    model = _static_stack()
     path = tmp_path / "model.pt"
     save_compressed(model, path)
     assert torch.load(path, weights_only=True)["input_grids"] == {"2": "conv", "3": "conv"}
@@ -213,9 +213,7 @@ def test_an_artifact_keeps_the_input_grids(tmp_path) -> None:
 
 
 def test_an_artifact_without_input_grids_takes_them_off(tmp_path) -> None:
-    torch.manual_seed(0)
-    model = _stack(Residual)
-    _static(model, torch.randn(16, 3, 8, 8))
+    model = _static_stack()
     other = copy.deepcopy(model)
     put_input_grids(other, {}, only=True)
     path = tmp_path / "plain.pt"
@@ -235,9 +233,7 @@ def test_an_artifact_without_input_grids_takes_them_off(tmp_path) -> None:
     ],
 )
 def test_a_damaged_input_grids_entry_is_refused_and_leaves_the_model_untouched(tmp_path, grids, message) -> None:
-    torch.manual_seed(0)
-    model = _stack(Residual)
-    _static(model, torch.randn(16, 3, 8, 8))
+    model = _static_stack()
     path = tmp_path / "model.pt"
     save_compressed(model, path)
     artifact = torch.load(path, weights_only=True)
@@ -253,9 +249,7 @@ def test_a_damaged_input_grids_entry_is_refused_and_leaves_the_model_untouched(t
 
 
 def test_torch_export_traces_the_input_grid() -> None:
-    torch.manual_seed(0)
-    model = _stack(Residual)
-    _static(model, torch.randn(16, 3, 8, 8))
+    model = _static_stack()
     x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():
         want = model(x)
