@@ -13,8 +13,9 @@ Each ratio column is the variant's median over the float32 median; ``ours/peer``
 Conv: a stack of 3x3 convolutions and torchvision's resnet18, float32 against our Int8Conv2d
 (dequantized weight + F.conv2d) and against the alternative we rejected (unfold + torch._int_mm).
 
-The variants are timed in interleaved rounds (float, ours, peer, float, ours, peer, ...) and each
-figure is the median over the rounds, so that load on a shared machine hits them alike.
+The variants are timed in interleaved rounds (float, ours, peer, then the next round; each round in a
+shuffled order) and each figure is the median over the rounds, so that load on a shared machine hits
+them alike.
 
     python benchmarks/int8_latency.py            # full run, writes benchmarks/results/int8_latency.{md,json}
     python benchmarks/int8_latency.py --smoke    # tiny sizes, a few seconds
@@ -286,7 +287,8 @@ def main() -> None:
         f"# int8 CPU latency ({result['command']})",
         "",
         f"{cpu}. torch {torch.__version__}, {threads} threads, CPU capability {result['cpu_capability']};"
-        f" medians of {rounds} interleaved rounds; torchao: {tao_note}; 1-minute load average"
+        f" medians of {rounds} interleaved rounds (order shuffled per round); torchao: {tao_note};"
+        " 1-minute load average"
         f" {load[0]:.1f} before, {load[1]:.1f} after on {os.cpu_count()} cores"
         + (" (other processes shared the cores)." if max(load) > 0.5 * (os.cpu_count() or 1) + threads else "."),
     ]

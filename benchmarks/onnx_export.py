@@ -47,6 +47,7 @@ from lightning_compress.core.quant.convert import quantize
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(RESULTS.parent))  # _cpu, also when a smoke test loads this script from its path
 from _cpu import cpu_header  # noqa: E402
+from _timing import round_orders  # noqa: E402
 
 
 def call(model: nn.Module, inputs: Any) -> Any:
@@ -104,7 +105,7 @@ def ort_quantized(float_path: str, out: str, static: bool, calib: Any) -> None:
 
 
 def timed(fns: dict[str, Callable[[], Any]], rounds: int, min_time: float) -> dict[str, float]:
-    """Median milliseconds per call of each function, in interleaved rounds."""
+    """Median milliseconds per call of each function, in interleaved rounds (order shuffled per round)."""
     reps: dict[str, int] = {}
     for name, fn in fns.items():
         fn()
@@ -114,8 +115,9 @@ def timed(fns: dict[str, Callable[[], Any]], rounds: int, min_time: float) -> di
             n += 1
         reps[name] = n
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    for order in round_orders(list(fns), rounds):  # shuffled per round: see _timing.py
+        for name in order:
+            fn = fns[name]
             start = time.perf_counter()
             for _ in range(reps[name]):
                 fn()
@@ -316,7 +318,8 @@ def main() -> None:
         "",
         header,
         "",
-        "Median ms per call over interleaved rounds (machine shared with other jobs); ratio to PyTorch float32.",
+        "Median ms per call over interleaved rounds, order shuffled per round (machine shared with other jobs);"
+        " ratio to PyTorch float32.",
         "Score: digits test accuracy; MiniLM: cosine of the mean-pooled embedding to PyTorch float32.",
         "",
         "| model | variant | ms | / torch fp32 | ours / ORT quantizer | score |",

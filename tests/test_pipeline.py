@@ -184,7 +184,7 @@ def test_figure_leaves_out_a_ratio_without_baseline(tmp_path):
     assert (tmp_path / "figure.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_measure_latencies_takes_the_median_of_interleaved_calls():
+def test_measure_latencies_takes_the_median_of_interleaved_calls_in_alternating_order():
     now = [0.0]
     calls: list[str] = []
 
@@ -204,7 +204,7 @@ def test_measure_latencies_takes_the_median_of_interleaved_calls():
     b.eval()
     latencies = measure_latencies([a, b], torch.zeros(1), repeats=3, warmup=1, clock=lambda: now[0])
     assert latencies == [2000.0, 3000.0]
-    assert calls == ["a", "b"] * 4  # in turns
+    assert calls == ["a", "b"] * 2 + ["b", "a"] + ["a", "b"]  # warm-up, then in turns, every other round reversed
     assert a.training and not b.training  # modes restored
 
 

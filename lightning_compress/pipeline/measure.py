@@ -106,8 +106,9 @@ def measure_latencies(
 ) -> list[float]:
     """Median milliseconds of one forward pass of each module on ``inputs``, on the CPU.
 
-    The modules are timed in turns (one call each, ``repeats`` rounds) so that a change of machine
-    load during the measurement affects all of them alike. Each module runs in eval mode; its
+    The modules are timed in turns (one call each, ``repeats`` rounds, every other round in reverse
+    order) so that a change of machine load during the measurement, and the state one model's call
+    leaves for the next, affect all of them alike. Each module runs in eval mode; its
     training flag is restored afterwards.
 
     Args:
@@ -137,8 +138,12 @@ def measure_latencies(
             for m in modules:
                 call_model(m, inputs)
         samples: list[list[float]] = [[] for _ in modules]
-        for _ in range(repeats):
-            for m, times in zip(modules, samples, strict=True):
+        turns = list(zip(modules, samples, strict=True))
+        for r in range(repeats):
+            # Every other round in reverse order: the model timed right after another one was
+            # measured 3-5 % slower than in another order (benchmarks/_timing.py), so neither
+            # model always takes that place.
+            for m, times in turns if r % 2 == 0 else turns[::-1]:
                 start = clock()
                 call_model(m, inputs)
                 times.append((clock() - start) * 1000.0)
