@@ -2,13 +2,15 @@
 
 A static float32 ``Int8Conv2d`` computes on the integer codes of its input and weight
 (``Int8Conv2d._integer_forward``: exact sums, the int32 bias count, one requantization, as ONNX
-Runtime's ``QLinearConv``); the float form, which ``torch.compile`` / ``torch.export`` graphs keep,
-multiplies the dequantized input by the dequantized weight. Side by side in one run, for torchvision
-resnet18 (random init, batch norm statistics from a training-mode pass, folded; static, int8
-residual additions):
+Runtime's ``QLinearConv``), its sums from oneDNN's int8 convolution where that is exact
+(``core.quant.onednn``; VNNI / AMX CPUs) and from ``F.conv2d`` on the codes elsewhere; the float
+form, which ``torch.compile`` / ``torch.export`` graphs keep, multiplies the dequantized input by
+the dequantized weight. Side by side in one run, for torchvision resnet18 (random init, batch norm
+statistics from a training-mode pass, folded; static, int8 residual additions):
 
-* PyTorch eager milliseconds per call of float32, the static model in each form and the dynamic
-  model (batch 4 at 112x112, interleaved rounds, medians);
+* PyTorch eager milliseconds per call of float32, the static model in each form (oneDNN sums, and
+  ``F.conv2d`` sums, ``static_integer_fconv``), both in contiguous and in channels-last memory
+  format, and the dynamic model (batch 4 at 112x112, interleaved rounds, medians);
 * the relative error of each form against the model's ONNX Runtime export (``export_onnx``), on
   several seeds (16 images of 48x48, calibrated on them, as ``tests/export/test_export_models.py``).
 
@@ -36,6 +38,7 @@ from torch import nn
 from lightning_compress.core.files import atomic_write_text
 from lightning_compress.core.quant.conv2d import Int8Conv2d
 from lightning_compress.core.quant.convert import quantize
+from lightning_compress.core.quant.onednn import onednn_conv_available, use_onednn_conv
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(RESULTS.parent))
@@ -104,7 +107,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     size, batch, rounds, seeds = (32, 2, 2, 1) if args.smoke else (112, 4, args.rounds, args.seeds)
-    header = f"CPU: {cpu_header()}; torch threads: {torch.get_num_threads()}; torch {torch.__version__}"
+    header = (
+        f"CPU: {cpu_header()}; torch threads: {torch.get_num_threads()}; torch {torch.__version__};"
+        f" oneDNN int8 convolution: {'used' if onednn_conv_available() else 'not exact here, not used'}"
+    )
     print(header)
     x = torch.randn(batch, 3, size, size)
     net = trained_resnet18(0, x)
@@ -116,9 +122,19 @@ def main() -> None:
         with float_form():
             return static(x)
 
+    def fconv_call() -> torch.Tensor:
+        with use_onednn_conv(False):
+            return static(x)
+
+    # The same models and input in channels-last memory format (the layout oneDNN computes in).
+    cl = torch.channels_last
+    x_cl, net_cl = x.contiguous(memory_format=cl), copy.deepcopy(net).to(memory_format=cl)
+    static_cl = copy.deepcopy(static).to(memory_format=cl)
     with torch.no_grad():
         ms = interleaved(
-            {"float32": lambda: net(x), "static_integer": lambda: static(x), "static_float_form": float_form_call,
+            {"float32": lambda: net(x), "float32_channels_last": lambda: net_cl(x_cl),
+             "static_integer": lambda: static(x), "static_integer_channels_last": lambda: static_cl(x_cl),
+             "static_integer_fconv": fconv_call, "static_float_form": float_form_call,
              "dynamic": lambda: dynamic(x)},
             rounds, 1,
         )  # fmt: skip

@@ -65,6 +65,9 @@ def test_batch_norm_fold_smoke(tmp_path):
 @pytest.mark.slow
 def test_static_conv_forms_smoke(tmp_path):
     result = _run("static_conv_forms.py", tmp_path)
-    assert set(result["ms"]) == {"float32", "static_integer", "static_float_form", "dynamic"}
+    assert set(result["ms"]) == {
+        "float32", "float32_channels_last", "static_integer", "static_integer_channels_last",
+        "static_integer_fconv", "static_float_form", "dynamic",
+    }  # fmt: skip
     (row,) = result["agreement"]
     assert 0 <= row["integer_vs_ort"] <= 0.02 and 0 <= row["float_vs_ort"] <= 0.05

@@ -1,9 +1,12 @@
 """``Int8Conv2d``: ``nn.Conv2d`` (grouped and depthwise included) with an int8 weight.
 
-A convolution always computes with ``F.conv2d`` (a static float32 one on the integer codes of its
-input and weight, :meth:`Int8Conv2d._integer_forward`; otherwise with its dequantized weight): on the CPU we measured
-an unfold + ``torch._int_mm`` convolution 2.5-15x slower than the float one, while dequantizing adds
-0-17 % to the float convolution (see ``benchmarks/int8_latency.py`` and the quantization docs).
+A static float32 convolution computes on the integer codes of its input and weight
+(:meth:`Int8Conv2d._integer_forward`): their sums come from oneDNN's int8 convolution on CPUs where
+that is exact (:mod:`~lightning_compress.core.quant.onednn`: VNNI, AMX) and from ``F.conv2d`` on
+the codes elsewhere, the same numbers either way. Otherwise it computes with its dequantized weight
+and ``F.conv2d``: on the CPU we measured an unfold + ``torch._int_mm`` convolution 2.5-15x slower
+than the float one, while dequantizing adds 0-17 % to the float convolution (see
+``benchmarks/int8_latency.py`` and the quantization docs).
 In ``mode="static"`` it also holds the calibrated scales of its input and of its output
 (``input_scale``, ``output_scale``) and puts both on their int8 grid (``q = clamp(round(x / s),
 -127, 127)``, read back as ``s * q``) around the float convolution, whose bias is then rounded to
@@ -23,6 +26,7 @@ from torch.nn.modules.utils import _pair
 from typing_extensions import Self, override
 
 from lightning_compress.core.quant.base import Int8Module
+from lightning_compress.core.quant.onednn import conv_sums
 from lightning_compress.core.quant.primitives import QMAX, bias_counts, bias_on_grid, on_grid
 
 __all__ = ["Int8Conv2d"]
@@ -171,7 +175,9 @@ class Int8Conv2d(Int8Module):
         dequantized weight, rounds its partial sums, and a sum near a half step can land on the
         other code: measured on resnet18, this halves the difference to ONNX Runtime). Not while
         compiling or exporting (data-dependent branches), for other dtypes, or without a positive
-        input scale: those take the float form, which equals this one up to float rounding.
+        input scale: those take the float form, which equals this one up to float rounding. The
+        sums come from oneDNN's int8 convolution where :func:`~lightning_compress.core.quant.onednn.conv_sums`
+        applies (the same numbers, faster), else from ``F.conv2d`` on the codes.
         """
         sx, sy = self.input_scale, self.output_scale
         if sx is None or x.dtype is not torch.float32 or torch.compiler.is_compiling():
@@ -179,11 +185,13 @@ class Int8Conv2d(Int8Module):
         if torch.compiler.is_exporting() or not bool(sx > 0):
             return None
         codes = torch.div(x, sx).round_().clamp_(-QMAX, QMAX)
-        if self.padding_mode != "zeros":
-            codes = F.pad(codes, self._pad_twice, mode=self.padding_mode)
-        padding = 0 if self.padding_mode != "zeros" else self.padding
-        weight = self.int8_weight.to(torch.float32)
-        acc = F.conv2d(codes, weight, None, self.stride, padding, self.dilation, self.groups)
+        acc = conv_sums(self, codes)  # oneDNN's int8 convolution where it is exact (core.quant.onednn)
+        if acc is None:
+            if self.padding_mode != "zeros":
+                codes = F.pad(codes, self._pad_twice, mode=self.padding_mode)
+            padding = 0 if self.padding_mode != "zeros" else self.padding
+            weight = self.int8_weight.to(torch.float32)
+            acc = F.conv2d(codes, weight, None, self.stride, padding, self.dilation, self.groups)
         shape = (1, -1, 1, 1)
         rest: Tensor | None = None  # float bias of the channels an int32 count cannot carry
         if self.bias is None:

@@ -1,0 +1,166 @@
+"""oneDNN's u8 x s8 convolution for a static :class:`~lightning_compress.core.quant.conv2d.Int8Conv2d` on the CPU.
+
+A static int8 convolution computes its integer sums ``sum (q_x * Q_W)`` of input codes and int8
+weights, then rescales them once (:meth:`Int8Conv2d._integer_forward`). Without this module those
+sums come from ``F.conv2d`` on the codes held as float32 (exact below 2^24), which costs a float
+convolution plus the rounding passes: measured 1.10x the float32 model on resnet18 (AMD EPYC,
+AVX-512 VNNI, one thread). Here they come from oneDNN's int8 convolution
+(``torch.ops.onednn.qconv2d_pointwise``, the kernel ``torch.compile``'s x86 int8 path lowers to):
+the codes shifted by ``Z = 128`` into unsigned bytes, the weight prepacked once
+(``torch.ops.onednn.qconv_prepack``), called with every scale 1 and a float32 output, so the
+op returns the integer sums themselves (int32 accumulators, exact, converted to float32). The rest
+of the computation (bias count, one rescale, rounding) is unchanged, so the outputs are the same
+numbers as ``F.conv2d``'s integer form (tested with ``torch.equal``) while the accumulator stays
+below 2^24, and exact beyond it where the float form is not.
+
+Used only where it is exact: :func:`onednn_conv_available` checks, once per process, that the ops
+exist and that an adversarial product (codes 127, zero point 128, so ``u = 255``, times weights
+127) comes out exact, which holds on CPUs whose u8 x s8 instruction accumulates in int32 (VNNI,
+AMX); elsewhere (AVX2) the layer keeps ``F.conv2d``. The prepacked weight is a non-persistent cache
+on the layer (rebuilt when the weight or a shape attribute changes; never in a ``state_dict``,
+copy or pickle).
+
+The op's output follows its input's memory format: a channels-last input (``x.contiguous(
+memory_format=torch.channels_last)``, or a model converted with ``model.to(memory_format=
+torch.channels_last)``) gets a channels-last output, as from ``F.conv2d``, and is fastest: the
+layer reorders nothing. A contiguous (NCHW) input is reordered to channels-last bytes and its
+output back to NCHW, which costs one pass over the float output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from lightning_compress.core.quant.fbgemm import has_vnni
+from lightning_compress.core.quant.primitives import QMAX
+
+if TYPE_CHECKING:
+    from lightning_compress.core.quant.conv2d import Int8Conv2d
+
+__all__ = ["conv_sums", "onednn_conv_available", "use_onednn_conv"]
+
+ZERO_POINT = QMAX + 1
+"""The shift that turns a symmetric int8 code ``q`` in ``[-127, 127]`` into the byte ``q + 128``."""
+
+_PROBED: dict[str, bool] = {}
+_ENABLED: list[bool] = [True]
+_ATTR = "_lc_onednn_conv"
+
+
+@contextlib.contextmanager
+def use_onednn_conv(enabled: bool) -> Iterator[None]:
+    """Turn the oneDNN path on or off inside the block (tests, benchmarks): off, every layer uses ``F.conv2d``."""
+    saved = _ENABLED[0]
+    _ENABLED[0] = enabled
+    try:
+        yield
+    finally:
+        _ENABLED[0] = saved
+
+
+def onednn_conv_available() -> bool:
+    """Whether oneDNN's u8 x s8 convolution exists here and its int32 sums are exact on this CPU (probed once)."""
+    if "ok" not in _PROBED:
+        _PROBED["ok"] = _probe()
+    return _PROBED["ok"] and _ENABLED[0]
+
+
+@torch.compiler.disable
+def _probe() -> bool:
+    ops = torch.ops.onednn
+    if not (hasattr(ops, "qconv_prepack") and hasattr(ops, "qconv2d_pointwise")):
+        return False
+    if not torch.backends.mkldnn.is_available() or not has_vnni():  # type: ignore[no-untyped-call]
+        return False
+    try:
+        c, k = 64, 3
+        weight = torch.full((8, c, k, k), QMAX, dtype=torch.int8)
+        u = torch.full((1, c, 4, 4), QMAX + ZERO_POINT, dtype=torch.uint8)
+        got = _sums(u, _pack(weight, (1, 1), (0, 0), (1, 1), 1), (1, 1), (0, 0), (1, 1), 1, 8)
+    except Exception:  # an op that exists but fails here (a torch built without it)
+        return False
+    return bool((got == float(QMAX * QMAX * c * k * k)).all())
+
+
+def _pack(
+    weight: Tensor, stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int
+) -> Any:
+    ones = torch.ones(weight.shape[0])
+    return torch.ops.onednn.qconv_prepack(
+        weight.contiguous(), ones, 1.0, ZERO_POINT, list(stride), list(padding), list(dilation), groups, None
+    )
+
+
+def _sums(
+    u: Tensor,
+    packed: Any,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    out_channels: int,
+) -> Tensor:
+    ones = torch.ones(out_channels)
+    zeros = torch.zeros(out_channels, dtype=torch.long)
+    return torch.ops.onednn.qconv2d_pointwise(
+        u, 1.0, ZERO_POINT, packed, ones, zeros, None, list(stride), list(padding), list(dilation), groups,
+        1.0, 0, torch.float32, "none", [], "",
+    )  # fmt: skip
+
+
+class _Packed:
+    """A layer's prepacked weight, with what it was built from (checked on every call)."""
+
+    __slots__ = ("key", "packed", "version", "weight")
+
+    def __init__(self, weight: Tensor, key: tuple[Any, ...]) -> None:
+        self.weight = weight
+        self.version = weight._version
+        self.key = key
+        stride, padding, dilation, groups = key
+        with torch.inference_mode(False), torch.no_grad():
+            self.packed = _pack(weight, stride, padding, dilation, groups)
+
+    # A copy or a pickle of the layer starts without it (rebuilt on use).
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_none, ())
+
+
+def _none() -> None:
+    return None
+
+
+def conv_sums(layer: Int8Conv2d, codes: Tensor) -> Tensor | None:
+    """``F.conv2d(codes, layer's int8 weight as float)`` through oneDNN, or ``None`` where it does not apply.
+
+    ``codes``: the input's int8 codes as float32 integers in ``[-127, 127]``, batched (4-d). Applies
+    on the CPU, with zero padding given as numbers, when no gradient is asked for, outside ``torch.jit.trace``,
+    and where :func:`onednn_conv_available`. The result has the memory format ``F.conv2d`` would
+    give (channels-last for a channels-last input, else contiguous).
+    """
+    padding = layer.padding
+    if not codes.is_cpu or codes.dim() != 4 or isinstance(padding, str) or layer.padding_mode != "zeros":
+        return None
+    if (torch.is_grad_enabled() and codes.requires_grad) or torch._C._get_tracing_state() is not None:
+        return None
+    if not onednn_conv_available():
+        return None
+    weight: Tensor = layer._buffers["weight"]  # type: ignore[assignment]
+    key = (layer.stride, padding, layer.dilation, layer.groups)
+    plan: _Packed | None = layer.__dict__.get(_ATTR)
+    if plan is None or plan.weight is not weight or plan.version != weight._version or plan.key != key:
+        plan = _Packed(weight, key)
+        layer.__dict__[_ATTR] = plan
+    # Channels-last only when it is not also contiguous (a 1x1 map is both): then F.conv2d keeps it.
+    channels_last = not codes.is_contiguous() and codes.is_contiguous(memory_format=torch.channels_last)
+    u = codes.add(ZERO_POINT).to(torch.uint8, memory_format=torch.channels_last)
+    out = _sums(u, plan.packed, layer.stride, padding, layer.dilation, layer.groups, weight.shape[0])
+    return out if channels_last else out.contiguous()
