@@ -93,7 +93,8 @@ class QuantizeOnFitEnd(CompressionCallback):
         verbose: ``1`` prints the report on rank zero; ``0`` stays quiet.
 
     After fit, :attr:`report` is a plain dict: ``layers_converted``, ``layers`` (name -> mode),
-    ``kernels`` (name -> how the layer computes here, see :mod:`lightning_compress.core.quant.kernels`),
+    ``kernels`` (name -> how the layer computes here, see :mod:`lightning_compress.core.quant.kernels`;
+    for a convolution :mod:`lightning_compress.core.quant.onednn`),
     ``fallbacks``, ``skipped``, ``folded`` (batch norm -> the convolution it was folded into),
     ``weight_bytes_before`` / ``weight_bytes_after`` / ``weight_bytes_ratio`` (the converted layers),
     ``model_bytes_before`` / ``model_bytes_after``,

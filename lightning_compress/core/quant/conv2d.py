@@ -26,7 +26,7 @@ from torch.nn.modules.utils import _pair
 from typing_extensions import Self, override
 
 from lightning_compress.core.quant.base import Int8Module
-from lightning_compress.core.quant.onednn import conv_sums
+from lightning_compress.core.quant.onednn import conv_kernel, conv_sums
 from lightning_compress.core.quant.primitives import QMAX, bias_counts, bias_on_grid, on_grid
 
 __all__ = ["Int8Conv2d"]
@@ -134,6 +134,16 @@ class Int8Conv2d(Int8Module):
             self.output_scale = torch.zeros((), device=self.int8_weight.device)
         elif mode not in self._static_input_modes:
             self.output_scale = None
+
+    @property
+    def kernel(self) -> str:
+        """How it computes float32 inputs here: one of :data:`~lightning_compress.core.quant.onednn.CONV_KERNELS`.
+
+        ``"onednn_u8s8"``: a static layer's integer sums from oneDNN's int8 convolution; ``"conv_codes"``:
+        from ``F.conv2d`` on the codes (the same numbers); ``"dequant"``: the dequantized weight
+        (``dynamic``, ``weight_only``).
+        """
+        return conv_kernel(self)
 
     def quantize_input(self, x: Tensor) -> Tensor:
         """``x`` on this layer's input grid, as :meth:`forward` puts it (``x`` itself unless the layer is static).

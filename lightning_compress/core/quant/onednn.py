@@ -42,7 +42,11 @@ from lightning_compress.core.quant.primitives import QMAX
 if TYPE_CHECKING:
     from lightning_compress.core.quant.conv2d import Int8Conv2d
 
-__all__ = ["conv_sums", "onednn_conv_available", "use_onednn_conv"]
+__all__ = ["CONV_KERNELS", "conv_kernel", "conv_sums", "onednn_conv_available", "use_onednn_conv"]
+
+CONV_KERNELS: tuple[str, ...] = ("onednn_u8s8", "conv_codes", "dequant")
+"""How an ``Int8Conv2d`` computes (:attr:`Int8Conv2d.kernel`): a static one's integer sums by oneDNN or by
+``F.conv2d`` on the codes; a dynamic or weight-only one with its dequantized weight."""
 
 ZERO_POINT = QMAX + 1
 """The shift that turns a symmetric int8 code ``q`` in ``[-127, 127]`` into the byte ``q + 128``."""
@@ -138,6 +142,27 @@ def _none() -> None:
     return None
 
 
+def conv_kernel(layer: Int8Conv2d) -> str:
+    """The kernel ``layer`` uses for float32 inputs on its device: one of :data:`CONV_KERNELS` (deterministic).
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_compress.core.quant.conv2d import Int8Conv2d
+        >>> conv_kernel(Int8Conv2d.from_float(nn.Conv2d(4, 4, 3), "dynamic"))
+        'dequant'
+    """
+    if layer.input_scale is None:
+        return "dequant"
+    weight: Tensor = layer._buffers["weight"]  # type: ignore[assignment]
+    if weight.is_cpu and _applies(layer) and onednn_conv_available():
+        return "onednn_u8s8"
+    return "conv_codes"
+
+
+def _applies(layer: Int8Conv2d) -> bool:
+    return not isinstance(layer.padding, str) and layer.padding_mode == "zeros"
+
+
 def conv_sums(layer: Int8Conv2d, codes: Tensor) -> Tensor | None:
     """``F.conv2d(codes, layer's int8 weight as float)`` through oneDNN, or ``None`` where it does not apply.
 
@@ -147,7 +172,7 @@ def conv_sums(layer: Int8Conv2d, codes: Tensor) -> Tensor | None:
     give (channels-last for a channels-last input, else contiguous).
     """
     padding = layer.padding
-    if not codes.is_cpu or codes.dim() != 4 or isinstance(padding, str) or layer.padding_mode != "zeros":
+    if not codes.is_cpu or codes.dim() != 4 or isinstance(padding, str) or not _applies(layer):
         return None
     if (torch.is_grad_enabled() and codes.requires_grad) or torch._C._get_tracing_state() is not None:
         return None

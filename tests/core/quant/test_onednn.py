@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from lightning_compress.core.quant import onednn
 from lightning_compress.core.quant.conv2d import Int8Conv2d
-from lightning_compress.core.quant.onednn import conv_sums, onednn_conv_available, use_onednn_conv
+from lightning_compress.core.quant.onednn import CONV_KERNELS, conv_sums, onednn_conv_available, use_onednn_conv
 
 needs_onednn = pytest.mark.skipif(
     not onednn_conv_available(), reason="oneDNN's int8 convolution is not exact on this CPU (needs VNNI or AMX)"
@@ -151,3 +151,16 @@ def test_the_probe_answers_once_and_the_switch_restores_it() -> None:
         assert not onednn_conv_available()
     assert onednn_conv_available() == first
     assert onednn._PROBED["ok"] in (True, False)
+
+
+def test_the_kernel_says_which_path_a_layer_takes() -> None:
+    static = _static()
+    assert static.kernel == ("onednn_u8s8" if onednn_conv_available() else "conv_codes")
+    with use_onednn_conv(False):
+        assert static.kernel == "conv_codes"
+    assert _static(padding_mode="reflect").kernel == "conv_codes"
+    assert _static(padding="same").kernel == "conv_codes"
+    dynamic = Int8Conv2d.from_float(nn.Conv2d(4, 4, 3), "dynamic")
+    assert dynamic.kernel == "dequant"
+    assert Int8Conv2d.from_float(nn.Conv2d(4, 4, 3), "weight_only").kernel == "dequant"
+    assert {static.kernel, dynamic.kernel} <= set(CONV_KERNELS)
