@@ -60,7 +60,7 @@ from lightning_compress.core.quant.fbgemm import fbgemm_available as fbgemm_avai
 from lightning_compress.core.quant.fbgemm import fbgemm_pack as fbgemm_pack
 from lightning_compress.core.quant.fbgemm import fbgemm_u8s8_mm as fbgemm_u8s8_mm
 from lightning_compress.core.quant.fbgemm import has_vnni, linear_dynamic
-from lightning_compress.core.quant.primitives import QMAX, bias_on_grid, dequantize
+from lightning_compress.core.quant.primitives import QMAX, bias_on_grid, dequantize, tensor_version
 
 if TYPE_CHECKING:
     from lightning_compress.core.quant.modules import Int8Linear
@@ -135,15 +135,6 @@ def select_kernel(in_features: int, out_features: int, mode: str, device: torch.
     return "int_mm" if has_vnni() else "float"
 
 
-def _version(t: Tensor | None) -> int:
-    if t is None:
-        return -1
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor has no version counter
-        return -2
-
-
 class _Plan:
     """What one layer's kernel needs, built from (and checked against) the layer's current tensors."""
 
@@ -165,7 +156,7 @@ class _Plan:
     def __init__(self, mode: str, sources: tuple[Any, ...]) -> None:
         weight, scale, bias, input_scale = sources
         self.sources = sources
-        self.versions = tuple(_version(t) for t in sources)
+        self.versions = tuple(tensor_version(t) for t in sources)
         self.mode = mode
         self.forced = _FORCED[0]
         self.kernel = select_kernel(weight.shape[1], weight.shape[0], mode, weight.device)

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from lightning_compress.core.quant.fbgemm import has_vnni
-from lightning_compress.core.quant.primitives import QMAX
+from lightning_compress.core.quant.primitives import QMAX, tensor_version
 
 if TYPE_CHECKING:
     from lightning_compress.core.quant.conv2d import Int8Conv2d
@@ -124,7 +124,7 @@ class _Packed:
 
     def __init__(self, weight: Tensor, key: tuple[Any, ...]) -> None:
         self.weight = weight
-        self.version = weight._version
+        self.version = tensor_version(weight)  # -2: an inference tensor, not checkable
         self.key = key
         stride, padding, dilation, groups = key
         with torch.inference_mode(False), torch.no_grad():
@@ -181,7 +181,12 @@ def conv_sums(layer: Int8Conv2d, codes: Tensor) -> Tensor | None:
     weight: Tensor = layer._buffers["weight"]  # type: ignore[assignment]
     key = (layer.stride, padding, layer.dilation, layer.groups)
     plan: _Packed | None = layer.__dict__.get(_ATTR)
-    if plan is None or plan.weight is not weight or plan.version != weight._version or plan.key != key:
+    if (
+        plan is None
+        or plan.weight is not weight
+        or (plan.version != -2 and plan.version != weight._version)
+        or plan.key != key
+    ):
         plan = _Packed(weight, key)
         layer.__dict__[_ATTR] = plan
     # Channels-last only when it is not also contiguous (a 1x1 map is both): then F.conv2d keeps it.

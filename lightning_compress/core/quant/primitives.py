@@ -25,6 +25,7 @@ __all__ = [
     "quantize",
     "quantize_rows",
     "scale_from_range",
+    "tensor_version",
     "weight_scales",
 ]
 
@@ -253,3 +254,27 @@ class MinMaxObserver(RangeObserver):
     def scale(self) -> Tensor:
         """The symmetric scale covering the range seen so far (float32, 0-d, on the CPU)."""
         return scale_from_range(self.min_val.cpu(), self.max_val.cpu())
+
+
+def tensor_version(t: Tensor | None) -> int:
+    """``t._version`` (its in-place edit counter): -1 for ``None``, -2 for an inference tensor, which has none.
+
+    The kernels' caches compare it to see whether a tensor was edited in place since they were
+    built (``-2``: not checkable, trusted as it is).
+
+    Example:
+        >>> t = torch.zeros(2)
+        >>> before = tensor_version(t)
+        >>> _ = t.add_(1)
+        >>> tensor_version(t) > before, tensor_version(None)
+        (True, -1)
+        >>> with torch.inference_mode():
+        ...     tensor_version(torch.zeros(2))
+        -2
+    """
+    if t is None:
+        return -1
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor has no version counter
+        return -2

@@ -164,3 +164,16 @@ def test_the_kernel_says_which_path_a_layer_takes() -> None:
     assert dynamic.kernel == "dequant"
     assert Int8Conv2d.from_float(nn.Conv2d(4, 4, 3), "weight_only").kernel == "dequant"
     assert {static.kernel, dynamic.kernel} <= set(CONV_KERNELS)
+
+
+@needs_onednn
+def test_a_layer_built_under_inference_mode_computes_the_same_numbers() -> None:
+    # Its weight is an inference tensor, which has no version counter to check the cache against.
+    x = torch.randn(2, 16, 8, 8)
+    with torch.inference_mode():
+        layer = _static()
+        assert layer.kernel == "onednn_u8s8"
+        first, again = layer(x), layer(x)
+        assert torch.equal(first, again) and torch.equal(first, _fallback(layer, x))
+    with torch.no_grad():  # and outside it, later
+        assert torch.equal(layer(x), first)
