@@ -177,3 +177,24 @@ def test_a_layer_built_under_inference_mode_computes_the_same_numbers() -> None:
         assert torch.equal(first, again) and torch.equal(first, _fallback(layer, x))
     with torch.no_grad():  # and outside it, later
         assert torch.equal(layer(x), first)
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"in_channels": 6, "out_channels": 9, "groups": 3, "kernel_size": (5, 3), "stride": (1, 2), "padding": (2, 0)},
+        {"in_channels": 3, "out_channels": 64, "kernel_size": 7, "stride": 2, "padding": 3},
+        {"in_channels": 8, "out_channels": 8, "kernel_size": 3, "dilation": (2, 1), "padding": (2, 1)},
+    ],
+    ids=["asymmetric_grouped", "stem", "asymmetric_dilation"],
+)
+def test_uneven_shapes_give_the_same_numbers(shape: dict) -> None:
+    torch.manual_seed(3)
+    layer = Int8Conv2d.from_float(nn.Conv2d(**shape), "static", input_scale=torch.tensor(0.03))
+    layer.set_output_scale(torch.tensor(0.04))
+    x = torch.randn(3, shape["in_channels"], 17, 9)
+    with torch.no_grad():
+        codes = torch.div(x, layer.input_scale).round_().clamp_(-127, 127)
+        assert conv_sums(layer, codes) is not None
+        assert torch.equal(layer(x), _fallback(layer, x))
