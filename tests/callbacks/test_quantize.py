@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_compress import CompressionConfigError, QuantizeOnFitEnd, load_compressed
 from lightning_compress.core.quant.convert import int8_layers, record_input_ranges
 from lightning_compress.core.quant.modules import Int8Conv2d, Int8Linear
-from lightning_compress.core.quant.onednn import onednn_conv_available
 from lightning_compress.demo import MLP, Classifier, SmallCNN
 
 BATCHES = 6
@@ -151,11 +150,8 @@ def test_fit_ends_with_an_int8_model_that_validate_and_test_run(tmp_path, mode):
     assert r["layers_converted"] == 3 and r["layers"] == dict.fromkeys(layers, mode)
     assert r["kernels"] == {name: getattr(m, "kernel", "dequant") for name, m in layers.items()}
     assert all(k in ("float", "fbgemm_u8s8", "int_mm", "dequant") for k in (r["kernels"]["backbone.classifier"],))
-    conv_kernel = r["kernels"]["backbone.features.0"]
-    if mode == "static":  # its integer sums: oneDNN where exact on this CPU, else F.conv2d on the codes
-        assert conv_kernel == ("onednn_u8s8" if onednn_conv_available() else "conv_codes")
-    else:
-        assert conv_kernel == "dequant"
+    # A static convolution computes on its codes; this one (depth 1 x 3 x 3) is too shallow for oneDNN's.
+    assert r["kernels"]["backbone.features.0"] == ("conv_codes" if mode == "static" else "dequant")
     expected_before = sum(
         4 * (m.weight.numel() + m.bias.numel()) for m in layers.values()
     )  # float32 weights and biases

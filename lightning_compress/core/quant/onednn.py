@@ -42,11 +42,39 @@ from lightning_compress.core.quant.primitives import QMAX, tensor_version
 if TYPE_CHECKING:
     from lightning_compress.core.quant.conv2d import Int8Conv2d
 
-__all__ = ["CONV_KERNELS", "conv_kernel", "conv_sums", "onednn_conv_available", "use_onednn_conv"]
+__all__ = [
+    "CONV_KERNELS",
+    "MIN_DEPTH",
+    "MIN_POSITIONS",
+    "conv_kernel",
+    "conv_sums",
+    "onednn_conv_available",
+    "use_onednn_conv",
+]
 
 CONV_KERNELS: tuple[str, ...] = ("onednn_u8s8", "conv_codes", "dequant")
 """How an ``Int8Conv2d`` computes (:attr:`Int8Conv2d.kernel`): a static one's integer sums by oneDNN or by
 ``F.conv2d`` on the codes; a dynamic or weight-only one with its dequantized weight."""
+
+MIN_DEPTH = 512
+"""Products summed per output (``in_channels / groups * kernel height * kernel width``) from which a layer
+takes oneDNN's convolution.
+
+Measured per layer (AMD EPYC, AVX-512 VNNI, one thread; resnet18, mobilenet_v3_small, the digits
+CNN): the reorders into and out of oneDNN's layout cost a pass over the input bytes and one over
+the float output, which a deep sum repays (resnet18's 3x3 convolutions, depth 576-4608: 0.21-0.65x
+of the ``F.conv2d`` form) and a shallow one does not (mobilenet_v3_small's 1x1 and depthwise
+convolutions, depth 9-288: 0.81-1.70x, most above 1; resnet18's 1x1 ones, depth 64-256:
+0.74-1.43x).
+"""
+
+MIN_POSITIONS = 64
+"""Output positions per call (batch x output height x output width) from which oneDNN's convolution is used.
+
+Below it (the 1x1 maps of a squeeze-and-excitation block, a batch of one at the end of a
+network) the fixed cost of the call outweighs the sums (measured 1.1-1.6x the ``F.conv2d`` form at
+4 positions). The two forms give the same numbers, so this choice per call changes no result.
+"""
 
 ZERO_POINT = QMAX + 1
 """The shift that turns a symmetric int8 code ``q`` in ``[-127, 127]`` into the byte ``q + 128``."""
@@ -145,6 +173,9 @@ def _none() -> None:
 def conv_kernel(layer: Int8Conv2d) -> str:
     """The kernel ``layer`` uses for float32 inputs on its device: one of :data:`CONV_KERNELS` (deterministic).
 
+    ``"onednn_u8s8"`` holds for calls of at least :data:`MIN_POSITIONS` output positions (smaller
+    calls take ``F.conv2d`` on the codes, with the same numbers).
+
     Example:
         >>> from torch import nn
         >>> from lightning_compress.core.quant.conv2d import Int8Conv2d
@@ -160,23 +191,37 @@ def conv_kernel(layer: Int8Conv2d) -> str:
 
 
 def _applies(layer: Int8Conv2d) -> bool:
-    return not isinstance(layer.padding, str) and layer.padding_mode == "zeros"
+    """Zero padding given as numbers, and a sum deep enough to repay the reorders (:data:`MIN_DEPTH`)."""
+    kh, kw = layer.kernel_size
+    deep = layer.in_channels // layer.groups * kh * kw >= MIN_DEPTH
+    return deep and not isinstance(layer.padding, str) and layer.padding_mode == "zeros"
+
+
+def _positions(layer: Int8Conv2d, padding: tuple[int, int], shape: torch.Size) -> int:
+    """Output positions of a call on a ``[N, C, H, W]`` input (``F.conv2d``'s output size)."""
+    n, _, h, w = shape
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    ph, pw = padding
+    out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return n * max(out_h, 0) * max(out_w, 0)
 
 
 def conv_sums(layer: Int8Conv2d, codes: Tensor) -> Tensor | None:
     """``F.conv2d(codes, layer's int8 weight as float)`` through oneDNN, or ``None`` where it does not apply.
 
     ``codes``: the input's int8 codes as float32 integers in ``[-127, 127]``, batched (4-d). Applies
-    on the CPU, with zero padding given as numbers, when no gradient is asked for, outside ``torch.jit.trace``,
-    and where :func:`onednn_conv_available`. The result has the memory format ``F.conv2d`` would
-    give (channels-last for a channels-last input, else contiguous).
+    on the CPU, with zero padding given as numbers, to a layer of depth at least :data:`MIN_DEPTH`
+    and a call of at least :data:`MIN_POSITIONS` output positions, when no gradient is asked for,
+    outside ``torch.jit.trace``, and where :func:`onednn_conv_available`. The result has the
+    memory format ``F.conv2d`` would give (channels-last for a channels-last input, else contiguous).
     """
     padding = layer.padding
     if not codes.is_cpu or codes.dim() != 4 or isinstance(padding, str) or not _applies(layer):
         return None
     if (torch.is_grad_enabled() and codes.requires_grad) or torch._C._get_tracing_state() is not None:
         return None
-    if not onednn_conv_available():
+    if not onednn_conv_available() or _positions(layer, padding, codes.shape) < MIN_POSITIONS:
         return None
     weight: Tensor = layer._buffers["weight"]  # type: ignore[assignment]
     key = (layer.stride, padding, layer.dilation, layer.groups)

@@ -28,10 +28,18 @@ LAYERS = {
 }
 
 
-def _static(seed: int = 0, output_scale: float = 0.05, **kwargs: object) -> Int8Conv2d:
+@pytest.fixture(autouse=True)
+def _every_size(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small layers take the oneDNN path too here (fast tests), except in the tests of the thresholds."""
+    if "real_thresholds" not in request.keywords:
+        monkeypatch.setattr(onednn, "MIN_DEPTH", 1)
+        monkeypatch.setattr(onednn, "MIN_POSITIONS", 1)
+
+
+def _static(seed: int = 0, output_scale: float = 0.05, channels: int = 16, **kwargs: object) -> Int8Conv2d:
     torch.manual_seed(seed)
     args: dict = {"kernel_size": 3, "padding": 1, **kwargs}
-    conv = nn.Conv2d(16, 16, **args)
+    conv = nn.Conv2d(channels, channels, **args)
     q = Int8Conv2d.from_float(conv, "static", input_scale=torch.tensor(0.02))
     q.set_output_scale(torch.tensor(output_scale))
     return q
@@ -198,3 +206,25 @@ def test_uneven_shapes_give_the_same_numbers(shape: dict) -> None:
         codes = torch.div(x, layer.input_scale).round_().clamp_(-127, 127)
         assert conv_sums(layer, codes) is not None
         assert torch.equal(layer(x), _fallback(layer, x))
+
+
+@needs_onednn
+@pytest.mark.real_thresholds
+def test_shallow_layers_and_small_calls_keep_the_float_form() -> None:
+    assert (onednn.MIN_DEPTH, onednn.MIN_POSITIONS) == (512, 64)
+    deep = _static(channels=64)  # depth 64 * 3 * 3 = 576
+    shallow = _static(channels=32, kernel_size=1, padding=0)  # depth 32
+    assert deep.kernel == "onednn_u8s8" and shallow.kernel == "conv_codes"
+
+    def taken(layer: Int8Conv2d, shape: tuple[int, ...]) -> bool:
+        with torch.no_grad():
+            return conv_sums(layer, torch.zeros(shape)) is not None
+
+    assert taken(deep, (1, 64, 8, 8))  # 64 output positions
+    assert not taken(deep, (1, 64, 7, 7))  # 49
+    assert taken(deep, (2, 64, 6, 6))  # 72
+    assert not taken(_static(channels=64, stride=2), (1, 64, 8, 8))  # 4 x 4 = 16
+    assert not taken(shallow, (8, 32, 16, 16))
+    x = torch.randn(1, 64, 7, 7)
+    with torch.no_grad():  # a small call computes the same numbers through F.conv2d
+        assert torch.equal(deep(x), _fallback(deep, x))
