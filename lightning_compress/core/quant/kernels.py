@@ -60,7 +60,7 @@ from lightning_compress.core.quant.fbgemm import fbgemm_available as fbgemm_avai
 from lightning_compress.core.quant.fbgemm import fbgemm_pack as fbgemm_pack
 from lightning_compress.core.quant.fbgemm import fbgemm_u8s8_mm as fbgemm_u8s8_mm
 from lightning_compress.core.quant.fbgemm import has_vnni, linear_dynamic
-from lightning_compress.core.quant.primitives import QMAX, bias_on_grid, dequantize, tensor_version
+from lightning_compress.core.quant.primitives import QMAX, TransientCache, bias_on_grid, dequantize, tensor_version
 
 if TYPE_CHECKING:
     from lightning_compress.core.quant.modules import Int8Linear
@@ -135,8 +135,11 @@ def select_kernel(in_features: int, out_features: int, mode: str, device: torch.
     return "int_mm" if has_vnni() else "float"
 
 
-class _Plan:
-    """What one layer's kernel needs, built from (and checked against) the layer's current tensors."""
+class _Plan(TransientCache):
+    """What one layer's kernel needs, built from (and checked against) the layer's current tensors.
+
+    A copy or a pickle of the layer starts without a plan (the packed weight is rebuilt on use).
+    """
 
     __slots__ = (
         "bias",
@@ -187,17 +190,6 @@ class _Plan:
                 else:
                     self.packed = fbgemm_pack(weight, scale, None)
                     self.bias = None if bias is None else bias.detach().to(torch.float32)
-
-    # A copy or a pickle of the layer starts without a plan (the packed weight is rebuilt on use).
-    def __deepcopy__(self, memo: dict[int, Any]) -> None:
-        return None
-
-    def __reduce__(self) -> tuple[Any, tuple[()]]:
-        return (_no_plan, ())
-
-
-def _no_plan() -> None:
-    return None
 
 
 def _sources(layer: Int8Linear) -> tuple[Any, ...]:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from lightning_compress.core.quant.fbgemm import has_vnni
-from lightning_compress.core.quant.primitives import QMAX, tensor_version
+from lightning_compress.core.quant.primitives import QMAX, TransientCache, tensor_version
 
 if TYPE_CHECKING:
     from lightning_compress.core.quant.conv2d import Int8Conv2d
@@ -113,7 +113,7 @@ def _probe() -> bool:
         c, k = 64, 3
         weight = torch.full((8, c, k, k), QMAX, dtype=torch.int8)
         u = torch.full((1, c, 4, 4), QMAX + ZERO_POINT, dtype=torch.uint8)
-        got = _sums(u, _pack(weight, (1, 1), (0, 0), (1, 1), 1), (1, 1), (0, 0), (1, 1), 1, 8)
+        got = _Packed(weight, ((1, 1), (0, 0), (1, 1), 1)).sums(u)
     except Exception:  # an op that exists but fails here (a torch built without it)
         return False
     return bool((got == float(QMAX * QMAX * c * k * k)).all())
@@ -128,27 +128,14 @@ def _pack(
     )
 
 
-def _sums(
-    u: Tensor,
-    packed: Any,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-    groups: int,
-    out_channels: int,
-) -> Tensor:
-    ones = torch.ones(out_channels)
-    zeros = torch.zeros(out_channels, dtype=torch.long)
-    return torch.ops.onednn.qconv2d_pointwise(
-        u, 1.0, ZERO_POINT, packed, ones, zeros, None, list(stride), list(padding), list(dilation), groups,
-        1.0, 0, torch.float32, "none", [], "",
-    )  # fmt: skip
+class _Packed(TransientCache):
+    """A layer's prepacked weight, with what it was built from (checked on every call).
 
+    Also the op's unit weight scales and zero weight zero points, made once rather than per call.
+    A copy or a pickle of the layer starts without it (rebuilt on use).
+    """
 
-class _Packed:
-    """A layer's prepacked weight, with what it was built from (checked on every call)."""
-
-    __slots__ = ("key", "packed", "version", "weight")
+    __slots__ = ("key", "ones", "packed", "version", "weight", "zeros")
 
     def __init__(self, weight: Tensor, key: tuple[Any, ...]) -> None:
         self.weight = weight
@@ -157,17 +144,16 @@ class _Packed:
         stride, padding, dilation, groups = key
         with torch.inference_mode(False), torch.no_grad():
             self.packed = _pack(weight, stride, padding, dilation, groups)
+            self.ones = torch.ones(weight.shape[0])
+            self.zeros = torch.zeros(weight.shape[0], dtype=torch.long)
 
-    # A copy or a pickle of the layer starts without it (rebuilt on use).
-    def __deepcopy__(self, memo: dict[int, Any]) -> None:
-        return None
-
-    def __reduce__(self) -> tuple[Any, tuple[()]]:
-        return (_none, ())
-
-
-def _none() -> None:
-    return None
+    def sums(self, u: Tensor) -> Tensor:
+        """The int32 sums of the bytes ``u`` (codes + 128, channels-last) with the weight, as float32."""
+        stride, padding, dilation, groups = self.key
+        return torch.ops.onednn.qconv2d_pointwise(
+            u, 1.0, ZERO_POINT, self.packed, self.ones, self.zeros, None, list(stride), list(padding),
+            list(dilation), groups, 1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
 
 
 def conv_kernel(layer: Int8Conv2d) -> str:
@@ -237,5 +223,5 @@ def conv_sums(layer: Int8Conv2d, codes: Tensor) -> Tensor | None:
     # Channels-last only when it is not also contiguous (a 1x1 map is both): then F.conv2d keeps it.
     channels_last = not codes.is_contiguous() and codes.is_contiguous(memory_format=torch.channels_last)
     u = codes.add(ZERO_POINT).to(torch.uint8, memory_format=torch.channels_last)
-    out = _sums(u, plan.packed, layer.stride, padding, layer.dilation, layer.groups, weight.shape[0])
+    out = plan.sums(u)
     return out if channels_last else out.contiguous()

@@ -10,6 +10,8 @@ zero (a pruned weight) is stored as the integer 0 and read back as exactly 0.0, 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from typing_extensions import override
@@ -25,6 +27,7 @@ __all__ = [
     "quantize",
     "quantize_rows",
     "scale_from_range",
+    "TransientCache",
     "tensor_version",
     "weight_scales",
 ]
@@ -278,3 +281,23 @@ def tensor_version(t: Tensor | None) -> int:
         return t._version
     except RuntimeError:  # an inference tensor has no version counter
         return -2
+
+
+class TransientCache:
+    """Base of what a layer caches for its kernel (a prepacked weight): a copy or a pickle of the layer gets none.
+
+    ``copy.deepcopy`` of the layer puts ``None`` in its place and a pickle restores ``None``, so the
+    cache is rebuilt on the copy's first call and never travels with a model.
+    """
+
+    __slots__ = ()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_no_cache, ())
+
+
+def _no_cache() -> None:
+    return None
