@@ -23,14 +23,19 @@ Kernels (:data:`KERNELS`, shown as :attr:`Int8Linear.kernel <lightning_compress.
   ``reduce_range=True``, as torch's own dynamic quantization does there).
   Those quantized-tensor ops are marked for removal in a future torch: they are used behind
   :func:`fbgemm_available`, and without them the layer falls back to the kernels below.
-* ``"float"``: ``F.linear`` with the dequantized weight ``weight_scale * weight`` computed once and
-  cached (float32). Chosen where int8 does not pay on this CPU: layers with fewer than
-  :data:`MIN_INT8_WEIGHTS` weights (measured: the ~8 extra small kernels of an int8 product cost
-  more than the whole float GEMM; see ``benchmarks/int8_latency.py``), and CPUs with neither fbgemm
-  nor VNNI (where oneDNN's s8 x s8 ``torch._int_mm`` was measured 3-50x slower than float32).
-  The activations are then not quantized at all: the result is the weight-only int8 result, in
-  static mode too (putting the input on its grid first measured 1.3-2.9x the float layer on the
-  digits MLP, one thread, AVX-512 VNNI: the elementwise passes cost more than its whole GEMM).
+* ``"float"``: one ``torch.addmm(bias, x, w_t)`` with the dequantized weight ``weight_scale *
+  weight`` computed once and cached (float32) *transposed*, as a contiguous ``[in, out]`` matrix.
+  That layout made the GEMM of the digits MLP's layers and of 256-1536-wide layers 0.6-0.9x of
+  ``F.linear``'s (which multiplies by a transposed view of the ``[out, in]`` weight) at 1-64 rows
+  and equal at 256 (Intel Xeon with AMX, one thread; mixed, 0.4-1.3x, on two threads of that
+  2-core machine); the numbers agree with ``F.linear`` up to float32 rounding. Chosen where int8
+  does not pay on this CPU: layers with fewer than :data:`MIN_INT8_WEIGHTS` weights (measured: the
+  ~8 extra small kernels of an int8 product cost more than the whole float GEMM; see
+  ``benchmarks/int8_latency.py``), and CPUs with neither fbgemm nor VNNI (where oneDNN's s8 x s8
+  ``torch._int_mm`` was measured 3-50x slower than float32). The activations are then not
+  quantized at all: the result is the weight-only int8 result, in static mode too (putting the
+  input on its grid first measured 1.3-2.9x the float layer on the digits MLP, one thread, AVX-512
+  VNNI: the elementwise passes cost more than its whole GEMM).
 * ``"int_mm"``: ``torch._int_mm`` (s8 x s8 -> s32, per-row activation scales), the 0.1 path: CUDA,
   x86 CPUs with VNNI but no fbgemm, and ``torch.export`` (a portable graph of standard ops).
 * ``"dequant"``: the weight dequantized at every call (``mode="weight_only"``, other devices, inputs
@@ -173,7 +178,7 @@ class _Plan(TransientCache):
         # Plain tensors even when built under inference_mode (the model may later run with autograd on).
         with torch.inference_mode(False), torch.no_grad():
             if self.kernel == "float":
-                self.weight = dequantize(weight, scale, axis=0).contiguous()
+                self.weight = dequantize(weight, scale, axis=0).t().contiguous()
                 # The bias itself (a float32 parameter still trains, e.g. in a second fit of the int8 model).
                 self.bias = bias if bias is None or bias.dtype is torch.float32 else bias.detach().to(torch.float32)
             elif self.kernel == "fbgemm_u8s8":
@@ -256,10 +261,18 @@ def linear_forward(layer: Int8Linear, x: Tensor) -> Tensor | None:
     plan = _plan(layer)
     kernel = plan.kernel
     if kernel == "float":
-        return F.linear(x, plan.weight, plan.bias)  # type: ignore[arg-type]
+        wt: Tensor = plan.weight  # type: ignore[assignment]
+        if x.dim() != 2:
+            return _float_mm(x.reshape(-1, wt.shape[0]), wt, plan.bias).reshape(*x.shape[:-1], wt.shape[1])
+        return _float_mm(x, wt, plan.bias)
     if kernel != "fbgemm_u8s8":
         return None
     return _fbgemm_forward(plan, x, layer.in_features, layer.out_features)
+
+
+def _float_mm(x2: Tensor, wt: Tensor, bias: Tensor | None) -> Tensor:
+    """``x2 @ wt + bias`` for the ``float`` kernel (``wt``: the dequantized weight as a contiguous ``[in, out]``)."""
+    return torch.mm(x2, wt) if bias is None else torch.addmm(bias, x2, wt)
 
 
 def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int) -> Tensor:
@@ -289,7 +302,12 @@ def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int)
         high, low = x2.amax(dim=1, keepdim=True), x2.amin(dim=1, keepdim=True)
         row_max = torch.maximum(high, low.neg_()).clamp_min_(1e-30)
         out = linear_dynamic(torch.div(x2, row_max), plan.packed, plan.reduce_range)
-        out = out.mul_(row_max) if plan.bias is None else torch.addcmul(plan.bias, out, row_max)
+        if plan.bias is None:
+            out = out.mul_(row_max)
+        elif out.requires_grad:  # an input that requires grad: `out=` has no autograd
+            out = torch.addcmul(plan.bias, out, row_max)
+        else:  # in place: a second [M, N] buffer made this pass up to 2x slower (measured, 4096 wide)
+            out = torch.addcmul(plan.bias, out, row_max, out=out)
     return out.reshape(*lead, out_features)
 
 

@@ -137,6 +137,22 @@ def test_fbgemm_dynamic_keeps_small_rows_accurate_next_to_an_outlier_row():
 
 
 @needs_fbgemm
+@pytest.mark.parametrize("bias", [True, False])
+def test_fbgemm_dynamic_gives_the_same_numbers_with_and_without_autograd(bias):
+    # The rescale runs in place on the op's fresh output, except where the input requires grad
+    # (`out=` has no autograd): both give the same numbers.
+    torch.manual_seed(3)
+    layer = Int8Linear.from_float(nn.Linear(64, 48, bias=bias), "dynamic")
+    x = torch.randn(5, 64) * torch.logspace(-1, 1, 5)[:, None]
+    with kernels.use_kernel("fbgemm_u8s8"):
+        with torch.no_grad():
+            plain = layer(x)
+        tracked = layer(x.clone().requires_grad_())
+    assert tracked.requires_grad and not plain.requires_grad
+    assert torch.equal(tracked.detach(), plain)
+
+
+@needs_fbgemm
 def test_fbgemm_static_keeps_the_calibrated_range_and_saturates():
     scale = torch.tensor(2.0 / QMAX)  # covers [-2, 2]
     layer = _layer(64, 24, "static", scale=scale)
@@ -174,7 +190,10 @@ def test_float_kernel_caches_the_dequantized_weight_and_equals_weight_only():
     assert layer.kernel == "float"
     x = torch.randn(5, 40)
     expected = torch.nn.functional.linear(x, layer.dequantize_weight(), layer.bias)
-    assert torch.equal(layer(x), expected)
+    # The cached weight is the dequantized one transposed to [in, out] (one addmm, no transposed view).
+    assert torch.equal(layer(x), torch.addmm(layer.bias, x, layer.dequantize_weight().t().contiguous()))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)  # the weight-only result
+    assert torch.equal(layer(x[None]), layer(x)[None])  # a batch of sequences: the same product
     assert set(layer.state_dict()) == {"weight", "weight_scale", "bias"}
     assert layer.state_dict()["weight"].dtype == torch.int8
 
@@ -278,4 +297,4 @@ def test_static_int8_kernels_compute_the_integer_product_and_the_int32_bias(kern
     plain = nn.functional.linear(x, layer.dequantize_weight(), layer.bias)  # float input and bias
     assert float((got - plain).abs().max()) > 1e-3  # so the input rounding is really there
     with kernels.use_kernel("float"):  # a small layer's float kernel: the weight-only result, bias as it is
-        assert torch.equal(layer(x), plain)
+        torch.testing.assert_close(layer(x), plain, rtol=1e-6, atol=1e-6)
