@@ -261,18 +261,18 @@ def linear_forward(layer: Int8Linear, x: Tensor) -> Tensor | None:
     plan = _plan(layer)
     kernel = plan.kernel
     if kernel == "float":
-        wt: Tensor = plan.weight  # type: ignore[assignment]
-        if x.dim() != 2:
-            return _float_mm(x.reshape(-1, wt.shape[0]), wt, plan.bias).reshape(*x.shape[:-1], wt.shape[1])
-        return _float_mm(x, wt, plan.bias)
+        return _float_forward(plan, x)
     if kernel != "fbgemm_u8s8":
         return None
     return _fbgemm_forward(plan, x, layer.in_features, layer.out_features)
 
 
-def _float_mm(x2: Tensor, wt: Tensor, bias: Tensor | None) -> Tensor:
-    """``x2 @ wt + bias`` for the ``float`` kernel (``wt``: the dequantized weight as a contiguous ``[in, out]``)."""
-    return torch.mm(x2, wt) if bias is None else torch.addmm(bias, x2, wt)
+def _float_forward(plan: _Plan, x: Tensor) -> Tensor:
+    """``x @ w_t + bias`` for the ``float`` kernel (``w_t``: the dequantized weight as a contiguous ``[in, out]``)."""
+    wt: Tensor = plan.weight  # type: ignore[assignment]
+    x2 = x if x.dim() == 2 else x.reshape(-1, wt.shape[0])
+    out = torch.mm(x2, wt) if plan.bias is None else torch.addmm(plan.bias, x2, wt)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], wt.shape[1])
 
 
 def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int) -> Tensor:
@@ -304,10 +304,9 @@ def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int)
         out = linear_dynamic(torch.div(x2, row_max), plan.packed, plan.reduce_range)
         if plan.bias is None:
             out = out.mul_(row_max)
-        elif out.requires_grad:  # an input that requires grad: `out=` has no autograd
-            out = torch.addcmul(plan.bias, out, row_max)
-        else:  # in place: a second [M, N] buffer made this pass up to 2x slower (measured, 4096 wide)
-            out = torch.addcmul(plan.bias, out, row_max, out=out)
+        else:  # in place (a second [M, N] buffer made this pass up to 2x slower, 4096 wide), except
+            # for an input that requires grad: `out=` has no autograd
+            out = torch.addcmul(plan.bias, out, row_max, out=None if out.requires_grad else out)
     return out.reshape(*lead, out_features)
 
 

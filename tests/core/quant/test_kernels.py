@@ -297,4 +297,6 @@ def test_static_int8_kernels_compute_the_integer_product_and_the_int32_bias(kern
     plain = nn.functional.linear(x, layer.dequantize_weight(), layer.bias)  # float input and bias
     assert float((got - plain).abs().max()) > 1e-3  # so the input rounding is really there
     with kernels.use_kernel("float"):  # a small layer's float kernel: the weight-only result, bias as it is
+        # exactly its documented form (the dequantized weight transposed, one addmm), F.linear's up to rounding
+        assert torch.equal(layer(x), torch.addmm(layer.bias, x, layer.dequantize_weight().t().contiguous()))
         torch.testing.assert_close(layer(x), plain, rtol=1e-6, atol=1e-6)
