@@ -24,7 +24,9 @@ Kernels (:data:`KERNELS`, shown as :attr:`Int8Linear.kernel <lightning_compress.
   Those quantized-tensor ops are marked for removal in a future torch: they are used behind
   :func:`fbgemm_available`, and without them the layer falls back to the kernels below.
 * ``"float"``: one ``torch.addmm(bias, x, w_t)`` with the dequantized weight ``weight_scale *
-  weight`` computed once and cached (float32) *transposed*, as a contiguous ``[in, out]`` matrix.
+  weight`` computed once and cached (float32) *transposed*, as a contiguous ``[in, out]`` matrix
+  (layers with fewer than :data:`MIN_TRANSPOSED_OUT` outputs keep ``F.linear``'s transposed view of
+  the ``[out, in]`` weight, faster there).
   That layout made the GEMM of the digits MLP's layers and of 256-1536-wide layers 0.6-0.9x of
   ``F.linear``'s (which multiplies by a transposed view of the ``[out, in]`` weight) at 1-64 rows
   and equal at 256 (Intel Xeon with AMX, one thread; mixed, 0.4-1.3x, on two threads of that
@@ -73,6 +75,7 @@ if TYPE_CHECKING:
 __all__ = [
     "KERNELS",
     "MIN_INT8_WEIGHTS",
+    "MIN_TRANSPOSED_OUT",
     "invalidate",
     "linear_forward",
     "prepare_kernels",
@@ -90,6 +93,14 @@ Calibrated on an AMD EPYC (AVX2, no VNNI; ``benchmarks/int8_latency.py``, 1 and 
 256x256 layer through fbgemm was 2-5x slower than float32 at batch 1-16 and the digits MLP's layers
 (64x300, 300x100, 100x10) 1-12x slower; from 512x512 on, fbgemm is at most as slow as float at
 batch 1 and 2-5x faster from batch 16.
+"""
+
+MIN_TRANSPOSED_OUT = 16
+"""The ``float`` kernel caches its weight as a contiguous ``[in, out]`` matrix from this many outputs on.
+
+Narrower layers keep ``F.linear``'s own layout (a transposed view of the ``[out, in]`` weight): with
+8 or 10 outputs the ``[in, out]`` GEMM measured 1.1-2.3x ``F.linear``'s at 16-256 rows (AMD EPYC,
+AVX-512 VNNI, one thread), while from 12 outputs on it was 0.7-1.0x at 1-256 rows.
 """
 
 _ATTR = "_lc_kernel_plan"
@@ -178,7 +189,8 @@ class _Plan(TransientCache):
         # Plain tensors even when built under inference_mode (the model may later run with autograd on).
         with torch.inference_mode(False), torch.no_grad():
             if self.kernel == "float":
-                self.weight = dequantize(weight, scale, axis=0).t().contiguous()
+                w = dequantize(weight, scale, axis=0)
+                self.weight = w.t().contiguous() if weight.shape[0] >= MIN_TRANSPOSED_OUT else w.t()
                 # The bias itself (a float32 parameter still trains, e.g. in a second fit of the int8 model).
                 self.bias = bias if bias is None or bias.dtype is torch.float32 else bias.detach().to(torch.float32)
             elif self.kernel == "fbgemm_u8s8":
@@ -268,7 +280,7 @@ def linear_forward(layer: Int8Linear, x: Tensor) -> Tensor | None:
 
 
 def _float_forward(plan: _Plan, x: Tensor) -> Tensor:
-    """``x @ w_t + bias`` for the ``float`` kernel (``w_t``: the dequantized weight as a contiguous ``[in, out]``)."""
+    """``x @ w_t + bias`` for the ``float`` kernel (``w_t``: the dequantized weight as ``[in, out]``)."""
     wt: Tensor = plan.weight  # type: ignore[assignment]
     x2 = x if x.dim() == 2 else x.reshape(-1, wt.shape[0])
     out = torch.mm(x2, wt) if plan.bias is None else torch.addmm(plan.bias, x2, wt)

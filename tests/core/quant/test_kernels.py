@@ -186,8 +186,8 @@ def test_nan_and_inf_inputs_propagate_like_float(kernel, mode):
 
 
 def test_float_kernel_caches_the_dequantized_weight_and_equals_weight_only():
-    layer = _layer(40, 12)
-    assert layer.kernel == "float"
+    layer = _layer(40, 16)
+    assert layer.kernel == "float" and kernels.MIN_TRANSPOSED_OUT == 16
     x = torch.randn(5, 40)
     expected = torch.nn.functional.linear(x, layer.dequantize_weight(), layer.bias)
     # The cached weight is the dequantized one transposed to [in, out] (one addmm, no transposed view).
@@ -196,6 +196,19 @@ def test_float_kernel_caches_the_dequantized_weight_and_equals_weight_only():
     assert torch.equal(layer(x[None]), layer(x)[None])  # a batch of sequences: the same product
     assert set(layer.state_dict()) == {"weight", "weight_scale", "bias"}
     assert layer.state_dict()["weight"].dtype == torch.int8
+    cached = layer.__dict__[kernels._ATTR].weight
+    assert cached.shape == (40, 16) and cached.is_contiguous()
+
+
+def test_float_kernel_keeps_f_linear_layout_for_fewer_than_16_outputs():
+    layer = _layer(40, 15)
+    assert layer.kernel == "float"
+    x = torch.randn(5, 40)
+    # F.linear's own product (a transposed view of the [out, in] weight), bit for bit
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.dequantize_weight(), layer.bias))
+    assert torch.equal(layer(x[None]), layer(x)[None])
+    cached = layer.__dict__[kernels._ATTR].weight
+    assert cached.shape == (40, 15) and not cached.is_contiguous() and cached.t().is_contiguous()
 
 
 @pytest.mark.parametrize("kernel", ["float", "fbgemm_u8s8"])
