@@ -71,3 +71,15 @@ def test_static_conv_forms_smoke(tmp_path):
     }  # fmt: skip
     (row,) = result["agreement"]
     assert 0 <= row["integer_vs_ort"] <= 0.02 and 0 <= row["float_vs_ort"] <= 0.05
+
+
+@pytest.mark.slow
+def test_sparse_linear_smoke(tmp_path):
+    result = _run("sparse_linear.py", tmp_path)
+    rows = {(r["kept"], r["batch"]): r for r in result["layers"]}
+    assert set(rows) == {(0.1, 1), (0.1, 64), (0.05, 1), (0.05, 64)}
+    # 300 inputs: 10 % kept is still the dense float kernel, 5 % kept takes the sparse one
+    assert rows[(0.1, 64)]["kernel"] == "float" and rows[(0.05, 64)]["kernel"] == "sparse"
+    assert all(0 < r["ours_rel_err"] < 0.01 and r["ours_csr_ratio"] > 0 for r in result["layers"])
+    assert result["model_kernels"] == {"0": "float", "2": "sparse", "4": "float"}
+    assert [r["batch"] for r in result["model"]] == [1, 64]

@@ -38,13 +38,19 @@ Kernels (:data:`KERNELS`, shown as :attr:`Int8Linear.kernel <lightning_compress.
   quantized at all: the result is the weight-only int8 result, in static mode too (putting the
   input on its grid first measured 1.3-2.9x the float layer on the digits MLP, one thread, AVX-512
   VNNI: the elementwise passes cost more than its whole GEMM).
+* ``"sparse"``: the ``"float"`` kernel of a pruned layer (at least 256 inputs, and at most 10 % of
+  its weights non-zero with 128 outputs or more, 5 % with 64-127), which also caches its
+  dequantized weight as a CSR matrix and multiplies by that for calls with enough rows (at least
+  32, and rows x non-zero weights at least 131,072) on one thread
+  (:mod:`~lightning_compress.core.quant.sparse`).
 * ``"int_mm"``: ``torch._int_mm`` (s8 x s8 -> s32, per-row activation scales), the 0.1 path: CUDA,
   x86 CPUs with VNNI but no fbgemm, and ``torch.export`` (a portable graph of standard ops).
 * ``"dequant"``: the weight dequantized at every call (``mode="weight_only"``, other devices, inputs
   that are not float32 on the CPU).
 
 The choice is a pure function of the layer's shape, its mode, the device and what this torch and
-CPU offer (:func:`select_kernel`), so it is the same in every run on the same machine. What they offer
+CPU offer (:func:`select_kernel`; for ``"sparse"``, also of which weights are zero:
+:func:`with_sparse`), so it is the same in every run on the same machine. What they offer
 is probed, once per process, in :mod:`~lightning_compress.core.quant.fbgemm` (its names are re-exported here).
 """
 
@@ -68,6 +74,7 @@ from lightning_compress.core.quant.fbgemm import fbgemm_pack as fbgemm_pack
 from lightning_compress.core.quant.fbgemm import fbgemm_u8s8_mm as fbgemm_u8s8_mm
 from lightning_compress.core.quant.fbgemm import has_vnni, linear_dynamic
 from lightning_compress.core.quant.primitives import QMAX, TransientCache, bias_on_grid, dequantize, tensor_version
+from lightning_compress.core.quant.sparse import csr_linear, sparse_pays, to_csr, use_csr
 
 if TYPE_CHECKING:
     from lightning_compress.core.quant.modules import Int8Linear
@@ -81,9 +88,10 @@ __all__ = [
     "prepare_kernels",
     "select_kernel",
     "use_kernel",
+    "with_sparse",
 ]
 
-KERNELS: tuple[str, ...] = ("fbgemm_u8s8", "float", "int_mm", "dequant")
+KERNELS: tuple[str, ...] = ("fbgemm_u8s8", "float", "sparse", "int_mm", "dequant")
 """The ways an int8 Linear can compute (see the module docstring)."""
 
 MIN_INT8_WEIGHTS = 1 << 18
@@ -125,6 +133,21 @@ def use_kernel(kernel: str | None) -> Iterator[None]:
         _FORCED[0] = saved
 
 
+def with_sparse(kernel: str, weight: Tensor) -> str:
+    """``"sparse"`` for a ``"float"``-kernel layer whose int8 ``weight`` is pruned enough, else ``kernel``.
+
+    See :mod:`~lightning_compress.core.quant.sparse` for the rule. A forced kernel stands as it is.
+
+    Example:
+        >>> w = torch.zeros(128, 600, dtype=torch.int8); w[:, :60] = 1
+        >>> with_sparse("float", w), with_sparse("float", torch.ones_like(w)), with_sparse("fbgemm_u8s8", w)
+        ('sparse', 'float', 'fbgemm_u8s8')
+    """
+    if kernel == "float" and _FORCED[0] is None and sparse_pays(weight):
+        return "sparse"
+    return kernel
+
+
 def select_kernel(in_features: int, out_features: int, mode: str, device: torch.device | str) -> str:
     """The kernel an int8 Linear of this shape and mode uses on ``device`` (deterministic).
 
@@ -163,10 +186,12 @@ class _Plan(TransientCache):
         "forced",
         "kernel",
         "mode",
+        "nnz",
         "packed",
         "qmax",
         "reduce_range",
         "sources",
+        "sparse",
         "versions",
         "weight",
         "x_scale",
@@ -178,7 +203,9 @@ class _Plan(TransientCache):
         self.versions = tuple(tensor_version(t) for t in sources)
         self.mode = mode
         self.forced = _FORCED[0]
-        self.kernel = select_kernel(weight.shape[1], weight.shape[0], mode, weight.device)
+        self.kernel = with_sparse(select_kernel(weight.shape[1], weight.shape[0], mode, weight.device), weight)
+        self.sparse: Tensor | None = None
+        self.nnz = 0
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
         self.packed: Any = None
@@ -188,9 +215,12 @@ class _Plan(TransientCache):
         self.bound = 0.0
         # Plain tensors even when built under inference_mode (the model may later run with autograd on).
         with torch.inference_mode(False), torch.no_grad():
-            if self.kernel == "float":
+            if self.kernel == "float" or self.kernel == "sparse":
                 w = dequantize(weight, scale, axis=0)
                 self.weight = w.t().contiguous() if weight.shape[0] >= MIN_TRANSPOSED_OUT else w.t()
+                if self.kernel == "sparse":
+                    self.sparse = to_csr(w)
+                    self.nnz = int(torch.count_nonzero(weight))
                 # The bias itself (a float32 parameter still trains, e.g. in a second fit of the int8 model).
                 self.bias = bias if bias is None or bias.dtype is torch.float32 else bias.detach().to(torch.float32)
             elif self.kernel == "fbgemm_u8s8":
@@ -272,7 +302,7 @@ def linear_forward(layer: Int8Linear, x: Tensor) -> Tensor | None:
         return None  # torch.jit.trace: the portable int_mm graph
     plan = _plan(layer)
     kernel = plan.kernel
-    if kernel == "float":
+    if kernel == "float" or kernel == "sparse":
         return _float_forward(plan, x)
     if kernel != "fbgemm_u8s8":
         return None
@@ -283,7 +313,11 @@ def _float_forward(plan: _Plan, x: Tensor) -> Tensor:
     """``x @ w_t + bias`` for the ``float`` kernel (``w_t``: the dequantized weight as ``[in, out]``)."""
     wt: Tensor = plan.weight  # type: ignore[assignment]
     x2 = x if x.dim() == 2 else x.reshape(-1, wt.shape[0])
-    out = torch.mm(x2, wt) if plan.bias is None else torch.addmm(plan.bias, x2, wt)
+    csr = plan.sparse
+    if csr is not None and (plan.forced == "sparse" or use_csr(x2, plan.nnz)):
+        out = csr_linear(csr, plan.bias, x2)
+    else:
+        out = torch.mm(x2, wt) if plan.bias is None else torch.addmm(plan.bias, x2, wt)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], wt.shape[1])
 
 
@@ -328,7 +362,7 @@ def _traced_forward(layer: Int8Linear, x: Tensor) -> Tensor | None:
         return None  # export: the portable int_mm graph of standard ops
     kernel = select_kernel(layer.in_features, layer.out_features, layer.mode, x.device)
     weight, scale, bias, input_scale = _sources(layer)
-    if kernel == "float":
+    if kernel == "float" or kernel == "sparse":  # in-graph dense (the CSR route is eager only)
         return F.linear(x, dequantize(weight, scale, axis=0), bias)
     if kernel != "fbgemm_u8s8":
         return None

@@ -132,11 +132,12 @@ class Int8Linear(Int8Module):
         """How this layer computes on its device: one of :data:`~lightning_compress.core.quant.kernels.KERNELS`.
 
         Decided by :func:`~lightning_compress.core.quant.kernels.select_kernel` from the shape, the mode,
-        the device and what this torch and CPU offer (float32 inputs; other dtypes use ``"dequant"``).
+        the device and what this torch and CPU offer (float32 inputs; other dtypes use ``"dequant"``),
+        and by :func:`~lightning_compress.core.quant.kernels.with_sparse` from how many weights are zero.
         """
         w = self._buffers["weight"]
         assert w is not None  # registered in __init__
-        return kernels.select_kernel(self.in_features, self.out_features, self.mode, w.device)
+        return kernels.with_sparse(kernels.select_kernel(self.in_features, self.out_features, self.mode, w.device), w)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
