@@ -28,6 +28,7 @@ from typing_extensions import Self, override
 from lightning_compress.core.quant.base import Int8Module
 from lightning_compress.core.quant.onednn import conv_kernel, conv_sums
 from lightning_compress.core.quant.primitives import QMAX, bias_counts, bias_on_grid, on_grid
+from lightning_compress.core.quant.straight_through import needs_grad, straight_through
 
 __all__ = ["Int8Conv2d"]
 
@@ -156,6 +157,20 @@ class Int8Conv2d(Int8Module):
 
     @override
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_scale is not None and needs_grad(self, x):
+            return straight_through(self, x)  # static: the dequantized convolution's gradients
+        return self._int8_forward(x)
+
+    def _dequantized_forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """The float convolution whose gradients a static layer passes (dequantized weight, bias as it is)."""
+        weight = self.dequantize_weight(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._pad_twice, mode=self.padding_mode)
+            return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _int8_forward(self, x: Tensor) -> Tensor:
         exact = self._integer_forward(x)
         if exact is not None:
             return exact

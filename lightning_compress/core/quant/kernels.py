@@ -309,6 +309,17 @@ def linear_forward(layer: Int8Linear, x: Tensor) -> Tensor | None:
     return _fbgemm_forward(plan, x, layer.in_features, layer.out_features)
 
 
+def differentiable(layer: Int8Linear, x: Tensor) -> bool:
+    """Whether ``layer``'s call on ``x`` is the dequantized ``F.linear`` itself (``"float"`` / ``"sparse"``).
+
+    Autograd then differentiates it as it runs; every other kernel takes the straight-through
+    gradients of :mod:`~lightning_compress.core.quant.straight_through`.
+    """
+    if x.dtype is not _F32 or not x.is_cpu:
+        return False
+    return _plan(layer).kernel in ("float", "sparse")
+
+
 def _float_forward(plan: _Plan, x: Tensor) -> Tensor:
     """``x @ w_t + bias`` for the ``float`` kernel (``w_t``: the dequantized weight as ``[in, out]``)."""
     wt: Tensor = plan.weight  # type: ignore[assignment]

@@ -40,6 +40,7 @@ from lightning_compress.core.quant.base import MODES
 from lightning_compress.core.quant.base import Int8Module as Int8Module  # re-exported: it lived here
 from lightning_compress.core.quant.conv2d import Int8Conv2d as Int8Conv2d  # re-exported: it lived here
 from lightning_compress.core.quant.primitives import bias_on_grid, quantize, quantize_rows
+from lightning_compress.core.quant.straight_through import needs_grad, straight_through
 
 __all__ = ["MODES", "Int8Linear", "int8_mm"]
 
@@ -143,6 +144,16 @@ class Int8Linear(Int8Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "weight_only" or x.numel() == 0:
             return self._float_forward(x)
+        if needs_grad(self, x) and not kernels.differentiable(self, x):
+            return straight_through(self, x)  # the dequantized layer's gradients
+        return self._int8_forward(x)
+
+    def _dequantized_forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """The float layer whose gradients :meth:`forward` passes (``F.linear`` with the dequantized weight)."""
+        return F.linear(x, self.dequantize_weight(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    def _int8_forward(self, x: Tensor) -> Tensor:
+        """The int8 output (no gradient of its own; :meth:`forward` adds the straight-through one)."""
         out = kernels.linear_forward(self, x)
         if out is not None:
             return out
