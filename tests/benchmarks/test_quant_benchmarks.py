@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from benchmark_run import run_benchmark
 
+from lightning_compress.core.quant.fbgemm import fbgemm_available
+
 
 def _run(script: str, out: Path) -> dict:
     run_benchmark(script, "--smoke", "--out", str(out))
@@ -83,3 +85,13 @@ def test_sparse_linear_smoke(tmp_path):
     assert all(0 < r["ours_rel_err"] < 0.01 and r["ours_csr_ratio"] > 0 for r in result["layers"])
     assert result["model_kernels"] == {"0": "float", "2": "sparse", "4": "float"}
     assert [r["batch"] for r in result["model"]] == [1, 64]
+
+
+@pytest.mark.skipif(not fbgemm_available(), reason="compares against fbgemm, which this torch / CPU lacks")
+def test_int8_crossover_smoke(tmp_path):
+    result = _run("int8_crossover.py", tmp_path)
+    rows = result["rows"]
+    assert [(r["layer"], r["batch"]) for r in rows] == [("300x100", 16), ("300x100", 256)]
+    # the forced fbgemm product is the int8 one: close to the float layer, not equal to it
+    assert all(0 < r["fbgemm_dynamic_rel_err"] < 0.02 for r in rows)
+    assert all(r[f"{k}_ratio"] > 0 for r in rows for k in ("fbgemm_dynamic", "fbgemm_static", "peer"))
