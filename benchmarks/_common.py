@@ -18,12 +18,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import nn
 
 from lightning_compress.core.files import atomic_write_text
@@ -61,6 +63,20 @@ def to_int8(model: nn.Module, mode: str = "dynamic", per_channel: bool = True, c
     converted = copy.deepcopy(model).eval()
     quantize(converted, mode, per_channel, calibration=calibration)
     return converted
+
+
+def ao_dynamic(model: nn.Module) -> nn.Module | None:
+    """A copy of ``model`` through ``torch.ao.quantization.quantize_dynamic`` (the deprecated peer).
+
+    ``None`` where this torch has no ``torch.ao.quantization``.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from torch.ao.quantization import quantize_dynamic
+        except ImportError:
+            return None
+        return quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
 
 
 def seeds_parser(doc: str | None, epochs: int) -> argparse.ArgumentParser:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when a smoke test loads this script from its path
-from _common import RESULTS, table_head, write_results
+from _common import RESULTS, ao_dynamic, table_head, write_results
 from _cpu import cpu_header
 from _timing import interleaved
 
@@ -64,15 +63,6 @@ def plans(lin: nn.Linear, mode: str) -> tuple[_Plan, _Plan]:
     return usual, forced
 
 
-def peer(lin: nn.Linear) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the deprecated torch.ao API
-        model = torch.ao.quantization.quantize_dynamic(
-            nn.Sequential(copy.deepcopy(lin)), {nn.Linear}, dtype=torch.qint8
-        )
-    return model[0]
-
-
 def calls(float_plan: _Plan, dyn: _Plan, static: _Plan, ao: nn.Module, x: torch.Tensor, n: int) -> dict[str, Any]:
     """The four products of one ``[*, k] -> [*, n]`` layer on ``x``, as zero-argument calls."""
     k = x.shape[1]
@@ -91,7 +81,9 @@ def bench(shapes: tuple[tuple[int, int], ...], batches: tuple[int, ...], rounds:
         lin = nn.Linear(k, n).eval()
         float_plan, dyn = plans(lin, "dynamic")
         _, static = plans(lin, "static")
-        ao = peer(lin)
+        peer = ao_dynamic(nn.Sequential(lin))  # quantize_dynamic swaps children, not the model itself
+        assert peer is not None  # main() checked torch.ao.quantization
+        ao = peer[0]
         for batch in batches:
             x = torch.relu(torch.randn(batch, k))
             fns = calls(float_plan, dyn, static, ao, x, n)
@@ -118,8 +110,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="one shape, batches 16 and 256, 2 rounds")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    if not fbgemm_available():
-        sys.exit("fbgemm is not available in this torch on this CPU: nothing to compare")
+    if not fbgemm_available() or ao_dynamic(nn.Linear(1, 1)) is None:
+        sys.exit("fbgemm or torch.ao.quantization is not available in this torch on this CPU: nothing to compare")
     torch.set_num_threads(args.threads)
     shapes, batches, rounds = (((300, 100),), (16, 256), 2) if args.smoke else (SHAPES, BATCHES, args.rounds)
     header = cpu_header()

@@ -30,7 +30,6 @@ import copy
 import json
 import os
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from lightning_compress.core.quant.primitives import quantize_rows
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(RESULTS.parent))  # _cpu, _timing, also when a smoke test loads this script from its path
+from _common import ao_dynamic  # noqa: E402
 from _cpu import cpu_header  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
@@ -72,16 +72,6 @@ def ours(model: nn.Module, mode: str, calib: Tensor | None = None) -> nn.Module:
     quantize(model, mode, calibration=[calib] if mode == "static" else ())
     prepare_kernels(model)
     return model
-
-
-def ao_dynamic(model: nn.Module) -> nn.Module | None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            from torch.ao.quantization import quantize_dynamic
-        except ImportError:
-            return None
-        return quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
 
 
 def torchao_dynamic(model: nn.Module) -> tuple[nn.Module | None, str]:
