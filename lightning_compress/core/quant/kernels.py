@@ -23,6 +23,10 @@ Kernels (:data:`KERNELS`, shown as :attr:`Int8Linear.kernel <lightning_compress.
   ``reduce_range=True``, as torch's own dynamic quantization does there).
   Those quantized-tensor ops are marked for removal in a future torch: they are used behind
   :func:`fbgemm_available`, and without them the layer falls back to the kernels below.
+* ``"onednn_u8s8"`` (layers of at least 2^20 weights on CPUs with VNNI or AMX and fbgemm): the
+  ``"fbgemm_u8s8"`` kernel below for small calls, and for calls of at least 32 rows and 2^26
+  multiply-adds oneDNN's u8 x s8 product on the ``int_mm`` path's own codes, bit-identical to that
+  path (:mod:`~lightning_compress.core.quant.onednn_linear`, which has the measurements).
 * ``"float"``: one ``torch.addmm(bias, x, w_t)`` with the dequantized weight ``weight_scale *
   weight`` computed once and cached (float32) *transposed*, as a contiguous ``[in, out]`` matrix
   (layers with fewer than :data:`MIN_TRANSPOSED_OUT` outputs keep ``F.linear``'s transposed view of
@@ -73,7 +77,21 @@ from lightning_compress.core.quant.fbgemm import fbgemm_available as fbgemm_avai
 from lightning_compress.core.quant.fbgemm import fbgemm_pack as fbgemm_pack
 from lightning_compress.core.quant.fbgemm import fbgemm_u8s8_mm as fbgemm_u8s8_mm
 from lightning_compress.core.quant.fbgemm import has_vnni, linear_dynamic
-from lightning_compress.core.quant.primitives import QMAX, TransientCache, bias_on_grid, dequantize, tensor_version
+from lightning_compress.core.quant.onednn_linear import (
+    ONEDNN_MIN_WEIGHTS,
+    OnednnLinearPack,
+    onednn_linear_available,
+    onednn_pays,
+)
+from lightning_compress.core.quant.primitives import (
+    QMAX,
+    TransientCache,
+    bias_on_grid,
+    dequantize,
+    quantize,
+    quantize_rows,
+    tensor_version,
+)
 from lightning_compress.core.quant.sparse import csr_linear, sparse_pays, to_csr, use_csr
 
 if TYPE_CHECKING:
@@ -91,7 +109,7 @@ __all__ = [
     "with_sparse",
 ]
 
-KERNELS: tuple[str, ...] = ("fbgemm_u8s8", "float", "sparse", "int_mm", "dequant")
+KERNELS: tuple[str, ...] = ("onednn_u8s8", "fbgemm_u8s8", "float", "sparse", "int_mm", "dequant")
 """The ways an int8 Linear can compute (see the module docstring)."""
 
 MIN_INT8_WEIGHTS = 1 << 18
@@ -120,8 +138,10 @@ _FORCED: list[str | None] = [None]
 def use_kernel(kernel: str | None) -> Iterator[None]:
     """Make every CPU int8 Linear (not ``weight_only``) use ``kernel`` inside the block (tests, benchmarks).
 
-    ``"fbgemm_u8s8"`` where :func:`fbgemm_available` is false, and any kernel on other devices, is
-    ignored (the usual choice stands).
+    ``"fbgemm_u8s8"`` where :func:`fbgemm_available` is false, ``"onednn_u8s8"`` where fbgemm or
+    :func:`~lightning_compress.core.quant.onednn_linear.onednn_linear_available` is, and any kernel on
+    other devices, is ignored (the usual choice stands). A forced ``"onednn_u8s8"`` takes oneDNN's
+    product for every call, whatever its size.
     """
     if kernel is not None and kernel not in KERNELS:
         raise ValueError(f"Expected `kernel` to be one of {KERNELS} or None, but got {kernel!r}.")
@@ -165,13 +185,21 @@ def select_kernel(in_features: int, out_features: int, mode: str, device: torch.
     if device_type != "cpu":
         return "dequant"
     forced = _FORCED[0]
-    if forced is not None and (forced != "fbgemm_u8s8" or fbgemm_available()):
+    if forced is not None and (forced not in _U8S8 or _u8s8_available(forced)):
         return forced
-    if in_features * out_features < MIN_INT8_WEIGHTS:
+    weights = in_features * out_features
+    if weights < MIN_INT8_WEIGHTS:
         return "float"
     if fbgemm_available():
-        return "fbgemm_u8s8"
+        return "onednn_u8s8" if weights >= ONEDNN_MIN_WEIGHTS and onednn_linear_available() else "fbgemm_u8s8"
     return "int_mm" if has_vnni() else "float"
+
+
+_U8S8 = ("fbgemm_u8s8", "onednn_u8s8")
+
+
+def _u8s8_available(kernel: str) -> bool:
+    return fbgemm_available() and (kernel == "fbgemm_u8s8" or onednn_linear_available())
 
 
 class _Plan(TransientCache):
@@ -184,9 +212,11 @@ class _Plan(TransientCache):
         "bias",
         "bound",
         "forced",
+        "grid_bias",
         "kernel",
         "mode",
         "nnz",
+        "onednn",
         "packed",
         "qmax",
         "reduce_range",
@@ -209,6 +239,8 @@ class _Plan(TransientCache):
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
         self.packed: Any = None
+        self.onednn: OnednnLinearPack | None = None
+        self.grid_bias: Tensor | None = None
         self.qmax = QMAX
         self.reduce_range = False
         self.x_scale = 1.0
@@ -223,7 +255,13 @@ class _Plan(TransientCache):
                     self.nnz = int(torch.count_nonzero(weight))
                 # The bias itself (a float32 parameter still trains, e.g. in a second fit of the int8 model).
                 self.bias = bias if bias is None or bias.dtype is torch.float32 else bias.detach().to(torch.float32)
-            elif self.kernel == "fbgemm_u8s8":
+            elif self.kernel in _U8S8:
+                if self.kernel == "onednn_u8s8" and bias is not None:
+                    # The bias as the int_mm path adds it (on the product's grid for static).
+                    b = bias.detach()
+                    if self.mode == "static" and input_scale is not None:
+                        b = bias_on_grid(b, input_scale, scale)
+                    self.grid_bias = b.to(torch.float32)
                 self.qmax = activation_qmax()
                 self.reduce_range = self.qmax < QMAX
                 if self.mode == "static":
@@ -304,7 +342,7 @@ def linear_forward(layer: Int8Linear, x: Tensor) -> Tensor | None:
     kernel = plan.kernel
     if kernel == "float" or kernel == "sparse":
         return _float_forward(plan, x)
-    if kernel != "fbgemm_u8s8":
+    if kernel not in _U8S8:
         return None
     return _fbgemm_forward(plan, x, layer.in_features, layer.out_features)
 
@@ -335,6 +373,10 @@ def _float_forward(plan: _Plan, x: Tensor) -> Tensor:
 def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int) -> Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
+    if plan.kernel == "onednn_u8s8" and (
+        plan.forced == "onednn_u8s8" or onednn_pays(x2.shape[0], in_features * out_features)
+    ):
+        return _onednn_forward(plan, x2).reshape(*lead, out_features)
     qmax = plan.qmax
     if plan.mode == "static":
         xc = x2.clamp(-plan.bound, plan.bound)
@@ -367,6 +409,29 @@ def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int)
     return out.reshape(*lead, out_features)
 
 
+def _onednn_forward(plan: _Plan, x2: Tensor) -> Tensor:
+    """The ``int_mm`` path's computation with oneDNN's integer sums (bit-identical to it; ``onednn_linear``)."""
+    pack = plan.onednn
+    weight, scale, _, input_scale = plan.sources
+    if pack is None:  # built on the first large call: a layer only ever called with few rows never holds it
+        pack = plan.onednn = OnednnLinearPack(weight)
+    static = plan.mode == "static"
+    if static:
+        x_scale = input_scale
+        xq = quantize(x2, x_scale)
+    else:
+        xq, x_scale = quantize_rows(x2)
+    out = pack.sums(xq).mul_(x_scale)
+    bias = plan.grid_bias
+    if bias is None:
+        out.mul_(scale)
+    else:
+        out = torch.addcmul(bias, out, scale, out=out)
+    if static and not math.isfinite(float(x2.sum())):  # rounding made a NaN / inf finite: put it back
+        out.add_(x2.sum(dim=1, keepdim=True).mul_(0.0))
+    return out
+
+
 def _traced_forward(layer: Int8Linear, x: Tensor) -> Tensor | None:
     """Under ``torch.compile``: the float kernel in-graph, fbgemm through an opaque custom op."""
     if torch.compiler.is_exporting():
@@ -375,7 +440,7 @@ def _traced_forward(layer: Int8Linear, x: Tensor) -> Tensor | None:
     weight, scale, bias, input_scale = _sources(layer)
     if kernel == "float" or kernel == "sparse":  # in-graph dense (the CSR route is eager only)
         return F.linear(x, dequantize(weight, scale, axis=0), bias)
-    if kernel != "fbgemm_u8s8":
+    if kernel not in _U8S8:
         return None
     _LAYERS[id(layer)] = weakref.ref(layer)
     lead = x.shape[:-1]

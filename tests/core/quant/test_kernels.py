@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 from lightning_compress.core.quant import kernels
+from lightning_compress.core.quant.convert import quantize
 from lightning_compress.core.quant.modules import Int8Linear
+from lightning_compress.core.quant.onednn_linear import onednn_linear_available, onednn_pays
 from lightning_compress.core.quant.primitives import QMAX
 
 needs_fbgemm = pytest.mark.skipif(not kernels.fbgemm_available(), reason="this torch/CPU has no fbgemm int8 Linear")
@@ -26,8 +28,11 @@ def test_select_kernel_is_a_deterministic_rule_of_shape_mode_and_device():
     assert kernels.select_kernel(64, 300, "dynamic", "cpu") == "float"  # digits MLP: float pays
     assert kernels.select_kernel(100, 10, "static", "cpu") == "float"
     big = kernels.select_kernel(4096, 4096, "dynamic", "cpu")
-    assert big == ("fbgemm_u8s8" if kernels.fbgemm_available() else big)
-    assert big in ("fbgemm_u8s8", "int_mm", "float")
+    u8s8 = "onednn_u8s8" if onednn_linear_available() else "fbgemm_u8s8"
+    assert big == (u8s8 if kernels.fbgemm_available() else big)
+    assert big in ("onednn_u8s8", "fbgemm_u8s8", "int_mm", "float")
+    # Below ONEDNN_MIN_WEIGHTS a layer stays on fbgemm's route.
+    assert kernels.select_kernel(512, 1024, "dynamic", "cpu") == ("fbgemm_u8s8" if kernels.fbgemm_available() else big)
     assert [kernels.select_kernel(4096, 4096, "dynamic", "cpu") for _ in range(3)] == [big] * 3
     assert kernels.select_kernel(4096, 4096, "weight_only", "cpu") == "dequant"
     assert kernels.select_kernel(4096, 4096, "dynamic", "cuda") == "int_mm"
@@ -313,3 +318,69 @@ def test_static_int8_kernels_compute_the_integer_product_and_the_int32_bias(kern
         # exactly its documented form (the dequantized weight transposed, one addmm), F.linear's up to rounding
         assert torch.equal(layer(x), torch.addmm(layer.bias, x, layer.dequantize_weight().t().contiguous()))
         torch.testing.assert_close(layer(x), plain, rtol=1e-6, atol=1e-6)
+
+
+needs_onednn_linear = pytest.mark.skipif(
+    not (kernels.fbgemm_available() and onednn_linear_available()),
+    reason="oneDNN's exact u8 x s8 linear (VNNI / AMX) and fbgemm are needed",
+)
+
+
+def test_onednn_pays_rule():
+    assert onednn_pays(32, 1 << 21) and onednn_pays(64, 1 << 20)
+    assert not onednn_pays(31, 1 << 24)  # too few rows
+    assert not onednn_pays(32, 1 << 20)  # 2^25 multiply-adds: too little work
+    assert not onednn_pays(4096, (1 << 20) - 1)  # too small a layer
+
+
+@needs_onednn_linear
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_route_is_bit_identical_to_int_mm(mode, bias):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(1024, 2048, bias=bias), nn.ReLU(), nn.Linear(2048, 1024, bias=bias)).eval()
+    calibration = [torch.randn(64, 1024)] if mode == "static" else []
+    quantize(base, mode, calibration=calibration)
+    assert {m.kernel for m in base.modules() if isinstance(m, Int8Linear)} == {"onednn_u8s8"}
+    x = torch.randn(2, 40, 1024) * 3  # 80 rows: oneDNN's route on both layers
+    x[1, 7, 3] = float("nan")
+    with torch.no_grad():
+        got = base(x)
+        with kernels.use_kernel("int_mm"):
+            ref = base(x)
+    assert got.shape == (2, 40, 1024)
+    nan_rows = torch.isnan(got).any(-1)
+    assert nan_rows.nonzero().tolist() == [[1, 7]]  # a NaN input row stays NaN, the others finite
+    assert torch.equal(torch.isnan(ref).any(-1), nan_rows)
+    assert torch.equal(got[~nan_rows], ref[~nan_rows])
+    # The prepacked weight is a cache: never in the state_dict.
+    assert all("onednn" not in k and "packed" not in k for k in base.state_dict())
+
+
+@needs_onednn_linear
+def test_onednn_route_takes_only_large_calls():
+    torch.manual_seed(1)
+    lin = Int8Linear.from_float(nn.Linear(1024, 1024), "dynamic")
+    x = torch.randn(64, 1024)
+    with torch.no_grad():
+        small = lin(x[:16])  # fbgemm's route: its own rounding
+        large = lin(x)
+        with kernels.use_kernel("int_mm"):
+            ref = lin(x)
+    assert torch.equal(large, ref)  # 64 x 2^20 = 2^26 multiply-adds: oneDNN's route
+    assert not torch.equal(small, ref[:16])
+    torch.testing.assert_close(small, ref[:16], rtol=0.05, atol=0.05)
+
+
+@needs_onednn_linear
+def test_onednn_linear_sums_are_exact_at_the_saturating_corner():
+    from lightning_compress.core.quant.onednn_linear import OnednnLinearPack
+
+    k = 4096
+    w = torch.full((16, k), 127, dtype=torch.int8)
+    w[1] = -127
+    q = torch.full((3, k), 127, dtype=torch.int8)
+    q[2] = -127
+    got = OnednnLinearPack(w).sums(q.clone())
+    ref = q.to(torch.int64) @ w.to(torch.int64).t()
+    assert torch.equal(got, ref.to(torch.float32))
