@@ -212,7 +212,6 @@ class _Plan(TransientCache):
         "bias",
         "bound",
         "forced",
-        "grid_bias",
         "kernel",
         "mode",
         "nnz",
@@ -240,7 +239,6 @@ class _Plan(TransientCache):
         self.bias: Tensor | None = None
         self.packed: Any = None
         self.onednn: OnednnLinearPack | None = None
-        self.grid_bias: Tensor | None = None
         self.qmax = QMAX
         self.reduce_range = False
         self.x_scale = 1.0
@@ -256,12 +254,6 @@ class _Plan(TransientCache):
                 # The bias itself (a float32 parameter still trains, e.g. in a second fit of the int8 model).
                 self.bias = bias if bias is None or bias.dtype is torch.float32 else bias.detach().to(torch.float32)
             elif self.kernel in _U8S8:
-                if self.kernel == "onednn_u8s8" and bias is not None:
-                    # The bias as the int_mm path adds it (on the product's grid for static).
-                    b = bias.detach()
-                    if self.mode == "static" and input_scale is not None:
-                        b = bias_on_grid(b, input_scale, scale)
-                    self.grid_bias = b.to(torch.float32)
                 self.qmax = activation_qmax()
                 self.reduce_range = self.qmax < QMAX
                 if self.mode == "static":
@@ -274,7 +266,9 @@ class _Plan(TransientCache):
                     self.packed = fbgemm_pack(weight, scale, bias)
                 else:
                     self.packed = fbgemm_pack(weight, scale, None)
-                    self.bias = None if bias is None else bias.detach().to(torch.float32)
+                # The bias the layer adds itself (fbgemm's dynamic route, oneDNN's route): for static, the
+                # one on the product's grid that fbgemm packed and the int_mm path adds.
+                self.bias = None if bias is None else bias.detach().to(torch.float32)
 
 
 def _sources(layer: Int8Linear) -> tuple[Any, ...]:
@@ -422,7 +416,7 @@ def _onednn_forward(plan: _Plan, x2: Tensor) -> Tensor:
     else:
         xq, x_scale = quantize_rows(x2)
     out = pack.sums(xq).mul_(x_scale)
-    bias = plan.grid_bias
+    bias = plan.bias
     if bias is None:
         out.mul_(scale)
     else:

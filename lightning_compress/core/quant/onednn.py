@@ -48,6 +48,7 @@ __all__ = [
     "MIN_POSITIONS",
     "conv_kernel",
     "conv_sums",
+    "onednn_int8_ops_present",
     "onednn_conv_available",
     "use_onednn_conv",
 ]
@@ -102,12 +103,22 @@ def onednn_conv_available() -> bool:
     return _PROBED["ok"] and _ENABLED[0]
 
 
+def onednn_int8_ops_present(*names: str) -> bool:
+    """Whether ``torch.ops.onednn`` has the ops ``names``, oneDNN is built in and the CPU has VNNI or AMX.
+
+    The first half of each oneDNN probe; the second half checks an adversarial product for exactness.
+    """
+    ops = torch.ops.onednn
+    return (
+        all(hasattr(ops, name) for name in names)
+        and torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+        and has_vnni()
+    )
+
+
 @torch.compiler.disable
 def _probe() -> bool:
-    ops = torch.ops.onednn
-    if not (hasattr(ops, "qconv_prepack") and hasattr(ops, "qconv2d_pointwise")):
-        return False
-    if not torch.backends.mkldnn.is_available() or not has_vnni():  # type: ignore[no-untyped-call]
+    if not onednn_int8_ops_present("qconv_prepack", "qconv2d_pointwise"):
         return False
     try:
         c, k = 64, 3

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_compress.core.quant.fbgemm import has_vnni
+from lightning_compress.core.quant.onednn import onednn_int8_ops_present
 from lightning_compress.core.quant.primitives import QMAX
 
 __all__ = [
@@ -73,10 +73,7 @@ def onednn_pays(rows: int, weights: int) -> bool:
 
 @torch.compiler.disable
 def _probe() -> bool:
-    ops = torch.ops.onednn
-    if not (hasattr(ops, "qlinear_prepack") and hasattr(ops, "qlinear_pointwise")):
-        return False
-    if not torch.backends.mkldnn.is_available() or not has_vnni():  # type: ignore[no-untyped-call]
+    if not onednn_int8_ops_present("qlinear_prepack", "qlinear_pointwise"):
         return False
     try:
         k = 256
