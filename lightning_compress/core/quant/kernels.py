@@ -25,8 +25,9 @@ Kernels (:data:`KERNELS`, shown as :attr:`Int8Linear.kernel <lightning_compress.
   :func:`fbgemm_available`, and without them the layer falls back to the kernels below.
 * ``"onednn_u8s8"`` (layers of at least 2^20 weights on CPUs with VNNI or AMX and fbgemm): the
   ``"fbgemm_u8s8"`` kernel below for small calls, and for calls of at least 32 rows and 2^26
-  multiply-adds oneDNN's u8 x s8 product on the ``int_mm`` path's own codes, bit-identical to that
-  path (:mod:`~lightning_compress.core.quant.onednn_linear`, which has the measurements).
+  multiply-adds (16 rows on layers of 2^24 weights or more) oneDNN's u8 x s8 product on the
+  ``int_mm`` path's own codes, bit-identical to that path
+  (:mod:`~lightning_compress.core.quant.onednn_linear`, which has the measurements).
 * ``"float"``: one ``torch.addmm(bias, x, w_t)`` with the dequantized weight ``weight_scale *
   weight`` computed once and cached (float32) *transposed*, as a contiguous ``[in, out]`` matrix
   (layers with fewer than :data:`MIN_TRANSPOSED_OUT` outputs keep ``F.linear``'s transposed view of

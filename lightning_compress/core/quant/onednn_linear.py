@@ -17,9 +17,15 @@ CPUs whose u8 x s8 instruction accumulates in int32: VNNI, AMX), and only for ca
 to repay the elementwise passes around the op (:func:`onednn_pays`). Measured on an AMD EPYC with
 AVX-512 VNNI, one thread, against the layer's fbgemm route (``benchmarks/int8_latency.py``): a
 4096 x 4096 layer 0.73-0.86x at 32-256 rows, 2048 x 2048 0.84-0.92x, 1024 x 1024 1.05x at 32 rows
-and 0.90-0.94x at 64-256; below 32 rows fbgemm's ``linear_dynamic``, which quantizes inside the
-op, wins (oneDNN 1.03-1.35x at 1-16 rows of a 4096 x 4096 layer: the ~10 small passes of the
-quantization run cold after a GEMM that streamed 16 MB through the caches).
+and 0.90-0.94x at 64-256. Below 32 rows fbgemm's ``linear_dynamic``, which quantizes inside the
+op, wins on layers whose weight stays in the caches (a chain of four 2048 x 2048 layers: oneDNN
+1.33-1.61x at 8 rows, 0.92-1.13x at 16, one thread; 1.04-1.26x at 16 on two), but not on layers of
+:data:`ONEDNN_LARGE_WEIGHTS` or more, whose weight streams from memory at every call (a chain of
+four 4096 x 4096 layers, the 4-layer MLP of the benchmark: oneDNN 0.81-0.83x at 16 rows, 0.74-0.83x
+at 24, on one thread and on two; 0.87-1.0x at 8 rows on one thread but 1.02-1.14x on two, and
+1.08-1.29x at 2-6 rows), so those take it from :data:`ONEDNN_LARGE_MIN_ROWS` rows on. With a
+single 4096 x 4096 layer called again and again (its weight partly cached) oneDNN measured
+1.03-1.35x at 1-16 rows: the ~10 small passes of the quantization run cold after the GEMM.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from lightning_compress.core.quant.onednn import onednn_int8_ops_present
 from lightning_compress.core.quant.primitives import QMAX
 
 __all__ = [
+    "ONEDNN_LARGE_MIN_ROWS",
+    "ONEDNN_LARGE_WEIGHTS",
     "ONEDNN_MIN_MACS",
     "ONEDNN_MIN_ROWS",
     "ONEDNN_MIN_WEIGHTS",
@@ -50,6 +58,12 @@ ONEDNN_MIN_ROWS = 32
 ONEDNN_MIN_MACS = 1 << 26
 """Calls with fewer multiply-adds (rows x weights) take fbgemm's route (1024 x 1024 at 32 rows: 1.05x)."""
 
+ONEDNN_LARGE_WEIGHTS = 1 << 24
+"""Layers of this many weights (4096 x 4096) or more take oneDNN's product from :data:`ONEDNN_LARGE_MIN_ROWS` rows."""
+
+ONEDNN_LARGE_MIN_ROWS = 16
+"""The fewest rows with which a layer of :data:`ONEDNN_LARGE_WEIGHTS` weights or more takes oneDNN's product."""
+
 _ZERO_POINT = QMAX + 1
 _PROBED: dict[str, bool] = {}
 
@@ -64,11 +78,21 @@ def onednn_linear_available() -> bool:
 def onednn_pays(rows: int, weights: int) -> bool:
     """Whether a call of ``rows`` rows on a layer of ``weights`` weights takes oneDNN's product.
 
+    At least :data:`ONEDNN_MIN_ROWS` rows and :data:`ONEDNN_MIN_MACS` multiply-adds on a layer of
+    :data:`ONEDNN_MIN_WEIGHTS` weights or more; or at least :data:`ONEDNN_LARGE_MIN_ROWS` rows on a
+    layer of :data:`ONEDNN_LARGE_WEIGHTS` weights or more.
+
     Example:
-        >>> onednn_pays(64, 4096 * 4096), onednn_pays(16, 4096 * 4096), onednn_pays(32, 1024 * 1024)
-        (True, False, False)
+        >>> onednn_pays(64, 4096 * 4096), onednn_pays(16, 4096 * 4096), onednn_pays(8, 4096 * 4096)
+        (True, True, False)
+        >>> onednn_pays(16, 2048 * 2048), onednn_pays(32, 2048 * 2048), onednn_pays(32, 1024 * 1024)
+        (False, True, False)
     """
-    return weights >= ONEDNN_MIN_WEIGHTS and rows >= ONEDNN_MIN_ROWS and rows * weights >= ONEDNN_MIN_MACS
+    if weights < ONEDNN_MIN_WEIGHTS:
+        return False
+    if weights >= ONEDNN_LARGE_WEIGHTS and rows >= ONEDNN_LARGE_MIN_ROWS:
+        return True
+    return rows >= ONEDNN_MIN_ROWS and rows * weights >= ONEDNN_MIN_MACS
 
 
 @torch.compiler.disable

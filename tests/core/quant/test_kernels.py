@@ -328,9 +328,12 @@ needs_onednn_linear = pytest.mark.skipif(
 
 def test_onednn_pays_rule():
     assert onednn_pays(32, 1 << 21) and onednn_pays(64, 1 << 20)
-    assert not onednn_pays(31, 1 << 24)  # too few rows
+    assert not onednn_pays(31, (1 << 24) - 1)  # too few rows
     assert not onednn_pays(32, 1 << 20)  # 2^25 multiply-adds: too little work
     assert not onednn_pays(4096, (1 << 20) - 1)  # too small a layer
+    # A layer whose weight streams from memory (2^24 weights, 4096 x 4096, or more) from 16 rows on.
+    assert onednn_pays(16, 1 << 24) and onednn_pays(16, 1 << 26)
+    assert not onednn_pays(15, 1 << 24) and not onednn_pays(16, (1 << 24) - 1)
 
 
 @needs_onednn_linear
@@ -370,6 +373,20 @@ def test_onednn_route_takes_only_large_calls():
     assert torch.equal(large, ref)  # 64 x 2^20 = 2^26 multiply-adds: oneDNN's route
     assert not torch.equal(small, ref[:16])
     torch.testing.assert_close(small, ref[:16], rtol=0.05, atol=0.05)
+
+
+@needs_onednn_linear
+def test_onednn_route_takes_16_rows_on_a_layer_that_streams_from_memory():
+    torch.manual_seed(2)
+    lin = Int8Linear.from_float(nn.Linear(4096, 4096), "dynamic")  # 2^24 weights: ONEDNN_LARGE_WEIGHTS
+    x = torch.randn(16, 4096)
+    with torch.no_grad():
+        sixteen, fifteen = lin(x), lin(x[:15])
+        with kernels.use_kernel("int_mm"):
+            ref = lin(x)
+    assert torch.equal(sixteen, ref)  # oneDNN's route: the int_mm path's numbers
+    assert not torch.equal(fifteen, ref[:15])  # fbgemm's route: its own rounding
+    torch.testing.assert_close(fifteen, ref[:15], rtol=0.05, atol=0.05)
 
 
 @needs_onednn_linear
