@@ -15,7 +15,10 @@ with the int8 layers on the ``int_mm`` kernel (``use_kernel("int_mm")``: the int
 CUDA runs). On the CPU, Linear layers with fewer than 2^18 weights (every layer here) normally pick
 the ``float`` kernel, which multiplies by the dequantized weight and does not quantize the input at
 all, so the CPU's own static accuracy equals its weight-only accuracy; ``int_mm`` measures what
-static int8 costs. Step time: the median training step (forward, backward, optimizer) of the QAT
+static int8 costs. The same accuracies on the validation split (as many images; the fits never
+validate, so nothing was trained or chosen on it) and, per configuration, on how many seeds QAT's
+int8 model is worse / better than PTQ's tell a systematic difference from the noise of one image
+(0.37 pt). Step time: the median training step (forward, backward, optimizer) of the QAT
 epochs against that of the float run's last ``Q`` epochs, one thread by default.
 
     python benchmarks/qat.py           # 2 models x 3 seeds x 20 epochs (3 QAT); writes results/qat.{md,json}
@@ -99,11 +102,11 @@ def make_trainer(epochs: int, callbacks: list[Callback], limit_batches: int | No
 
 
 @torch.no_grad()
-def test_accuracy(model: torch.nn.Module, dm: DigitsDataModule) -> float:
+def accuracy(model: torch.nn.Module, loader: Any) -> float:
     model.eval()
     right = total = 0
     with use_kernel("int_mm"):
-        for x, y in dm.test_dataloader():
+        for x, y in loader:
             right += int((model(x).argmax(-1) == y).sum())
             total += len(y)
     return right / total
@@ -146,12 +149,13 @@ def main() -> None:
                 timer = _StepTimer()
                 make_trainer(epochs, [_Snapshot(epochs - qat_epochs - 1, ckpt), timer], limit).fit(model, dm)
                 float_steps[name] += timer.from_epoch(epochs - qat_epochs)
-                row: dict[str, Any] = {"model": name, "seed": seed, "float32": test_accuracy(model, dm)}
+                val = dm.val_dataloader()  # the split the fits never validate on (limit_val_batches=0)
+                row: dict[str, Any] = {"model": name, "seed": seed}
+                row["float32"], row["val float32"] = accuracy(model, dm.test_dataloader()), accuracy(model, val)
                 for mode, per_channel in CONFIGS:
                     key = config_name(mode, per_channel)
-                    row[f"ptq {key}"] = test_accuracy(
-                        post_training(model, dm, mode, per_channel, args.calibration_batches), dm
-                    )
+                    ptq = post_training(model, dm, mode, per_channel, args.calibration_batches)
+                    row[f"ptq {key}"], row[f"val ptq {key}"] = accuracy(ptq, dm.test_dataloader()), accuracy(ptq, val)
                     pl.seed_everything(seed, verbose=False)
                     qat_model = Classifier(MODELS[name]())
                     qat_dm = DigitsDataModule(batch_size=64, seed=seed)
@@ -163,7 +167,10 @@ def main() -> None:
                     else:
                         trainer.fit(qat_model, qat_dm)
                     qat_steps[name] += timer.from_epoch(epochs - qat_epochs)
-                    row[f"qat {key}"] = test_accuracy(qat_model, qat_dm)
+                    row[f"qat {key}"], row[f"val qat {key}"] = (
+                        accuracy(qat_model, dm.test_dataloader()),
+                        accuracy(qat_model, val),
+                    )
                 rows.append(row)
                 print(
                     f"{name} seed {seed}: float {100 * row['float32']:.2f} | "
@@ -185,6 +192,12 @@ def main() -> None:
             for kind in ("ptq", "qat"):
                 entry[f"{kind} {key} mean"] = statistics.mean(r[f"{kind} {key}"] for r in sel)
                 entry[f"{kind} {key} drop_pt"] = 100 * (fl - entry[f"{kind} {key} mean"])
+                entry[f"val {kind} {key} drop_pt"] = 100 * statistics.mean(
+                    r["val float32"] - r[f"val {kind} {key}"] for r in sel
+                )
+            # The paired view: on how many seeds QAT's int8 model is worse / better than PTQ's (test split).
+            entry[f"{key} qat_worse_seeds"] = sum(r[f"qat {key}"] < r[f"ptq {key}"] for r in sel)
+            entry[f"{key} qat_better_seeds"] = sum(r[f"qat {key}"] > r[f"ptq {key}"] for r in sel)
         f_med, q_med = statistics.median(float_steps[name]), statistics.median(qat_steps[name])
         entry.update({"float_step_ms": 1e3 * f_med, "qat_step_ms": 1e3 * q_med, "qat_step_ratio": q_med / f_med})
         summary[name] = entry
@@ -230,6 +243,17 @@ def main() -> None:
             + " | ".join(cells)
             + f" | {s['qat_step_ms']:.2f} ms / {s['float_step_ms']:.2f} ms = {s['qat_step_ratio']:.2f}x |"
         )
+    md += [
+        "",
+        "Paired by seed (test split): seeds where QAT's int8 model is worse / better than PTQ's; and the",
+        "mean drops on the validation split (as many images, which no run trained or chose anything on):",
+        "",
+        *table_head("model", *(f"{k} QAT worse / better" for k in keys), *(f"{k} val PTQ / QAT drop" for k in keys)),
+    ]
+    for name, s in summary.items():
+        pairs = [f"{s[f'{k} qat_worse_seeds']} / {s[f'{k} qat_better_seeds']}" for k in keys]
+        vals = [f"{s[f'val ptq {k} drop_pt']:+.2f} / {s[f'val qat {k} drop_pt']:+.2f}" for k in keys]
+        md.append(f"| {name} | " + " | ".join(pairs + vals) + " |")
     write_results(args.out, "qat_smoke" if args.smoke else "qat", result, md)
 
 
