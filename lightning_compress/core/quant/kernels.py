@@ -13,8 +13,9 @@ Kernels (:data:`KERNELS`, shown as :attr:`Int8Linear.kernel <lightning_compress.
   weight, float32 out. Static mode passes its calibrated scale to that op (one call, plus a clamp).
   Dynamic mode calls ``torch.ops.quantized.linear_dynamic`` (the kernel of torch's own
   ``quantize_dynamic``: the op finds the input's range and quantizes it to u8 with a zero point,
-  asymmetric, in one call). A single row goes to it as is; a batch of rows is first divided by each
-  row's ``max |x|`` (and the product multiplied back), so that every row keeps its own scale: an
+  asymmetric, in one call), the float bias packed with the weight. A single row goes to it as is
+  (one call, bias included); a batch of rows is first divided by each row's ``max |x|`` (and the
+  product multiplied back, the packed bias taken off and added once), so that every row keeps its own scale: an
   outlier row cannot flatten the others' grid, as it would with one scale per call.
   ``qmax`` is 127 where the CPU's u8 x s8 instruction accumulates without saturation
   (VNNI: checked once per process by :func:`activation_qmax` on an adversarial product) and 63
@@ -264,11 +265,12 @@ class _Plan(TransientCache):
                     self.x_scale = s * QMAX / self.qmax if s > 0 else 1.0
                     if bias is not None and s > 0:
                         bias = bias_on_grid(bias.detach(), input_scale, scale)
-                    self.packed = fbgemm_pack(weight, scale, bias)
-                else:
-                    self.packed = fbgemm_pack(weight, scale, None)
-                # The bias the layer adds itself (fbgemm's dynamic route, oneDNN's route): for static, the
-                # one on the product's grid that fbgemm packed and the int_mm path adds.
+                # Dynamic mode packs the float bias too: a single row is then one fbgemm call, the bias added
+                # inside the op (the ops after a GEMM that streamed the weight run cold: one fewer measured
+                # 3 % of a 4096-wide MLP at batch 1, one thread).
+                self.packed = fbgemm_pack(weight, scale, bias)
+                # The bias the layer adds itself (oneDNN's route; fbgemm's dynamic route, to rescale): for static,
+                # the one on the product's grid that fbgemm packed and the int_mm path adds.
                 self.bias = None if bias is None else bias.detach().to(torch.float32)
 
 
@@ -366,12 +368,13 @@ def _float_forward(plan: _Plan, x: Tensor) -> Tensor:
 
 
 def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int) -> Tensor:
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
+    flat = x.dim() == 2
+    x2 = x if flat else x.reshape(-1, in_features)
     if plan.kernel == "onednn_u8s8" and (
         plan.forced == "onednn_u8s8" or onednn_pays(x2.shape[0], in_features * out_features)
     ):
-        return _onednn_forward(plan, x2).reshape(*lead, out_features)
+        out = _onednn_forward(plan, x2)
+        return out if flat else out.reshape(*x.shape[:-1], out_features)
     qmax = plan.qmax
     if plan.mode == "static":
         xc = x2.clamp(-plan.bound, plan.bound)
@@ -381,10 +384,8 @@ def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int)
         # 0 * sum(row) is 0 for a finite row and NaN for a row with a NaN or an inf, as in float.
         if not math.isfinite(float(x2.sum())):
             out.add_(x2.sum(dim=1, keepdim=True).mul_(0.0))
-    elif x2.shape[0] == 1:  # one row: its own range is the call's range
+    elif x2.shape[0] == 1:  # one row: its own range is the call's range (and the op adds the packed bias)
         out = linear_dynamic(x2, plan.packed, plan.reduce_range)
-        if plan.bias is not None:
-            out.add_(plan.bias)
     else:
         # Each row divided by its max |x| (NaN for a row with a NaN, inf with an inf; an all-zero row
         # gets a tiny divisor and zeros), quantized by the op on the batch's range of [-1, 1]. The row
@@ -398,10 +399,15 @@ def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int)
         out = linear_dynamic(torch.div(x2, row_max), plan.packed, plan.reduce_range)
         if plan.bias is None:
             out = out.mul_(row_max)
-        else:  # in place (a second [M, N] buffer made this pass up to 2x slower, 4096 wide), except
-            # for an input that requires grad: `out=` has no autograd
-            out = torch.addcmul(plan.bias, out, row_max, out=None if out.requires_grad else out)
-    return out.reshape(*lead, out_features)
+        else:  # the op added the packed bias b to the product p of the scaled rows: r (p + b) + (1 - r) b
+            # is r p + b. In place (a second [M, N] buffer made such a pass up to 2x slower, 4096 wide),
+            # except for an input that requires grad: in-place ops on it have no autograd
+            rest = torch.rsub(row_max, 1.0)
+            if out.requires_grad:
+                out = torch.addcmul(out * row_max, rest, plan.bias)
+            else:
+                out = out.mul_(row_max).addcmul_(rest, plan.bias)
+    return out if flat else out.reshape(*x.shape[:-1], out_features)
 
 
 def _onednn_forward(plan: _Plan, x2: Tensor) -> Tensor:

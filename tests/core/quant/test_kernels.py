@@ -136,7 +136,7 @@ def test_fbgemm_dynamic_keeps_small_rows_accurate_next_to_an_outlier_row():
     ref = float_layer(x).detach()
     row_err = (got - ref).norm(dim=1) / ref.norm(dim=1)
     assert float(row_err.max()) < 0.05
-    per_call = torch.ops.quantized.linear_dynamic(x, packed, True) + layer.bias
+    per_call = torch.ops.quantized.linear_dynamic(x, packed, True)  # one scale per call (the bias is packed)
     assert float(((per_call - ref).norm(dim=1) / ref.norm(dim=1))[1:].min()) > 0.3  # what it avoids
     torch.testing.assert_close(alone, got[1:], rtol=0.05, atol=0.05)
 
