@@ -201,7 +201,11 @@ def main() -> None:
         f_med, q_med = statistics.median(float_steps[name]), statistics.median(qat_steps[name])
         entry.update({"float_step_ms": 1e3 * f_med, "qat_step_ms": 1e3 * q_med, "qat_step_ratio": q_med / f_med})
         summary[name] = entry
-    command = "python benchmarks/qat.py" + (" --smoke" if args.smoke else "")
+    command = "python benchmarks/qat.py" + (" --smoke" if args.smoke else "")  # the options that shape the run
+    if not args.smoke and seeds != 3:
+        command += f" --seeds {seeds}"
+    if not args.smoke and models != list(MODELS):
+        command += " --models " + " ".join(models)
     header = f"CPU: {cpu_header()}"
     result = {
         "command": command,
