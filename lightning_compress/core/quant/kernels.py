@@ -10,7 +10,9 @@ Kernels (:data:`KERNELS`, shown as :attr:`Int8Linear.kernel <lightning_compress.
   ``torch.ops.quantized.linear_prepack`` and every call is one
   ``torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32``: unsigned 8-bit activations
   (the symmetric integer ``q`` shifted by a zero point ``Z = qmax + 1``) times the signed int8
-  weight, float32 out. Static mode passes its calibrated scale to that op (one call, plus a clamp).
+  weight, float32 out. Static mode passes its calibrated scale to that op (one call, after one
+  min/max reduction; an input that leaves the calibrated range is clamped to it first, so no code
+  leaves ``[-qmax, qmax]``).
   Dynamic mode calls ``torch.ops.quantized.linear_dynamic`` (the kernel of torch's own
   ``quantize_dynamic``: the op finds the input's range and quantizes it to u8 with a zero point,
   asymmetric, in one call), the float bias packed with the weight. A single row goes to it as is
@@ -377,13 +379,19 @@ def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int)
         return out if flat else out.reshape(*x.shape[:-1], out_features)
     qmax = plan.qmax
     if plan.mode == "static":
-        xc = x2.clamp(-plan.bound, plan.bound)
-        out = fbgemm_u8s8_mm(xc, plan.packed, plan.x_scale, qmax + 1)
-        # The clamp keeps NaN but the op's rounding would make it a finite integer. A finite total
-        # means every input is finite (one scalar reduction, no pass over the output); otherwise
-        # 0 * sum(row) is 0 for a finite row and NaN for a row with a NaN or an inf, as in float.
-        if not math.isfinite(float(x2.sum())):
-            out.add_(x2.sum(dim=1, keepdim=True).mul_(0.0))
+        # One reduction, while the input is still in the caches: an input inside the calibrated range
+        # (the usual case) goes to the op as it is, one outside it (NaN and inf included: every
+        # comparison with NaN is false) is clamped first, so that no code leaves [-qmax, qmax].
+        lo, hi = torch.aminmax(x2)
+        x_min, x_max, bound = float(lo), float(hi), plan.bound
+        if -bound <= x_min and x_max <= bound:
+            out = fbgemm_u8s8_mm(x2, plan.packed, plan.x_scale, qmax + 1)
+        else:
+            out = fbgemm_u8s8_mm(x2.clamp(-bound, bound), plan.packed, plan.x_scale, qmax + 1)
+            # The clamp keeps NaN but the op's rounding would make it a finite integer: 0 * sum(row)
+            # is 0 for a finite row and NaN for a row with a NaN or an inf, as in float.
+            if not (math.isfinite(x_min) and math.isfinite(x_max)):
+                out.add_(x2.sum(dim=1, keepdim=True).mul_(0.0))
     elif x2.shape[0] == 1:  # one row: its own range is the call's range (and the op adds the packed bias)
         out = linear_dynamic(x2, plan.packed, plan.reduce_range)
     else:
@@ -417,8 +425,10 @@ def _onednn_forward(plan: _Plan, x2: Tensor) -> Tensor:
     if pack is None:  # built on the first large call: a layer only ever called with few rows never holds it
         pack = plan.onednn = OnednnLinearPack(weight)
     static = plan.mode == "static"
+    finite = True
     if static:
         x_scale = input_scale
+        finite = math.isfinite(float(x2.sum()))  # checked before the GEMM, while the input is in the caches
         xq = quantize(x2, x_scale)
     else:
         xq, x_scale = quantize_rows(x2)
@@ -428,7 +438,7 @@ def _onednn_forward(plan: _Plan, x2: Tensor) -> Tensor:
         out.mul_(scale)
     else:
         out = torch.addcmul(bias, out, scale, out=out)
-    if static and not math.isfinite(float(x2.sum())):  # rounding made a NaN / inf finite: put it back
+    if not finite:  # rounding made a NaN / inf finite: put it back
         out.add_(x2.sum(dim=1, keepdim=True).mul_(0.0))
     return out
 

@@ -170,6 +170,13 @@ def test_fbgemm_static_keeps_the_calibrated_range_and_saturates():
         expected = _int_reference(q, layer.int8_weight).double() * step * layer.weight_scale.double()
         torch.testing.assert_close(got.double(), expected + layer.bias.double(), rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(layer(x * 0 + 9.0), layer(x * 0 + 2.0))  # beyond the range: saturated
+        assert torch.equal(layer(x * 0 - 9.0), layer(x * 0 - 2.0))  # on the negative side too: -qmax, not -qmax - 1
+        # An input inside the range goes to the op unclamped, one beyond it is clamped first: both on the grid.
+        beyond = x.clone()
+        beyond[0, :5], beyond[1, :5] = -3.0, 3.0
+        q = torch.round(beyond / step).clamp(-qmax, qmax).long()
+        expected = _int_reference(q, layer.int8_weight).double() * step * layer.weight_scale.double()
+        torch.testing.assert_close(layer(beyond).double(), expected + layer.bias.double(), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("kernel", ["float", "fbgemm_u8s8", "int_mm", None])
