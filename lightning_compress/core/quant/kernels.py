@@ -369,6 +369,10 @@ def _float_forward(plan: _Plan, x: Tensor) -> Tensor:
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], wt.shape[1])
 
 
+_FEW_ROWS = 16
+"""Up to this many rows, the dynamic fbgemm route finds each row's ``max |x|`` from ``|x|`` (2 kernels, not 4)."""
+
+
 def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int) -> Tensor:
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(-1, in_features)
@@ -402,19 +406,21 @@ def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int)
         # (`addcmul`). These extra passes cost 2-5 % of a 4096-wide MLP at batch 16 on one thread
         # (benchmarks/int8_latency.py): the price of a row's result not depending on the other rows
         # of its batch.
-        high, low = x2.amax(dim=1, keepdim=True), x2.amin(dim=1, keepdim=True)
-        row_max = torch.maximum(high, low.neg_()).clamp_min_(1e-30)
+        if x2.shape[0] <= _FEW_ROWS:  # |x| is a small temporary here, and two kernels fewer
+            row_max = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)
+        else:
+            high, low = x2.amax(dim=1, keepdim=True), x2.amin(dim=1, keepdim=True)
+            row_max = torch.maximum(high, low.neg_()).clamp_min_(1e-30)
         out = linear_dynamic(torch.div(x2, row_max), plan.packed, plan.reduce_range)
         if plan.bias is None:
             out = out.mul_(row_max)
-        else:  # the op added the packed bias b to the product p of the scaled rows: r (p + b) + (1 - r) b
-            # is r p + b. In place (a second [M, N] buffer made such a pass up to 2x slower, 4096 wide),
+        else:  # the op added the packed bias b to the product p of the scaled rows: r (p + b - b) + b is
+            # r p + b. In place (a second [M, N] buffer made such a pass up to 2x slower, 4096 wide),
             # except for an input that requires grad: in-place ops on it have no autograd
-            rest = torch.rsub(row_max, 1.0)
             if out.requires_grad:
-                out = torch.addcmul(out * row_max, rest, plan.bias)
+                out = torch.addcmul(plan.bias, out - plan.bias, row_max)
             else:
-                out = out.mul_(row_max).addcmul_(rest, plan.bias)
+                out = torch.addcmul(plan.bias, out.sub_(plan.bias), row_max, out=out)
     return out if flat else out.reshape(*x.shape[:-1], out_features)
 
 

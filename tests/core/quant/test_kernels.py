@@ -90,11 +90,12 @@ def _dynamic_reference(t, w, w_scale, by_inverse=False):
 @needs_fbgemm
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("per_channel", [True, False])
-def test_fbgemm_dynamic_equals_a_hand_quantized_integer_product(bias, per_channel):
+@pytest.mark.parametrize("rows", [7, 20])  # 14 rows: max |x| from |x|; 40: from the row's max and min
+def test_fbgemm_dynamic_equals_a_hand_quantized_integer_product(bias, per_channel, rows):
     torch.manual_seed(1)
     float_layer = nn.Linear(96, 40, bias=bias)
     layer = Int8Linear.from_float(float_layer, "dynamic", per_channel=per_channel)
-    x = torch.randn(2, 7, 96) * torch.logspace(-2, 2, 7)[:, None]  # rows of very different sizes
+    x = torch.randn(2, rows, 96) * torch.logspace(-2, 2, rows)[:, None]  # rows of very different sizes
     x[0, 0] = x[0, 0].abs()  # a row without negatives, for a zero point other than the midpoint
     with kernels.use_kernel("fbgemm_u8s8"):
         assert layer.kernel == "fbgemm_u8s8"
@@ -118,7 +119,7 @@ def test_fbgemm_dynamic_equals_a_hand_quantized_integer_product(bias, per_channe
             and torch.allclose(one.double(), expected_one[0], rtol=2e-6, atol=1e-5)
         )
     assert any(matches)
-    assert got.shape == (2, 7, 40) and one.shape == (40,)
+    assert got.shape == (2, rows, 40) and one.shape == (40,)
     assert float((got - float_layer(x)).norm() / float_layer(x).norm()) < 0.03
 
 
