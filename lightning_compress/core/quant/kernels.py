@@ -400,12 +400,12 @@ def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int)
         out = linear_dynamic(x2, plan.packed, plan.reduce_range)
     else:
         # Each row divided by its max |x| (NaN for a row with a NaN, inf with an inf; an all-zero row
-        # gets a tiny divisor and zeros), quantized by the op on the batch's range of [-1, 1]. The row
-        # max comes from `amax` and `amin` (no |x| temporary; `aminmax` along a row was 8x slower, and
-        # `vector_norm(x, inf)`, the first version, 10x), and the rescale and the bias are one pass
-        # (`addcmul`). These extra passes cost 2-5 % of a 4096-wide MLP at batch 16 on one thread
-        # (benchmarks/int8_latency.py): the price of a row's result not depending on the other rows
-        # of its batch.
+        # gets a tiny divisor and zeros), quantized by the op on the batch's range of [-1, 1]. Beyond
+        # _FEW_ROWS rows the row max comes from `amax` and `amin` (no |x| temporary; `aminmax` along a
+        # row was 8x slower, and `vector_norm(x, inf)`, the first version, 10x), and the rescale and
+        # the bias are one pass (`addcmul`) after the packed bias comes off. These extra passes cost
+        # 2-5 % of a 4096-wide MLP at batch 16 on one thread (benchmarks/int8_latency.py): the price
+        # of a row's result not depending on the other rows of its batch.
         if x2.shape[0] <= _FEW_ROWS:  # |x| is a small temporary here, and two kernels fewer
             row_max = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)
         else:
