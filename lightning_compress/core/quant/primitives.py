@@ -88,7 +88,7 @@ def quantize(x: Tensor, scale: Tensor, axis: int = 0) -> Tensor:
         tensor([[  64, -127,    0]], dtype=torch.int8)
     """
     s = _broadcast(_safe(scale.to(torch.float32)), x, axis)
-    return torch.round(x.to(torch.float32) / s).clamp_(-QMAX, QMAX).to(torch.int8)
+    return torch.div(x.to(torch.float32), s).round_().clamp_(-QMAX, QMAX).to(torch.int8)  # one temporary
 
 
 def dequantize(q: Tensor, scale: Tensor, axis: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
