@@ -94,6 +94,7 @@ from lightning_compress.core.quant.primitives import (
     dequantize,
     quantize,
     quantize_rows,
+    restore_nonfinite_rows_,
     tensor_version,
 )
 from lightning_compress.core.quant.sparse import csr_linear, sparse_pays, to_csr, use_csr
@@ -392,10 +393,8 @@ def _fbgemm_forward(plan: _Plan, x: Tensor, in_features: int, out_features: int)
             out = fbgemm_u8s8_mm(x2, plan.packed, plan.x_scale, qmax + 1)
         else:
             out = fbgemm_u8s8_mm(x2.clamp(-bound, bound), plan.packed, plan.x_scale, qmax + 1)
-            # The clamp keeps NaN but the op's rounding would make it a finite integer: 0 * sum(row)
-            # is 0 for a finite row and NaN for a row with a NaN or an inf, as in float.
-            if not (math.isfinite(x_min) and math.isfinite(x_max)):
-                out.add_(x2.sum(dim=1, keepdim=True).mul_(0.0))
+            if not (math.isfinite(x_min) and math.isfinite(x_max)):  # the op's rounding made them finite
+                restore_nonfinite_rows_(out, x2)
     elif x2.shape[0] == 1:  # one row: its own range is the call's range (and the op adds the packed bias)
         out = linear_dynamic(x2, plan.packed, plan.reduce_range)
     else:
@@ -445,7 +444,7 @@ def _onednn_forward(plan: _Plan, x2: Tensor) -> Tensor:
     else:
         out = torch.addcmul(bias, out, scale, out=out)
     if not finite:  # rounding made a NaN / inf finite: put it back
-        out.add_(x2.sum(dim=1, keepdim=True).mul_(0.0))
+        restore_nonfinite_rows_(out, x2)
     return out
 
 

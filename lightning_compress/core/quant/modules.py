@@ -39,7 +39,7 @@ from lightning_compress.core.quant import kernels
 from lightning_compress.core.quant.base import MODES
 from lightning_compress.core.quant.base import Int8Module as Int8Module  # re-exported: it lived here
 from lightning_compress.core.quant.conv2d import Int8Conv2d as Int8Conv2d  # re-exported: it lived here
-from lightning_compress.core.quant.primitives import bias_on_grid, quantize, quantize_rows
+from lightning_compress.core.quant.primitives import bias_on_grid, quantize, quantize_rows, restore_nonfinite_rows_
 from lightning_compress.core.quant.straight_through import needs_grad, straight_through
 
 __all__ = ["MODES", "Int8Linear", "int8_mm"]
@@ -178,8 +178,8 @@ class Int8Linear(Int8Module):
             out.mul_(self.weight_scale)
         else:
             out = torch.addcmul(bias.to(torch.float32), out, self.weight_scale)
-        if self.mode == "static":  # rounding makes a NaN / inf finite: 0 * sum(row) puts it back, as in float
-            out.add_(x2.sum(dim=1, keepdim=True).to(torch.float32).mul_(0.0))
+        if self.mode == "static":  # rounding makes a NaN / inf finite: put it back, as in float
+            restore_nonfinite_rows_(out, x2)
         return out.to(x.dtype).reshape(*lead, self.out_features)
 
     def _float_forward(self, x: Tensor) -> Tensor:

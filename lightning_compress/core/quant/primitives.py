@@ -26,6 +26,7 @@ __all__ = [
     "on_grid",
     "quantize",
     "quantize_rows",
+    "restore_nonfinite_rows_",
     "scale_from_range",
     "TransientCache",
     "tensor_version",
@@ -257,6 +258,20 @@ class MinMaxObserver(RangeObserver):
     def scale(self) -> Tensor:
         """The symmetric scale covering the range seen so far (float32, 0-d, on the CPU)."""
         return scale_from_range(self.min_val.cpu(), self.max_val.cpu())
+
+
+def restore_nonfinite_rows_(out: Tensor, x: Tensor) -> Tensor:
+    """Make NaN the rows of ``out`` whose input row of ``x`` (``[M, K]``) holds a NaN or an inf, in place.
+
+    A product that rounded its input to integers (or skipped its zeros) turned a NaN or an inf into
+    a finite number; float would have given NaN. ``0 * sum(row)`` is 0 for a finite row and NaN
+    otherwise, so adding it changes nothing else (one reduction, no pass over ``out`` beyond the add).
+
+    Example:
+        >>> restore_nonfinite_rows_(torch.ones(2, 3), torch.tensor([[1.0, 2.0], [float("inf"), 0.0]])).tolist()
+        [[1.0, 1.0, 1.0], [nan, nan, nan]]
+    """
+    return out.add_(x.sum(dim=1, keepdim=True).to(out.dtype).mul_(0.0))
 
 
 def tensor_version(t: Tensor | None) -> int:

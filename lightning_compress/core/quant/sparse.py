@@ -39,6 +39,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from lightning_compress.core.quant.primitives import restore_nonfinite_rows_
+
 __all__ = [
     "SPARSE_MAX_DENSITY",
     "SPARSE_MIN_IN",
@@ -130,7 +132,6 @@ def csr_linear(csr: Tensor, bias: Tensor | None, x2: Tensor) -> Tensor:
     xt = x2.t()
     out_t = torch.mm(csr, xt) if bias is None else torch.addmm(bias[:, None], csr, xt)
     out = out_t.t().contiguous()
-    # Skipped zeros would hide a non-finite input: 0 * sum(row) is 0 for a finite row, NaN otherwise.
-    if not math.isfinite(float(x2.sum())):
-        out.add_(x2.sum(dim=1, keepdim=True).mul_(0.0))
+    if not math.isfinite(float(x2.sum())):  # skipped zeros would hide a non-finite input
+        restore_nonfinite_rows_(out, x2)
     return out
