@@ -44,13 +44,13 @@ def round_orders(names: list[str], rounds: int, seed: int = ORDER_SEED) -> list[
     return orders
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each fn, timed in interleaved rounds after ``warmup`` calls of each.
+def interleaved_samples(
+    fns: dict[str, Callable[[], object]], rounds: int, inner: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per call of each fn in every round (:func:`interleaved` without the median), in round order.
 
-    A round calls every fn ``inner`` times in turn (a, a, b, b, ..., then the next round), in the
-    round's shuffled order (:func:`round_orders`), so load on a shared machine, and the state one
-    variant leaves for the next, hit them alike; the figure of a fn is the median over the rounds
-    of its time per call. The warm-up matters for a compiled model (its first calls compile it).
+    Round ``r`` of one fn and round ``r`` of another were timed next to each other, so their ratio
+    (:func:`paired_ratio`) sees the machine in the same state.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -63,4 +63,32 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner: int, w
             for _ in range(inner):
                 fn()
             samples[name].append((time.perf_counter() - t0) / inner)
+    return samples
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each fn, timed in interleaved rounds after ``warmup`` calls of each.
+
+    A round calls every fn ``inner`` times in turn (a, a, b, b, ..., then the next round), in the
+    round's shuffled order (:func:`round_orders`), so load on a shared machine, and the state one
+    variant leaves for the next, hit them alike; the figure of a fn is the median over the rounds
+    of its time per call. The warm-up matters for a compiled model (its first calls compile it).
+    """
+    samples = interleaved_samples(fns, rounds, inner, warmup)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def paired_ratio(mine: list[float], other: list[float]) -> tuple[float, float, float]:
+    """The median and the quartiles of ``mine[r] / other[r]`` over the rounds ``r``.
+
+    A ratio of medians compares two figures taken over the whole run; the per-round ratio compares
+    calls made side by side, so load that drifts during the run (another process on a shared machine)
+    cancels out, and the quartiles say how much the ratio itself varied.
+
+    Example:
+        >>> paired_ratio([1.0, 2.0, 4.0, 1.1], [1.0, 2.0, 4.0, 1.0])  # load doubled, then doubled again
+        (1.0, 1.0, 1.025)
+    """
+    ratios = sorted(a / b for a, b in zip(mine, other, strict=True))
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return median, q1, q3

@@ -8,7 +8,9 @@ float32, ours (``QuantizeOnFitEnd`` dynamic and static modes, i.e. ``quantize``)
 Digits MLP (64-300-100-10, the main job's model shape) at the same batches: float32, ours (dynamic,
 static), ``quantize_dynamic``, and ``torch.compile`` of ours (dynamic) and of float32.
 Each ratio column is the variant's median over the float32 median; ``ours/peer`` divides ours by
-``quantize_dynamic``. The kernel each int8 layer picked (``Int8Linear.kernel``) is printed.
+``quantize_dynamic``. A ``_paired`` column is the median of the same ratio taken round by round (the two
+timed side by side, so that load drifting during the run cancels), with its quartiles.
+The kernel each int8 layer picked (``Int8Linear.kernel``) is printed.
 
 Conv: a stack of 3x3 convolutions and torchvision's resnet18, float32 against our Int8Conv2d
 (dequantized weight + F.conv2d) and against the alternative we rejected (unfold + torch._int_mm).
@@ -29,6 +31,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +50,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(RESULTS.parent))  # _cpu, _timing, also when a smoke test loads this script from its path
 from _common import ao_dynamic  # noqa: E402
 from _cpu import cpu_header  # noqa: E402
-from _timing import interleaved  # noqa: E402
+from _timing import interleaved, interleaved_samples, paired_ratio  # noqa: E402
 
 WARMUP = 10
 """Calls of each variant before its timing (the first calls of a compiled model compile it)."""
@@ -118,15 +121,22 @@ def bench_linear(
             inner = max(1, int(64 / max(batch, 1) ** 0.5)) if width >= 1024 else 50
             fns = {k: (lambda m=m, x=x: m(x)) for k, m in calls.items()}
             # Small models: many short rounds, so that the median sees through a shared machine's load.
-            times = interleaved(fns, rounds if width >= 1024 else max(rounds, 5) * 6, inner, WARMUP)
+            samples = interleaved_samples(fns, rounds if width >= 1024 else max(rounds, 5) * 6, inner, WARMUP)
+            times = {k: statistics.median(v) for k, v in samples.items()}
         row: dict[str, object] = {"batch": batch, "float32_ms": times["float32"] * 1e3}
         for k in calls:
             if k != "float32":
                 row[f"{k}_ratio"] = times[k] / times["float32"]
                 row[f"{k}_rel_err"] = errors[k]
+        for k in ("ours_dynamic", "ours_static"):  # against float32, round by round, with the quartiles
+            paired_float = paired_ratio(samples[k], samples["float32"])
+            row[f"{k}_ratio_paired"], row[f"{k}_ratio_q1"], row[f"{k}_ratio_q3"] = paired_float
         if "ao_quantize_dynamic" in times:
             for k in ("ours_dynamic", "ours_static"):
                 row[f"{k}_over_peer"] = times[k] / times["ao_quantize_dynamic"]
+                # Round by round (each pair timed side by side), with the quartiles of that ratio.
+                paired = paired_ratio(samples[k], samples["ao_quantize_dynamic"])
+                row[f"{k}_over_peer_paired"], row[f"{k}_over_peer_q1"], row[f"{k}_over_peer_q3"] = paired
         rows.append(row)
         print(
             f"  batch {batch:4d}: float32 {times['float32'] * 1e3:8.3f} ms | "
@@ -289,9 +299,15 @@ def main() -> None:
         cols = [k for k in rows[0] if k.endswith(("_ratio", "_over_peer"))]
         md += ["", f"## {title} (latency ratio to float32; `_over_peer`: ours / quantize_dynamic; lower is faster)", ""]
         md += [f"Kernels: {kinds}", ""]
-        md += ["| batch | float32 ms | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+        paired = [k for k in rows[0] if k.endswith("_paired")]
+        heads = cols + [f"{k} [quartiles]" for k in paired]
+        md += ["| batch | float32 ms | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(heads)]
         for r in rows:
-            md.append(f"| {r['batch']} | {r['float32_ms']:.3f} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+            cells = [f"{r[c]:.3f}" for c in cols]
+            for k in paired:
+                key = k[: -len("paired")]
+                cells.append(f"{r[k]:.3f} [{r[key + 'q1']:.3f}, {r[key + 'q3']:.3f}]")
+            md.append(f"| {r['batch']} | {r['float32_ms']:.3f} | " + " | ".join(cells) + " |")
     if not conv_rows:
         atomic_write_text(args.out / f"{stem}.md", "\n".join(md) + "\n")
         print(f"wrote {args.out / stem}.md and .json")

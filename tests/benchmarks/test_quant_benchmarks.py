@@ -30,6 +30,9 @@ def test_int8_latency_smoke(tmp_path):
     assert set(result["digits_kernels"].values()) == {"float"}  # layers too small for int8 to pay
     assert all(r["ours_dynamic_rel_err"] < 0.02 for r in result["digits"])
     assert "model name" not in result["cpu"] and result["cpu"]
+    for row in result["linear"] + result["digits"]:  # the round-by-round ratios lie inside their quartiles
+        for key in ("ours_dynamic_ratio", "ours_static_ratio", "ours_dynamic_over_peer", "ours_static_over_peer"):
+            assert 0 < row[f"{key}_q1"] <= row[f"{key}_paired"] <= row[f"{key}_q3"]
 
 
 @pytest.mark.slow

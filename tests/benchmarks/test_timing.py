@@ -28,3 +28,22 @@ def test_interleaved_calls_each_variant_warmup_plus_rounds_times_inner_in_the_sh
     assert calls[:3] == ["a", "b", "c"]  # the warm-up
     expected = [name for order in timing.round_orders(["a", "b", "c"], 5) for name in order for _ in range(2)]
     assert calls[3:] == expected
+
+
+def test_interleaved_samples_keep_every_round_and_interleaved_takes_their_median() -> None:
+    clock = iter(range(1000))
+    fns = {name: (lambda: next(clock)) for name in ("a", "b")}
+    samples = timing.interleaved_samples(fns, rounds=7, inner=3, warmup=0)
+    assert {k: len(v) for k, v in samples.items()} == {"a": 7, "b": 7}
+    assert all(t >= 0 for v in samples.values() for t in v)
+
+
+def test_paired_ratio_cancels_load_that_drifts_between_rounds() -> None:
+    # Ours is 10 % faster in every round while the machine's load makes each round slower than the last.
+    peer = [1.0 * 1.5**r for r in range(9)]
+    ours = [0.9 * t for t in peer]
+    median, q1, q3 = timing.paired_ratio(ours, peer)
+    assert abs(median - 0.9) < 1e-12 and abs(q1 - 0.9) < 1e-12 and abs(q3 - 0.9) < 1e-12
+    # Rounds spread: the quartiles of the per-round ratio bracket its median.
+    assert timing.paired_ratio([1.0, 2.0, 3.0, 4.0, 5.0], [1.0] * 5) == (3.0, 2.0, 4.0)
+    assert timing.paired_ratio([2.0], [4.0]) == (0.5, 0.5, 0.5)
