@@ -262,6 +262,7 @@ def main() -> None:
         "command": "python benchmarks/int8_latency.py"
         + (" --smoke" if args.smoke else "")
         + (f" --threads {args.threads}" if args.threads else "")
+        + (f" --rounds {args.rounds}" if args.rounds else "")
         + (" --no-conv" if args.no_conv else "")
         + (" --no-compile" if args.no_compile else ""),
         "load_average_1min_before_after": load,

@@ -6,21 +6,37 @@ Plain functions of the report dict and the modules, so that the callback stays a
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
+from lightning_compress.core.quant.crossover import CROSSOVER_MAX_ROWS
+from lightning_compress.core.quant.kernels import int8_from_rows
+from lightning_compress.core.quant.modules import Int8Linear
 from lightning_compress.core.selection import Target
 from lightning_compress.errors import config_error
 
-__all__ = ["check_onnx_path", "float_layers", "owned_bytes", "report_metrics", "summary"]
+__all__ = ["check_onnx_path", "float_layers", "int8_rows", "owned_bytes", "report_metrics", "summary"]
 
 
 def owned_bytes(*modules: nn.Module) -> int:
     """Bytes of the tensors the modules own themselves, each tensor counted once (a tied weight is one)."""
     tensors = {id(t): t for m in modules for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def int8_rows(layers: Mapping[str, nn.Module]) -> dict[str, int]:
+    """``{name: rows}`` of the ``"float"``-kernel Linear layers that compute in int8 from that many rows.
+
+    At the current torch thread count (:mod:`~lightning_compress.core.quant.crossover`).
+    """
+    out = {}
+    for name, layer in layers.items():
+        rows = int8_from_rows(layer) if isinstance(layer, Int8Linear) else None
+        if rows is not None:
+            out[name] = rows
+    return out
 
 
 def float_layers(model: nn.Module, targets: Sequence[Target]) -> dict[str, nn.Module]:
@@ -83,6 +99,14 @@ def summary(r: dict[str, Any]) -> str:
         lines.append(
             f"  float vs int8 on {r['calibration_batches']} calibration batches: relative output error"
             f" {r['relative_error']:.4f}, top-1 agreement {top1}"
+        )
+    crossings = r.get("int8_from_rows") or {}
+    if crossings:
+        named = ", ".join(f"{n} ({rows})" for n, rows in list(crossings.items())[:3])
+        more = f", and {len(crossings) - 3} more" if len(crossings) > 3 else ""
+        lines.append(
+            f"  {len(crossings)} small layer(s) compute in float, and in int8 from this many rows of a call"
+            f" (up to {CROSSOVER_MAX_ROWS}): {named}{more}"
         )
     for name, why in {**r["fallbacks"], **r["skipped"]}.items():
         lines.append(f"  {name}: {why}")

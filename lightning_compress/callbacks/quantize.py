@@ -20,6 +20,7 @@ from lightning_compress.callbacks._quantize_calibration import (
 from lightning_compress.callbacks._quantize_report import (
     check_onnx_path,
     float_layers,
+    int8_rows,
     owned_bytes,
     report_metrics,
     summary,
@@ -249,6 +250,8 @@ class QuantizeOnFitEnd(CompressionCallback):
             # How each int8 layer computes on its current device (core/quant/kernels.py): int8 or, where int8
             # does not pay on this CPU, float from the cached dequantized weight.
             "kernels": {name: str(getattr(layer, "kernel", "dequant")) for name, layer in layers.items()},
+            # "float"-kernel Linear layers that compute in int8 from this many rows (at this thread count).
+            "int8_from_rows": int8_rows(layers),
             "fallbacks": dict(result.fallbacks),
             "skipped": dict(skipped),
             "folded": folded,

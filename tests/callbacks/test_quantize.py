@@ -292,3 +292,26 @@ def test_pruned_zeros_survive_quantization_in_one_fit(tmp_path):
         assert torch.equal(layer.weight == 0, zeros[name])
     fresh = load_compressed(tmp_path / "m.pt", Classifier(MLP()))
     assert all(torch.equal(m.weight == 0, zeros[n]) for n, m in int8_layers(fresh).items())
+
+
+def test_report_names_the_small_layers_that_compute_in_int8_for_large_calls(tmp_path, caplog):
+    from lightning_compress.core.quant import kernels
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = Classifier(MLP())
+        cb = QuantizeOnFitEnd("static", calibration_batches=2)
+        with caplog.at_level(logging.INFO):
+            _trainer(tmp_path, [cb]).fit(model, _loader())
+        rows = cb.report["int8_from_rows"]
+    finally:
+        torch.set_num_threads(saved)
+    assert set(cb.report["kernels"].values()) == {"float"}
+    if kernels.has_vnni() and kernels.fbgemm_available():  # 2^21 / (64 x 300) and 2^21 / (300 x 100)
+        assert rows == {"backbone.net.1": 110, "backbone.net.3": 70}  # 100 x 10 never
+        line = "2 small layer(s) compute in float, and in int8 from this many rows of a call (up to 512):"
+        assert line in caplog.text
+        assert "backbone.net.1 (110), backbone.net.3 (70)" in caplog.text
+    else:
+        assert rows == {} and "small layer(s)" not in caplog.text

@@ -45,7 +45,9 @@ Kernels (:data:`KERNELS`, shown as :attr:`Int8Linear.kernel <lightning_compress.
   ``torch._int_mm`` was measured 3-50x slower than float32). The activations are then not
   quantized at all: the result is the weight-only int8 result, in static mode too (putting the
   input on its grid first measured 1.3-2.9x the float layer on the digits MLP, one thread, AVX-512
-  VNNI: the elementwise passes cost more than its whole GEMM).
+  VNNI: the elementwise passes cost more than its whole GEMM). Calls with many rows (up to 512)
+  that autograd does not record take the ``"fbgemm_u8s8"`` route instead, on CPUs with VNNI
+  (:mod:`~lightning_compress.core.quant.crossover`, :func:`int8_from_rows`).
 * ``"sparse"``: the ``"float"`` kernel of a pruned layer (at least 256 inputs, and at most 10 % of
   its weights non-zero with 128 outputs or more, 5 % with 64-127), which also caches its
   dequantized weight as a CSR matrix and multiplies by that for calls with enough rows (at least
@@ -58,7 +60,8 @@ Kernels (:data:`KERNELS`, shown as :attr:`Int8Linear.kernel <lightning_compress.
 
 The choice is a pure function of the layer's shape, its mode, the device and what this torch and
 CPU offer (:func:`select_kernel`; for ``"sparse"``, also of which weights are zero:
-:func:`with_sparse`), so it is the same in every run on the same machine. What they offer
+:func:`with_sparse`; for the ``"float"`` kernel's large calls, also of the call's rows and the
+thread count), so it is the same in every run on the same machine. What they offer
 is probed, once per process, in :mod:`~lightning_compress.core.quant.fbgemm` (its names are re-exported here).
 """
 
@@ -73,6 +76,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+
+from lightning_compress.core.quant.crossover import CROSSOVER_MAX_ROWS, crossover_rows
 
 # Re-exported: kernels.py was their home, and the kernel choice reads them.
 from lightning_compress.core.quant.fbgemm import activation_qmax as activation_qmax
@@ -106,6 +111,7 @@ __all__ = [
     "KERNELS",
     "MIN_INT8_WEIGHTS",
     "MIN_TRANSPOSED_OUT",
+    "int8_from_rows",
     "invalidate",
     "linear_forward",
     "prepare_kernels",
@@ -216,6 +222,7 @@ class _Plan(TransientCache):
     __slots__ = (
         "bias",
         "bound",
+        "crossover",
         "forced",
         "kernel",
         "mode",
@@ -248,6 +255,8 @@ class _Plan(TransientCache):
         self.reduce_range = False
         self.x_scale = 1.0
         self.bound = 0.0
+        # Rows from which the "float" kernel takes fbgemm's route instead, (one thread, more): crossover.py.
+        self.crossover: tuple[int, int] | None = None
         # Plain tensors even when built under inference_mode (the model may later run with autograd on).
         with torch.inference_mode(False), torch.no_grad():
             if self.kernel == "float" or self.kernel == "sparse":
@@ -258,23 +267,33 @@ class _Plan(TransientCache):
                     self.nnz = int(torch.count_nonzero(weight))
                 # The bias itself (a float32 parameter still trains, e.g. in a second fit of the int8 model).
                 self.bias = bias if bias is None or bias.dtype is torch.float32 else bias.detach().to(torch.float32)
+                if self.kernel == "float" and self.forced is None and has_vnni() and fbgemm_available():
+                    n, k = weight.shape
+                    one, more = crossover_rows(k, n, mode, 1), crossover_rows(k, n, mode, 2)
+                    if one is not None:  # fbgemm's route for large calls (never: above the largest row count)
+                        self._pack(weight, scale, bias, input_scale)
+                        self.crossover = (one, CROSSOVER_MAX_ROWS + 1 if more is None else more)
             elif self.kernel in _U8S8:
-                self.qmax = activation_qmax()
-                self.reduce_range = self.qmax < QMAX
-                if self.mode == "static":
-                    # The calibrated range stays [-127 s, 127 s]; with 7-bit activations its step is doubled.
-                    s = float(input_scale) if input_scale is not None else 0.0
-                    self.bound = QMAX * s
-                    self.x_scale = s * QMAX / self.qmax if s > 0 else 1.0
-                    if bias is not None and s > 0:
-                        bias = bias_on_grid(bias.detach(), input_scale, scale)
-                # Dynamic mode packs the float bias too: a single row is then one fbgemm call, the bias added
-                # inside the op (the ops after a GEMM that streamed the weight run cold: one fewer measured
-                # 3 % of a 4096-wide MLP at batch 1, one thread).
-                self.packed = fbgemm_pack(weight, scale, bias)
                 # The bias the layer adds itself (oneDNN's route; fbgemm's dynamic route, to rescale): for static,
                 # the one on the product's grid that fbgemm packed and the int_mm path adds.
-                self.bias = None if bias is None else bias.detach().to(torch.float32)
+                self.bias = self._pack(weight, scale, bias, input_scale)
+
+    def _pack(self, weight: Tensor, scale: Tensor, bias: Tensor | None, input_scale: Tensor | None) -> Tensor | None:
+        """Set up fbgemm's route (packed weight, activation grid); returns the bias it packed, as float32."""
+        self.qmax = activation_qmax()
+        self.reduce_range = self.qmax < QMAX
+        if self.mode == "static":
+            # The calibrated range stays [-127 s, 127 s]; with 7-bit activations its step is doubled.
+            s = float(input_scale) if input_scale is not None else 0.0
+            self.bound = QMAX * s
+            self.x_scale = s * QMAX / self.qmax if s > 0 else 1.0
+            if bias is not None and input_scale is not None and s > 0:
+                bias = bias_on_grid(bias.detach(), input_scale, scale)
+        # Dynamic mode packs the float bias too: a single row is then one fbgemm call, the bias added
+        # inside the op (the ops after a GEMM that streamed the weight run cold: one fewer measured
+        # 3 % of a 4096-wide MLP at batch 1, one thread).
+        self.packed = fbgemm_pack(weight, scale, bias)
+        return None if bias is None else bias.detach().to(torch.float32)
 
 
 def _sources(layer: Int8Linear) -> tuple[Any, ...]:
@@ -307,6 +326,19 @@ def _plan(layer: Int8Linear) -> _Plan:
     plan = _Plan(layer.mode, _sources(layer))
     layer.__dict__[_ATTR] = plan
     return plan
+
+
+def int8_from_rows(layer: Int8Linear) -> int | None:
+    """From how many rows ``layer``, a ``"float"``-kernel layer, computes in int8 at the current thread count.
+
+    It does so up to :data:`~lightning_compress.core.quant.crossover.CROSSOVER_MAX_ROWS` rows, for calls
+    that autograd does not record; ``None`` where it never does (:mod:`~lightning_compress.core.quant.crossover`).
+    """
+    if layer.kernel != "float":
+        return None
+    crossover = _plan(layer).crossover
+    rows = None if crossover is None else crossover[torch.get_num_threads() > 1]
+    return rows if rows is not None and rows <= CROSSOVER_MAX_ROWS else None
 
 
 def invalidate(layer: Int8Linear) -> None:
@@ -359,9 +391,18 @@ def differentiable(layer: Int8Linear, x: Tensor) -> bool:
 
 
 def _float_forward(plan: _Plan, x: Tensor) -> Tensor:
-    """``x @ w_t + bias`` for the ``float`` kernel (``w_t``: the dequantized weight as ``[in, out]``)."""
+    """``x @ w_t + bias`` for the ``float`` kernel (``w_t``: the dequantized weight as ``[in, out]``).
+
+    A call of at least the layer's crossover rows (:mod:`~lightning_compress.core.quant.crossover`)
+    that autograd does not record takes fbgemm's route instead.
+    """
     wt: Tensor = plan.weight  # type: ignore[assignment]
     x2 = x if x.dim() == 2 else x.reshape(-1, wt.shape[0])
+    crossover = plan.crossover
+    if crossover is not None and crossover[torch.get_num_threads() > 1] <= x2.shape[0] <= CROSSOVER_MAX_ROWS:
+        bias = plan.bias
+        if not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))):
+            return _fbgemm_forward(plan, x, wt.shape[0], wt.shape[1])
     csr = plan.sparse
     if csr is not None and (plan.forced == "sparse" or use_csr(x2, plan.nnz)):
         out = csr_linear(csr, plan.bias, x2)
