@@ -13,19 +13,22 @@ Timed on the layer itself, fbgemm's route over the ``"float"`` kernel
 * two threads, the crossings at twice the work again: static 0.83x (64x300, 256 rows), 0.68x
   (300x100, 256), 0.80x (128x128, 256), 0.62x (256x256, 64); dynamic 0.86x (64x300, 512), 0.79x
   (300x100, 512), 0.78x (128x128, 512), 0.57x (256x256, 128);
-* never on 100x10 (1.02-6.2x up to 512 rows), and not at half those amounts of work (0.93-1.27x).
+* never on 100x10 (1.02-6.2x up to 512 rows), and not at half those amounts of work (0.93-1.27x);
+* the whole digits MLP, dynamic, two threads, at 2^23 (64x300 and 300x100 switching at 437 and 280
+  rows): 0.71-1.05x of float32 at 512-1024 rows, too close to 1, so dynamic on two threads waits
+  for 2^24.
 
-So a call takes fbgemm's route when its rows times the layer's weights reach
-:data:`CROSSOVER_WORK` (static, one thread), doubled for dynamic mode and doubled again with more
-than one torch thread, on layers of at least :data:`CROSSOVER_MIN_WEIGHTS` weights with at least
-:data:`CROSSOVER_MIN_SIDE` inputs and outputs, on CPUs with VNNI (where it was measured), when
-autograd does not record the call. The result is then the int8 one (static inputs on their
-calibrated grid, dynamic rows on their own scales: what ``"fbgemm_u8s8"`` computes), where fewer
-rows give the weight-only result: a row's output depends, at the int8 rounding level, on whether
-its batch reached the crossing (as on large layers, where oneDNN's route takes large calls). The
-rule is a function of the layer's shape and mode, the call's row count and the thread setting, the
-same in every run on the same machine. Under ``torch.compile`` the layer stays on the ``"float"``
-kernel at every size.
+So a call takes fbgemm's route when its rows times the layer's weights reach :data:`CROSSOVER_WORK`
+(static, one thread), twice that for dynamic on one thread and for static on more threads, eight
+times that for dynamic on more threads, on layers of at least :data:`CROSSOVER_MIN_WEIGHTS` weights
+with at least :data:`CROSSOVER_MIN_SIDE` inputs and outputs, on CPUs with VNNI (where it was
+measured), when autograd does not record the call. The result is then the int8 one (static inputs on
+their calibrated grid, dynamic rows on their own scales: what ``"fbgemm_u8s8"`` computes), where
+fewer rows give the weight-only result: a row's output depends, at the int8 rounding level, on
+whether its batch reached the crossing (as on large layers, where oneDNN's route takes large calls).
+The rule is a function of the layer's shape and mode, the call's row count and the thread setting,
+the same in every run on the same machine. Under ``torch.compile`` the layer stays on the
+``"float"`` kernel at every size.
 
 Pure torch.
 """
@@ -69,8 +72,7 @@ def crossover_rows(in_features: int, out_features: int, mode: str, threads: int)
         return None
     if min(in_features, out_features) < CROSSOVER_MIN_SIDE:
         return None
-    shift = (
-        (1 if mode == "dynamic" else 0) + (1 if threads > 1 else 0) + (1 if mode == "dynamic" and threads > 1 else 0)
-    )
+    # log2 of the work over CROSSOVER_WORK: (static, dynamic) x (one thread, more).
+    shift = ((0, 1), (1, 3))[mode == "dynamic"][threads > 1]
     rows = -(-(CROSSOVER_WORK << shift) // weights)
     return rows if rows <= CROSSOVER_MAX_ROWS else None
