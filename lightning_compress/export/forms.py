@@ -135,6 +135,10 @@ class ExportConv2d(nn.Module):
     ``DequantizeLinear`` is rewritten as ``Cast -> Mul`` after the export
     (:func:`lightning_compress.export._rewrite.foldable_conv_weights`), which ONNX Runtime folds into
     a float weight when the session loads.
+
+    ``weight`` (a property) is the dequantized float weight, for model code that reads it (Hugging
+    Face's ``ViTEmbeddings`` casts the pixels to ``projection.weight.dtype``); a read of its dtype or
+    shape leaves nothing in the file.
     """
 
     weight_q: Tensor
@@ -164,13 +168,18 @@ class ExportConv2d(nn.Module):
             value = t.detach().cpu().float().reshape(()).clone() if quantized and t is not None else None
             self.register_buffer(name, value)
 
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized ``[out, in / groups, kh, kw]`` weight."""
+        return _ops.dequantize_weight(self.weight_q, self.weight_scale, self.weight_zero, 0)
+
     def quantize_input(self, x: Tensor) -> Tensor:
         """``x`` on the input grid, as :meth:`forward` puts it (``QuantizeLinear -> DequantizeLinear``); else ``x``."""
         return x if self.input_scale is None else _ops.quantize_activation(x, self.input_scale)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
-        weight = _ops.dequantize_weight(self.weight_q, self.weight_scale, self.weight_zero, 0)
+        weight = self.weight
         if self.input_scale is not None:
             x = _ops.quantize_activation(x, self.input_scale)
         if self.padding_mode != "zeros":
@@ -182,7 +191,12 @@ class ExportConv2d(nn.Module):
 
 
 class ExportEmbedding(nn.Module):
-    """An int8 Embedding in export form: ``Gather`` of the int8 rows, times the ``Gather`` of their scales."""
+    """An int8 Embedding in export form: ``Gather`` of the int8 rows, times the ``Gather`` of their scales.
+
+    ``weight`` (a property) is the dequantized ``[num, dim]`` table, for model code that reads it
+    (Hugging Face's ``CLIPTextEmbeddings`` reads ``position_embedding.weight.shape``); a read of its
+    dtype or shape leaves nothing in the file.
+    """
 
     weight_q: Tensor
     weight_scale: Tensor
@@ -192,6 +206,11 @@ class ExportEmbedding(nn.Module):
         self.register_buffer("weight_q", raw_int8_weight(layer).cpu().contiguous().clone())
         scale = _scale(layer)
         self.register_buffer("weight_scale", scale.reshape(-1, 1) if scale.dim() else scale)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized ``[num, dim]`` table."""
+        return self.weight_q.to(torch.float32) * self.weight_scale
 
     @override
     def forward(self, input: Tensor) -> Tensor:
