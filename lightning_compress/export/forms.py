@@ -71,6 +71,22 @@ def _zero_point(scale: Tensor, options: ExportOptions) -> Tensor:
     return torch.full(scale.shape, options.zero, dtype=dtype)
 
 
+def _copy_sizes(form: nn.Module, layer: nn.Module, names: tuple[str, ...]) -> None:
+    """Give ``form`` the layer's own size attributes that it has, for model code that reads them.
+
+    Whisper's decoder reads ``embed_positions.num_embeddings``; a form without it failed to export.
+    """
+    for name in names:
+        if name in layer.__dict__:
+            value = layer.__dict__[name]
+            setattr(form, name, tuple(value) if isinstance(value, list) else value)
+
+
+_LINEAR_SIZES = ("in_features", "out_features", "nf")
+_CONV_SIZES = ("in_channels", "out_channels", "kernel_size")
+_EMBEDDING_SIZES = ("num_embeddings", "embedding_dim", "padding_idx")
+
+
 def _bias(layer: nn.Module) -> Tensor | None:
     bias = getattr(layer, "bias", None)
     return None if bias is None else bias.detach().to(device="cpu", dtype=torch.float32).clone()
@@ -98,6 +114,7 @@ class ExportLinear(nn.Module):
         self.mode = str(getattr(layer, "mode", "dynamic"))
         self.zero = options.zero
         self.out_features = int(q.shape[0])
+        _copy_sizes(self, layer, _LINEAR_SIZES)
         self.register_buffer("weight_t", _stored(q.cpu().t(), options))
         self.register_buffer("weight_scale", _scale(layer))
         self.register_buffer("weight_zero", _zero_point(self.weight_scale, options))
@@ -161,6 +178,7 @@ class ExportConv2d(nn.Module):
         self.dilation = tuple(conv.dilation)
         self.groups = int(conv.groups)
         self.padding_mode = str(conv.padding_mode)
+        _copy_sizes(self, layer, _CONV_SIZES)
         self.pad_twice = list(getattr(layer, "_pad_twice", [0, 0, 0, 0]))
         scales = [layer._buffers.get(name) for name in ("input_scale", "output_scale")]
         quantized = getattr(layer, "mode", None) == "static" and all(t is not None and bool(t > 0) for t in scales)
@@ -206,6 +224,7 @@ class ExportEmbedding(nn.Module):
         self.register_buffer("weight_q", raw_int8_weight(layer).cpu().contiguous().clone())
         scale = _scale(layer)
         self.register_buffer("weight_scale", scale.reshape(-1, 1) if scale.dim() else scale)
+        _copy_sizes(self, layer, _EMBEDDING_SIZES)
 
     @property
     def weight(self) -> Tensor:

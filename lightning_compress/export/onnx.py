@@ -165,9 +165,10 @@ def export_onnx(
     Example:
         >>> import tempfile, os, torch
         >>> from torch import nn
-        >>> from lightning_compress.core.quant.convert import quantize_model
+        >>> from lightning_compress.core.quant.convert import quantize
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-        >>> _ = quantize_model(model, mode="dynamic")  # doctest: +SKIP
+        >>> sorted(quantize(model, "dynamic").converted.values())
+        ['dynamic', 'dynamic']
         >>> path = os.path.join(tempfile.mkdtemp(), "model.onnx")
         >>> export_onnx(model, path, torch.randn(2, 8))  # doctest: +SKIP
     """

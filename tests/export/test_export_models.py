@@ -173,7 +173,7 @@ def test_int8_embedding_alone(check_export) -> None:
 
 
 class ReadsWeights(nn.Module):
-    """Model code that reads its layers' ``weight`` (as Hugging Face's ViT and CLIP embeddings do)."""
+    """Model code that reads its layers' ``weight`` and sizes (as Hugging Face's ViT, CLIP and Whisper do)."""
 
     def __init__(self, read: bool) -> None:
         super().__init__()
@@ -187,6 +187,12 @@ class ReadsWeights(nn.Module):
             image = image.to(self.conv.weight.dtype)  # ViTEmbeddings
             if ids.shape[1] > self.embed.weight.shape[0]:  # CLIPTextEmbeddings checks the length so
                 raise ValueError("longer than the table")
+            # Whisper's decoder reads `embed_positions.num_embeddings`; other code reads the other sizes.
+            sizes = (self.embed.num_embeddings, self.embed.embedding_dim, self.embed.padding_idx)
+            sizes += (self.conv.in_channels, self.conv.out_channels, self.conv.kernel_size)
+            sizes += (self.head.in_features, self.head.out_features)
+            if sizes != (30, 8, None, 3, 8, (3, 3), 8, 4):
+                raise ValueError(f"sizes {sizes}")
         features = self.conv(image).mean((2, 3)) + self.embed(ids).mean(1)
         return self.head(features)
 
