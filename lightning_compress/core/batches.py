@@ -10,7 +10,11 @@ The model is called the way a user's own ``training_step`` calls it:
   being keyword arguments. The label entries ``"labels"`` and ``"label"`` are left out unless the
   ``forward`` *requires* them: a Hugging Face model given ``labels`` computes a loss and returns it
   first, which is work the comparison does not need; without them it returns the same predictions.
-  A ``forward`` without ``**kwargs`` gets only the entries it names.
+  One exception: a model that holds a Hugging Face encoder-decoder (``config.is_encoder_decoder``:
+  T5, BART, Whisper...) keeps ``"labels"`` when the batch has no ``decoder_input_ids`` or
+  ``decoder_inputs_embeds``, since it makes its decoder's inputs from them, as in training (without
+  them T5 cannot run, and BART would decode the shifted input instead). A ``forward`` without
+  ``**kwargs`` gets only the entries it names.
 
 Whether the model can be driven so is decided from ``inspect.signature(forward).bind(...)`` on one
 batch, without running the model (:func:`check_model_call`): cheap, and without side effects on the
@@ -108,9 +112,20 @@ def _required_positional(sig: inspect.Signature | None) -> int:
     return sum(1 for p in sig.parameters.values() if p.kind in kinds and p.default is inspect.Parameter.empty)
 
 
-def _keyword_call(sig: inspect.Signature | None, batch: Mapping[str, Any]) -> dict[str, Any]:
+_DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
+
+
+def _decodes_from_labels(model: Callable[..., Any], batch: Mapping[str, Any]) -> bool:
+    """Whether ``model`` makes its decoder's inputs from ``batch["labels"]`` (see the module docstring)."""
+    if "labels" not in batch or any(key in batch for key in _DECODER_INPUTS) or not isinstance(model, nn.Module):
+        return False
+    return any(getattr(getattr(m, "config", None), "is_encoder_decoder", False) is True for m in model.modules())
+
+
+def _keyword_call(sig: inspect.Signature | None, batch: Mapping[str, Any], keep_labels: bool = False) -> dict[str, Any]:
+    dropped = ("label",) if keep_labels else LABEL_KEYS
     if sig is None:
-        return {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+        return {k: v for k, v in batch.items() if k not in dropped}
     params = sig.parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     required = {
@@ -122,7 +137,7 @@ def _keyword_call(sig: inspect.Signature | None, batch: Mapping[str, Any]) -> di
     named = {name for name, p in params.items() if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
     kwargs = {}
     for key, value in batch.items():
-        if not isinstance(key, str) or (key in LABEL_KEYS and key not in required):
+        if not isinstance(key, str) or (key in dropped and key not in required):
             continue
         if takes_any or key in named:
             kwargs[key] = value
@@ -155,7 +170,7 @@ def model_call(model: Callable[..., Any], batch: Any) -> ModelCall:
         return ModelCall((batch,), {})
     sig = _signature(model)
     if isinstance(batch, Mapping):
-        return ModelCall((), _keyword_call(sig, batch))
+        return ModelCall((), _keyword_call(sig, batch, _decodes_from_labels(model, batch)))
     if isinstance(batch, (tuple, list)) and batch:
         n = max(1, _required_positional(sig))
         return ModelCall(tuple(batch[:n]) if n > 1 else (batch[0],), {})

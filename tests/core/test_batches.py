@@ -60,6 +60,75 @@ def test_a_dict_batch_is_keyword_arguments_without_labels_unless_required():
     assert torch.equal(call_model(NeedsLabels(), {"x": ids, "labels": ids}), ids * 2)  # required: kept
 
 
+class EncoderDecoder(Kwargs):
+    """A LightningModule around a model whose ``config.is_encoder_decoder`` (T5, BART) holds."""
+
+    def __init__(self, is_encoder_decoder: object = True) -> None:
+        super().__init__()
+        self.inner = nn.Linear(1, 1)
+        self.inner.config = type("Config", (), {"is_encoder_decoder": is_encoder_decoder})()
+
+
+def test_an_encoder_decoder_keeps_the_labels_it_makes_its_decoder_inputs_from():
+    ids, labels = torch.ones(2, 4), torch.full((2, 3), 7.0)
+    batch = {"input_ids": ids, "labels": labels, "label": labels}
+    assert sorted(model_call(EncoderDecoder(), batch).kwargs) == ["input_ids", "labels"]  # "label": still left out
+    assert model_call(EncoderDecoder(), batch).kwargs["labels"] is labels
+    # Given decoder inputs of its own, or not an encoder-decoder (also a truthy non-bool flag): left out.
+    for decoder_key in ("decoder_input_ids", "decoder_inputs_embeds"):
+        assert sorted(model_call(EncoderDecoder(), {**batch, decoder_key: ids}).kwargs) == sorted(
+            ["input_ids", decoder_key]
+        )
+    for flag in (False, None, "yes"):
+        assert sorted(model_call(EncoderDecoder(flag), batch).kwargs) == ["input_ids"]
+
+    # A forward that names its arguments gets the labels only if it names them.
+    class NamedSeq2Seq(EncoderDecoder):
+        def forward(self, input_ids, labels=None):
+            return input_ids if labels is None else labels
+
+    assert torch.equal(call_model(NamedSeq2Seq(), batch), labels)
+    assert sorted(model_call(EncoderDecoder(), {"input_ids": ids}).kwargs) == ["input_ids"]
+
+
+def test_hf_t5_and_bart_are_called_with_their_labels_as_in_training():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    t5 = transformers.T5ForConditionalGeneration(
+        transformers.T5Config(
+            vocab_size=64,
+            d_model=16,
+            d_kv=4,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+        )
+    ).eval()
+    bart = transformers.BartForConditionalGeneration(
+        transformers.BartConfig(
+            vocab_size=64,
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            max_position_embeddings=32,
+        )
+    ).eval()
+    ids, labels = torch.randint(1, 64, (2, 6)), torch.randint(1, 64, (2, 5))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        for model in (t5, bart):
+            want = model(**batch).logits  # what the training step computes (T5 cannot run without labels)
+            got = first_tensor(call_model(model, batch))
+            assert got.shape == (2, 5, 64)
+            assert torch.equal(got, want)
+
+
 def test_hf_batch_encoding_is_a_mapping():
     transformers = pytest.importorskip("transformers")
     batch = transformers.BatchEncoding({"input_ids": torch.ones(1, 2), "labels": torch.ones(1)})

@@ -191,3 +191,45 @@ def test_save_pretrained_of_an_int8_model_refuses_with_what_to_do(tmp_path):
         assert torch.equal(fresh(ids).last_hidden_state, model(ids).last_hidden_state)
     with pytest.raises(TypeError, match="holds lightning-compress int8 layers"):
         fresh.save_pretrained(tmp_path / "again")  # load_compressed guards it too
+
+
+class Seq2Seq(pl.LightningModule):
+    """T5 fine-tuned the usual way: the batch holds ``labels`` and no decoder inputs (T5 shifts the labels)."""
+
+    def __init__(self):
+        super().__init__()
+        config = transformers.T5Config(
+            vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+            decoder_start_token_id=0, pad_token_id=0,
+        )  # fmt: skip
+        self.model = transformers.T5ForConditionalGeneration(config)
+
+    def forward(self, **inputs):
+        return self.model(**inputs)
+
+    def training_step(self, batch, batch_idx):
+        return self(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_t5_trained_on_labels_only_quantizes_at_fit_end(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 64, (16, 8), generator=g)
+    rows = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i.flip(0)} for i in ids]
+    model = Seq2Seq()
+    cb = QuantizeOnFitEnd(mode="static", calibration_batches=2, save_path=str(tmp_path / "t5.pt"), verbose=0)
+    quiet_trainer(tmp_path, max_steps=4, callbacks=[cb]).fit(model, DataLoader(rows, batch_size=4))
+    names = set(int8_layers(model))
+    assert "model.encoder.block.0.layer.0.SelfAttention.q" in names
+    assert "model.decoder.block.0.layer.1.EncDecAttention.o" in names
+    assert cb.report["calibration_batches"] == 2
+    assert cb.report["relative_error"] < 0.05
+    fresh = Seq2Seq()
+    load_compressed(tmp_path / "t5.pt", fresh)
+    batch = next(iter(DataLoader(rows, batch_size=4)))
+    model.eval()
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, model(**batch).logits)
