@@ -106,7 +106,14 @@ def quantizable_targets(
                 targets.append(target)
                 seen.add(id(module))
             else:
-                skipped[target.name] = f"{kind} overrides {kind_entry.float_type.__name__}.forward"
+                base = kind_entry.float_type
+                # timm's `Linear` against `nn.Linear`: the same name needs the modules to tell them apart.
+                mine, theirs = (
+                    (f"{type(module).__module__}.{kind}", f"{base.__module__}.{base.__name__}")
+                    if kind == base.__name__
+                    else (kind, base.__name__)
+                )
+                skipped[target.name] = f"{mine} overrides {theirs}.forward"
         else:
             known = ", ".join(t.__name__ for t in INT8_TABLE)
             raise CompressionConfigError(
@@ -114,6 +121,11 @@ def quantizable_targets(
                 f" their subclasses), but it selected `{target.name}` of type {kind}. Drop {kind!r} from"
                 " `include` or add the layer's name to `exclude`."
             )
+        if target.name in skipped:
+            # The weight's other owners (a tied `lm_head`) stay float with it: say so under their names.
+            for tied_key in getattr(target, "tied", ()):
+                partner = tied_key.rpartition(".")[0]
+                skipped.setdefault(partner, f"tied to `{target.name}`, which stays float: {skipped[target.name]}")
     return targets, skipped
 
 

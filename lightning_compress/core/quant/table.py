@@ -31,11 +31,38 @@ from lightning_compress.core.quant.embedding import Int8Embedding, embedding_for
 from lightning_compress.core.quant.modules import Int8Linear
 from lightning_compress.core.quant.transformer import Int8InProjMultiheadAttention, Int8MultiheadAttention
 
-__all__ = ["INT8_TABLE", "Int8Kind", "int8_kind_for", "int8_kind_named", "int8_kind_of", "int8_types", "register_int8"]
+__all__ = [
+    "INT8_TABLE",
+    "LINEAR_FORWARDS",
+    "Int8Kind",
+    "int8_kind_for",
+    "int8_kind_named",
+    "int8_kind_of",
+    "int8_types",
+    "register_int8",
+]
+
+
+LINEAR_FORWARDS: frozenset[str] = frozenset(
+    {
+        "transformers.models.falcon.modeling_falcon.FalconLinear.forward",  # input @ weight.T (+ bias)
+        "timm.layers.linear.Linear.forward",  # F.linear (casting the weight first only under TorchScript)
+    }
+)
+"""``Linear`` subclasses of other libraries whose ``forward`` (by qualified name) computes ``nn.Linear``'s.
+
+Falcon's every block layer is a ``FalconLinear``; timm's classifiers are ``timm.layers.Linear``. A
+subclass of these that overrides ``forward`` again is not in the set, and stays float.
+"""
+
+
+def _qualified(function: Any) -> str:
+    return f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', '')}"
 
 
 def _linear_forward_is_own(module: nn.Module) -> bool:
-    return type(module).forward is nn.Linear.forward
+    forward = type(module).forward
+    return forward is nn.Linear.forward or _qualified(forward) in LINEAR_FORWARDS
 
 
 def _conv2d_forward_is_own(module: nn.Module) -> bool:

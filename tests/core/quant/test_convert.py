@@ -118,6 +118,74 @@ def test_linear_subclasses_count_but_overridden_forwards_stay_float():
     assert skipped == {"scaled": "Scaled overrides Linear.forward", "lazy": "LazyLinear is not initialized yet"}
 
 
+def test_the_tied_owners_of_a_weight_that_stays_float_are_named_with_the_reason():
+    class ScaledEmbedding(nn.Embedding):  # Gemma's and BART's scaled word embeddings
+        def forward(self, ids):
+            return super().forward(ids) * 4.0
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = ScaledEmbedding(20, 8)
+            self.body = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 20, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.body(self.embed(ids)))
+
+    model = TiedLM()
+    targets, skipped = quantizable_targets(model)
+    assert [t.name for t in targets] == ["body"]
+    why = "ScaledEmbedding overrides Embedding.forward"
+    assert skipped == {"embed": why, "head": f"tied to `embed`, which stays float: {why}"}
+    result = quantize_model(model, targets)
+    assert set(result.converted) == {"body"} and type(model.head) is nn.Linear
+    assert model.head.weight is model.embed.weight  # still one float tensor
+
+
+def test_a_subclass_named_like_its_base_is_told_apart_by_its_module():
+    class Linear(nn.Linear):  # timm's `timm.layers.Linear` has the same name as `nn.Linear`
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    _, skipped = quantizable_targets(nn.Sequential(Linear(4, 4)))
+    assert skipped == {"0": f"{__name__}.Linear overrides torch.nn.modules.linear.Linear.forward"}
+
+
+def test_linear_subclasses_of_other_libraries_that_compute_linear_are_converted():
+    from lightning_compress.core.quant.table import LINEAR_FORWARDS
+
+    found = 0
+    for module_name, cls_name in (
+        ("timm.layers", "Linear"),
+        ("transformers.models.falcon.modeling_falcon", "FalconLinear"),
+    ):
+        try:
+            cls = getattr(__import__(module_name, fromlist=[cls_name]), cls_name)
+        except ImportError:
+            continue
+        found += 1
+        assert f"{cls.forward.__module__}.{cls.forward.__qualname__}" in LINEAR_FORWARDS
+        torch.manual_seed(0)
+        model = nn.Sequential(cls(16, 8), nn.ReLU(), cls(8, 4, bias=False))
+        x = torch.randn(5, 16)
+        want = model(x)
+        targets, skipped = quantizable_targets(model)
+        assert [t.name for t in targets] == ["0", "2"] and skipped == {}
+        quantize_model(model, targets)
+        assert isinstance(model[0], Int8Linear) and isinstance(model[2], Int8Linear)
+        assert (model(x) - want).norm() / want.norm() < 0.02
+
+        class Overridden(cls):  # overridden again: not the listed forward, so it stays float
+            def forward(self, x):
+                return super().forward(x) + 1
+
+        assert quantizable_targets(nn.Sequential(Overridden(4, 4)))[0] == []
+    if not found:
+        pytest.skip("neither timm nor transformers is installed")
+
+
 def test_types_without_an_int8_version_and_empty_selections_are_rejected():
     model = nn.Sequential(nn.Conv1d(2, 2, 3), nn.Flatten(), nn.Linear(2, 2))
     with pytest.raises(CompressionConfigError, match=r"`include` to select only layers with an int8 version.*Conv1d"):
