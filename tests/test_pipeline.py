@@ -208,6 +208,31 @@ def test_measure_latencies_takes_the_median_of_interleaved_calls_in_alternating_
     assert a.training and not b.training  # modes restored
 
 
+def test_measure_latencies_reads_how_to_call_each_model_once_outside_the_clock(monkeypatch):
+    import importlib
+
+    measure_module = importlib.import_module("lightning_compress.pipeline.measure")
+    made: list[int] = []
+    now = [0.0]
+    real = measure_module.model_call
+
+    def counting(model, batch):
+        made.append(id(model))
+        now[0] += 1000.0  # a model call read inside the timed region would add 1000 s
+        return real(model, batch)
+
+    class Step(nn.Module):
+        def forward(self, x, y=None):
+            now[0] += 0.5
+            return x
+
+    a, b = Step(), Step()
+    monkeypatch.setattr(measure_module, "model_call", counting)
+    latencies = measure_latencies([a, b], (torch.zeros(1), torch.ones(1)), repeats=4, warmup=2, clock=lambda: now[0])
+    assert latencies == [500.0, 500.0]
+    assert made == [id(a), id(b)]
+
+
 def test_default_callbacks_are_the_documented_three():
     pruning, regularizer, quantize = default_callbacks()
     assert isinstance(pruning, PruningCallback) and pruning.target_sparsity == 0.9
