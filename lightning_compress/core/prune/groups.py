@@ -20,7 +20,10 @@ together, concatenation concatenates them and flattening repeats them. Any other
 (a LayerNorm across it, a reshape, an indexing, the model output) *blocks* its slots, so those
 channels are never removed. Attention heads and transformer feed-forward blocks are found by
 module patterns (:mod:`torch.nn` ``MultiheadAttention`` / ``TransformerEncoderLayer``, Hugging Face
-BERT/ViT layers, timm ``Attention`` / ``Mlp``), whose modules are kept whole in the trace.
+BERT/ViT layers, timm ``Attention`` / ``Mlp``), whose modules are kept whole in the trace. So is a
+BatchNorm subclass with its own ``forward`` whose children are only element-wise modules (timm's
+``BatchNormAct2d``: batch norm, dropout, activation, in every timm CNN): it is a BatchNorm for the
+channels, while traced through, its functional ``batch_norm`` blocked them.
 
 Where the pieces live: the data (:class:`Cut`, :class:`Unit`, :class:`ChannelGroup`) in
 :mod:`~lightning_compress.core.prune.group_types`, the fx tracing and slot propagation in
@@ -45,7 +48,7 @@ from lightning_compress.core.prune.group_types import ChannelGroup as ChannelGro
 from lightning_compress.core.prune.group_types import Cut as Cut
 from lightning_compress.core.prune.group_types import Unit as Unit
 from lightning_compress.core.prune.group_types import _Groups
-from lightning_compress.core.prune.tracing import _Member, _Slots, _trace_part
+from lightning_compress.core.prune.tracing import _ELEMENTWISE_MODULES, _Member, _Slots, _trace_part
 
 __all__ = ["find_groups", "split_inputs"]
 
@@ -185,6 +188,8 @@ def _find_groups(model: nn.Module, example_inputs: Any, layers: Iterable[str] | 
             if group is not None:
                 result.groups.append(group)
             leaves.add(id(m))
+        elif _norm_with_activation(m):
+            leaves.add(id(m))
     slots, members = _Slots(), dict[int, list[_Member]]()
     covered: list[str] = []
     pending: list[tuple[str, nn.Module, tuple[Any, ...] | None, dict[str, Any]]] = [("", model, args, kwargs)]
@@ -223,6 +228,23 @@ def _find_groups(model: nn.Module, example_inputs: Any, layers: Iterable[str] | 
     traced = {n for n, _ in model.named_modules() if any(_covers(p, n) for p in covered)}
     result.untraced = sorted(n for n in wanted if n not in traced and n not in in_groups)
     return result
+
+
+def _norm_with_activation(module: nn.Module) -> bool:
+    """A BatchNorm subclass whose own ``forward`` adds only element-wise children (timm's ``BatchNormAct2d``)."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return False
+    if type(module).forward is nn.modules.batchnorm._BatchNorm.forward:
+        return False  # a plain BatchNorm is a leaf already
+    children = list(module.children())
+    return all(_elementwise(c) for c in children)
+
+
+def _elementwise(module: nn.Module) -> bool:
+    """An element-wise module (a per-channel ``PReLU`` is not: it holds a weight per channel)."""
+    if isinstance(module, nn.PReLU):
+        return module.num_parameters == 1
+    return type(module) in _ELEMENTWISE_MODULES
 
 
 def _covers(prefix: str, name: str) -> bool:

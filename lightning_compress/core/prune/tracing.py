@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from lightning_compress.core.linear_forwards import computes_linear
+
 __all__: list[str] = []  # the engine of find_groups; nothing here is public
 
 
@@ -111,7 +113,12 @@ class _Tracer(fx.Tracer):
         self._leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return id(m) in self._leaves or super().is_leaf_module(m, module_qualified_name)
+        # A Linear subclass of another library that computes nn.Linear (timm's classifiers) is a Linear.
+        return (
+            id(m) in self._leaves
+            or super().is_leaf_module(m, module_qualified_name)
+            or (type(m) is not nn.Linear and computes_linear(m))
+        )
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -212,7 +219,7 @@ class _Propagation:
         others = [n for n in _flat_nodes((node.args[1:], node.kwargs)) if n in self.space]
         if others:
             self.block_node(others, f"extra input of {name}")
-        if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        if computes_linear(module):
             if src is not None:
                 if src.axis == len(_shape(x) or ()) - 1:
                     self.add("consumer", name, src.slots)
@@ -242,6 +249,10 @@ class _Propagation:
             if src is not None:
                 self.space[node] = src
                 self.add("norm", name, src.slots)
+            return
+        if isinstance(module, nn.PReLU) and module.num_parameters > 1:
+            # One weight per channel, which removal does not slice: its channels stay.
+            self.block_node((node.args, node.kwargs), f"{name} (a PReLU with a weight per channel)")
             return
         if isinstance(module, (*_ELEMENTWISE_MODULES, *_POOL_MODULES)):
             if src is not None and isinstance(x, fx.Node) and self._keeps_axis(x, node):

@@ -25,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from lightning_compress.core.attention import MultiheadAttentionCall
+from lightning_compress.core.linear_forwards import computes_linear
 from lightning_compress.core.quant.base import Int8Module
 from lightning_compress.core.quant.conv2d import Int8Conv2d
 from lightning_compress.core.quant.embedding import Int8Embedding, embedding_forward_is_own, embedding_refusal
@@ -33,7 +34,6 @@ from lightning_compress.core.quant.transformer import Int8InProjMultiheadAttenti
 
 __all__ = [
     "INT8_TABLE",
-    "LINEAR_FORWARDS",
     "Int8Kind",
     "int8_kind_for",
     "int8_kind_named",
@@ -41,28 +41,6 @@ __all__ = [
     "int8_types",
     "register_int8",
 ]
-
-
-LINEAR_FORWARDS: frozenset[str] = frozenset(
-    {
-        "transformers.models.falcon.modeling_falcon.FalconLinear.forward",  # input @ weight.T (+ bias)
-        "timm.layers.linear.Linear.forward",  # F.linear (casting the weight first only under TorchScript)
-    }
-)
-"""``Linear`` subclasses of other libraries whose ``forward`` (by qualified name) computes ``nn.Linear``'s.
-
-Falcon's every block layer is a ``FalconLinear``; timm's classifiers are ``timm.layers.Linear``. A
-subclass of these that overrides ``forward`` again is not in the set, and stays float.
-"""
-
-
-def _qualified(function: Any) -> str:
-    return f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', '')}"
-
-
-def _linear_forward_is_own(module: nn.Module) -> bool:
-    forward = type(module).forward
-    return forward is nn.Linear.forward or _qualified(forward) in LINEAR_FORWARDS
 
 
 def _conv2d_forward_is_own(module: nn.Module) -> bool:
@@ -181,7 +159,7 @@ def int8_types() -> tuple[type[Int8Module], ...]:
     return tuple(kind.int8_type for kind in INT8_TABLE.values())
 
 
-register_int8(Int8Kind("Int8Linear", nn.Linear, Int8Linear, _linear_forward_is_own, static_input=True))
+register_int8(Int8Kind("Int8Linear", nn.Linear, Int8Linear, computes_linear, static_input=True))
 register_int8(
     Int8Kind("Int8Conv2d", nn.Conv2d, Int8Conv2d, _conv2d_forward_is_own, static_input=True, static_output=True)
 )

@@ -97,6 +97,9 @@ SLOW: dict[str, Callable[[], tuple[nn.Module, Any]]] = {
     "resnet50": _tv("resnet50"),
     "timm_resnet18": _timm("resnet18"),
     "timm_vit": _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2),
+    # BatchNormAct2d (batch norm + activation in one module) and squeeze-excitation in every block.
+    "timm_efficientnet_b0": _timm("efficientnet_b0"),
+    "timm_mobilenetv3_small": _timm("mobilenetv3_small_100"),
 }
 
 
@@ -158,6 +161,36 @@ def test_attributes_follow_the_tensors() -> None:
     assert (model[3].in_channels, model[3].out_channels, model[3].groups) == (6, 6, 6)
     assert (model[5].in_channels, model[7].in_features) == (6, 48)
     torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_timm_norm_with_activation_is_a_batch_norm_for_the_channels() -> None:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=10).eval()
+    groups = find_groups(model, torch.randn(2, 3, 32, 32)).groups
+    assert isinstance(model.bn1, timm.layers.BatchNormAct2d)
+    assert [g.name for g in groups if not g.removable] == ["classifier"]  # only the model output stays
+    stem = next(g for g in groups if g.name == "conv_stem")
+    assert "bn1" in {c.module for u in stem.units for c in u.cuts}
+    # MobileNetV3's classifier is timm's `Linear`, whose forward computes nn.Linear's: a consumer.
+    model = timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=10).eval()
+    assert type(model.classifier) is timm.layers.Linear
+    groups = find_groups(model, torch.randn(2, 3, 32, 32)).groups
+    head = next(g for g in groups if g.name == "conv_head")
+    assert head.removable and "classifier" in {c.module for u in head.units for c in u.consumers}
+
+
+def test_a_prelu_with_a_weight_per_channel_keeps_its_channels() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10, 10)
+    for prelu, removed in ((nn.PReLU(8), False), (nn.PReLU(), True)):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), prelu, nn.Conv2d(8, 4, 3)).eval()
+        with torch.no_grad():
+            model[0].weight[2:4] = 0
+            model[0].bias[2:4] = 0
+            want = model(x)
+            shapes = remove_channels(model, x)
+            assert (shapes == {"0": (6, 3, 3, 3), "2": (4, 6, 3, 3)}) is removed and (shapes == {}) is not removed
+            assert float((model(x) - want).abs().max()) <= 1e-5
 
 
 def test_batchnorm_shift_is_folded_into_an_unpadded_consumer() -> None:
