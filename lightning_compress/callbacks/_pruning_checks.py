@@ -50,12 +50,14 @@ def check_no_overlap(callback: Any, callbacks: Iterable[Callback], pl_module: pl
             )
 
 
-def warn_cut_off(masks: Mapping[str, Tensor], reported: set[str], step: int, scope: str, method: str) -> None:
+def warn_cut_off(
+    masks: Mapping[str, Tensor], reported: set[str], step: int, scope: str, method: str, score: str = "magnitude"
+) -> None:
     """Warn about the layers that ``masks`` cut off entirely and that are not in ``reported`` (then added)."""
     cut = newly_cut_off(masks, reported)
     if cut:
         reported.update(cut)
-        rank_zero_warn(cut_off_message(cut, step, scope, method))
+        rank_zero_warn(cut_off_message(cut, step, scope, method, score))
 
 
 def newly_cut_off(masks: Mapping[str, Tensor], reported: set[str]) -> list[str]:
@@ -67,10 +69,17 @@ def newly_cut_off(masks: Mapping[str, Tensor], reported: set[str]) -> list[str]:
     return sorted(name for name, mask in masks.items() if not bool(mask.any()) and name not in reported)
 
 
-def cut_off_message(cut: list[str], step: int, scope: str, method: str) -> str:
-    """The warning for layers that lost every weight, with the remedies."""
+def cut_off_message(cut: list[str], step: int, scope: str, method: str, score: str = "magnitude") -> str:
+    """The warning for layers that lost every weight, with the remedies (``score``: the ranking, if not magnitude).
+
+    Example:
+        >>> cut_off_message(["fc.weight"], 3, "global", "magnitude", "wanda")[:75]
+        'PruningCallback: at step 3 the global masks ranked by score="wanda" removed'
+    """
+    kind = "" if method == "magnitude" and score != "magnitude" else f" {method}"
+    ranked = "" if score == "magnitude" else f' ranked by score="{score}"'
     return (
-        f"PruningCallback: at step {step} the {scope} {method} masks removed every weight of {cut},"
+        f"PruningCallback: at step {step} the {scope}{kind} masks{ranked} removed every weight of {cut},"
         " which cuts the network there. Consider `scope='layer'`, a later `start_epoch` (prune a trained"
         " network), or `exclude` for these layers."
     )

@@ -358,7 +358,7 @@ class PruningCallback(CompressionCallback):
         if self._channels is not None:
             self._channels.set_masks(self._masks)
         self._applied = target
-        warn_cut_off(self._masks, self._cut_off, trainer.global_step, self.scope, self.method)
+        warn_cut_off(self._masks, self._cut_off, trainer.global_step, self.scope, self.method, self.score)
         self._achieved = keeper.zeros_fraction()
         pl_module.log("pruning/sparsity", self._achieved, on_step=True, on_epoch=False)
         pl_module.log("pruning/target", target, on_step=True, on_epoch=False)

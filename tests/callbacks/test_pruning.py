@@ -340,3 +340,17 @@ def test_warns_when_global_pruning_cuts_a_layer_off(tmp_path) -> None:
     # other 8 of the 24 to prune come from the big layer.
     assert not pruning.masks["small.weight"].any()
     assert int((~pruning.masks["big.weight"]).sum()) == 8
+
+
+class _QuietSmall(_TwoScales):
+    """The small layer also reads tiny inputs, so that its Wanda scores (|w| times input norm) are the smallest."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.small(torch.relu(self.big(x)) * 1e-4)
+
+
+def test_the_cut_off_warning_names_the_score_that_ranked_the_weights(tmp_path) -> None:
+    model = _QuietSmall()
+    pruning = PruningCallback(0.5, schedule="constant", score="wanda", verbose=0)
+    with pytest.warns(UserWarning, match=r'the global masks ranked by score="wanda" removed every weight of'):
+        _trainer(tmp_path, [pruning], max_epochs=1).fit(model)
