@@ -208,6 +208,25 @@ def test_measure_latencies_takes_the_median_of_interleaved_calls_in_alternating_
     assert a.training and not b.training  # modes restored
 
 
+def test_measure_latencies_times_runners_in_the_same_turns_after_the_modules():
+    now = [0.0]
+    calls: list[str] = []
+
+    class Step(nn.Module):
+        def forward(self, x):
+            calls.append("module")
+            now[0] += 2.0
+            return x
+
+    def runner():
+        calls.append("runner")
+        now[0] += 0.5
+
+    latencies = measure_latencies([Step()], torch.zeros(1), repeats=4, warmup=1, clock=lambda: now[0], runners=[runner])
+    assert latencies == [2000.0, 500.0]
+    assert calls == ["module", "runner"] + ["module", "runner", "runner", "module"] * 2  # reversed every other round
+
+
 def test_measure_latencies_reads_how_to_call_each_model_once_outside_the_clock(monkeypatch):
     import importlib
 

@@ -7,6 +7,7 @@ disk, the latency from timed forward passes on the CPU.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -103,6 +104,7 @@ def measure_latencies(
     repeats: int = 50,
     warmup: int = 5,
     clock: Callable[[], float] = time.perf_counter,
+    runners: Sequence[Callable[[], Any]] = (),
 ) -> list[float]:
     """Median milliseconds of one forward pass of each module on ``inputs``, on the CPU.
 
@@ -110,8 +112,8 @@ def measure_latencies(
     about 10 microseconds, a tenth of the digits MLP's whole pass at batch 64) is worked out once,
     before the clock runs. The modules are timed in turns (one call each, ``repeats`` rounds, every
     other round in reverse order) so that a change of machine load during the measurement, and the
-    state one model's call leaves for the next, affect all of them alike. Each module runs in eval mode; its
-    training flag is restored afterwards.
+    state one model's call leaves for the next, affect all of them alike. Each module runs in eval
+    mode; its training flag is restored afterwards.
 
     Args:
         modules: the models to time, already on the CPU.
@@ -121,9 +123,11 @@ def measure_latencies(
         repeats: timed calls per module.
         warmup: untimed calls per module first.
         clock: the timer (seconds).
+        runners: other calls timed in the same turns (an ONNX Runtime session's run of the same
+            batch), so that their ratios to the modules see the same machine load.
 
     Returns:
-        One median latency in milliseconds per module, in order.
+        One median latency in milliseconds per module, in order, then one per runner.
 
     Example:
         >>> a, b = nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.ReLU())
@@ -136,19 +140,20 @@ def measure_latencies(
     for m in modules:
         m.eval()
     try:
-        calls = [model_call(m, inputs) for m in modules]
+        calls: list[Callable[[], Any]] = [functools.partial(model_call(m, inputs), m) for m in modules]
+        calls += list(runners)
         for _ in range(warmup):
-            for m, call in zip(modules, calls, strict=True):
-                call(m)
-        samples: list[list[float]] = [[] for _ in modules]
-        turns = list(zip(modules, calls, samples, strict=True))
+            for call in calls:
+                call()
+        samples: list[list[float]] = [[] for _ in calls]
+        turns = list(zip(calls, samples, strict=True))
         for r in range(repeats):
             # Every other round in reverse order: the model timed right after another one was
             # measured 3-5 % slower than in another order (benchmarks/_timing.py), so neither
             # model always takes that place.
-            for m, call, times in turns if r % 2 == 0 else turns[::-1]:
+            for call, times in turns if r % 2 == 0 else turns[::-1]:
                 start = clock()
-                call(m)
+                call()
                 times.append((clock() - start) * 1000.0)
     finally:
         for m, mode in zip(modules, modes, strict=True):

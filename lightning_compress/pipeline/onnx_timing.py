@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 
 from lightning_compress.core.batches import batch_size
 
-__all__ = ["export_example", "onnxruntime_latencies"]
+__all__ = ["export_example", "onnxruntime_runners"]
 
 
 def export_example(example: Any) -> Any:
@@ -29,30 +30,32 @@ def export_example(example: Any) -> Any:
     return apply_to_collection(example, torch.Tensor, lambda t: torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t)
 
 
-def onnxruntime_latencies(
-    folder: Path, models: dict[str, torch.nn.Module], inputs: Any, files: dict[str, str], repeats: int
-) -> list[float | None]:
-    """Write ``<role>.onnx`` beside each artifact and time it in ONNX Runtime, when the export extra is installed.
+def onnxruntime_runners(
+    folder: Path, models: dict[str, torch.nn.Module], inputs: Any, files: dict[str, str]
+) -> list[Callable[[], Any]]:
+    """Write ``<role>.onnx`` beside each artifact and return one ONNX Runtime run of each on ``inputs``.
 
-    An export that fails is reported with a warning and leaves both latencies out (``None``): the
-    comparison itself never fails for the optional ONNX part.
+    The runs are timed by :func:`~lightning_compress.pipeline.measure.measure_latencies` in the same
+    turns as the PyTorch models, so the "x of PyTorch original" ratio compares calls made under the
+    same machine load. Empty when the export extra is not installed, and when an export fails
+    (reported with a warning): the comparison itself never fails for the optional ONNX part.
     """
-    from lightning_compress.export.runtime import onnxruntime_latency_ms, runtime_available
+    from lightning_compress.export.runtime import onnxruntime_runner, runtime_available
 
     if not runtime_available():
-        return [None, None]
+        return []
     from lightning_compress.core.batches import model_call
     from lightning_compress.export.onnx import export_onnx
 
-    latencies: list[float | None] = []
+    runners: list[Callable[[], Any]] = []
     try:
         for role, model in models.items():
             example = model_call(model, inputs).example_inputs()
             path = str(folder / f"{role}.onnx")
             export_onnx(model, path, export_example(example))
             files[f"{role}_onnx"] = path
-            latencies.append(onnxruntime_latency_ms(path, example, repeats=repeats))
+            runners.append(onnxruntime_runner(path, example))
     except Exception as err:  # optional: the PyTorch comparison stands without it
         rank_zero_warn(f"lightning-compress: no ONNX Runtime latency ({type(err).__name__}: {err})")
-        return [None, None]
-    return latencies
+        return []
+    return runners

@@ -39,7 +39,7 @@ from lightning_compress.pipeline.defaults import _in_memory_data
 from lightning_compress.pipeline.defaults import default_callbacks as default_callbacks
 from lightning_compress.pipeline.figure import MATPLOTLIB_HINT, matplotlib_available, write_figure
 from lightning_compress.pipeline.measure import measure, measure_latencies
-from lightning_compress.pipeline.onnx_timing import onnxruntime_latencies
+from lightning_compress.pipeline.onnx_timing import onnxruntime_runners
 from lightning_compress.pipeline.result import INCOMPLETE_MARKER, ComparisonResult, file_record
 
 __all__ = ["CompressTrainer"]
@@ -256,10 +256,11 @@ class CompressTrainer(pl.Trainer):
         save_compressed(compressed, files["compressed"])
         restored = load_compressed(files["compressed"], copy.deepcopy(original))
         roundtrip_error = _max_output_difference(compressed, restored, inputs)
-        latencies = measure_latencies([original, compressed], inputs, repeats=latency_repeats)
-        ort_latencies = onnxruntime_latencies(
-            folder, {"original": original, "compressed": compressed}, inputs, files, latency_repeats
-        )
+        # ONNX Runtime's runs are timed in the same turns as the PyTorch models (one machine load for all).
+        runners = onnxruntime_runners(folder, {"original": original, "compressed": compressed}, inputs, files)
+        times = measure_latencies([original, compressed], inputs, repeats=latency_repeats, runners=runners)
+        latencies = times[:2]
+        ort_latencies: list[float | None] = list(times[2:]) if runners else [None, None]
         seconds["measure"] = time.perf_counter() - start
         log.debug("compress: seconds per phase %s", seconds)
         settings = {
