@@ -123,8 +123,8 @@ def measure_latencies(
         repeats: timed calls per module.
         warmup: untimed calls per module first.
         clock: the timer (seconds).
-        runners: other calls timed in the same turns (an ONNX Runtime session's run of the same
-            batch), so that their ratios to the modules see the same machine load.
+        runners: other calls timed in the same turns (the ONNX Runtime sessions of the models, timed
+            with each other).
 
     Returns:
         One median latency in milliseconds per module, in order, then one per runner.

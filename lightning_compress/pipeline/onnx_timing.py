@@ -35,10 +35,11 @@ def onnxruntime_runners(
 ) -> list[Callable[[], Any]]:
     """Write ``<role>.onnx`` beside each artifact and return one ONNX Runtime run of each on ``inputs``.
 
-    The runs are timed by :func:`~lightning_compress.pipeline.measure.measure_latencies` in the same
-    turns as the PyTorch models, so the "x of PyTorch original" ratio compares calls made under the
-    same machine load. Empty when the export extra is not installed, and when an export fails
-    (reported with a warning): the comparison itself never fails for the optional ONNX part.
+    The two runs are timed by :func:`~lightning_compress.pipeline.measure.measure_latencies` in turns
+    with each other, after the PyTorch models (ONNX Runtime's worker threads spin for a while after a
+    run, which slows a PyTorch call timed right after it). Empty when the export extra is not
+    installed, and when an export fails (reported with a warning): the comparison itself never fails
+    for the optional ONNX part.
     """
     from lightning_compress.export.runtime import onnxruntime_runner, runtime_available
 
